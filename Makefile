@@ -1,0 +1,56 @@
+# ragtune developer entry points. `make demo` and `make test` work on a fresh machine:
+# they install what they need (Python venv, Go-built local platform) on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+RAGTUNE := $(VENV)/bin/ragtune
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: help install platform crds check-crds test test-fast demo bench images lint-images clean
+
+help:
+	@echo "make demo       run a FineTuneJob end to end on the local platform"
+	@echo "make test       every test suite (unit, integration on the real local control plane, e2e)"
+	@echo "make test-fast  unit tests only"
+	@echo "make crds       regenerate crds/ and the chart's CRDs from the API models"
+	@echo "make platform   build the local platform binaries (kube-apiserver, etcd, kwok, minio, helm)"
+	@echo "make bench      run the benchmarks in bench/ (JSON on stdout)"
+	@echo "make images     build the operator and trainer images (needs a container engine)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+platform:
+	bash localplatform/build.sh
+
+crds: $(STAMP)
+	$(RAGTUNE) crds
+
+check-crds: $(STAMP)
+	$(RAGTUNE) crds --check
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow and not platform"
+
+test: $(STAMP) platform
+	$(PYTEST)
+
+demo: $(STAMP) platform
+	$(RAGTUNE) dev demo
+
+bench: $(STAMP) platform
+	@for b in bench/*.py; do echo "== $$b" >&2; $(PY) $$b || exit 1; done
+
+images:
+	docker build -f operator/Dockerfile -t ragtune/operator:dev .
+	docker build -f trainer_image/Dockerfile -t ragtune/trainer:dev .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,348 @@
+"""FineTuneJob: what to fine-tune, on which data, and where the adapter goes."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from .base import ApiModel, cel, k8s_extensions
+from .common import (
+    ArtifactUri,
+    BaseModelRef,
+    Condition,
+    EvalMetrics,
+    GateResult,
+    K8sName,
+    MetricThresholds,
+    S3Config,
+)
+
+
+class DatasetFormat(str, Enum):
+    RAG = "rag"
+    MESSAGES = "messages"
+    PROMPT_COMPLETION = "prompt-completion"
+
+
+class RaftConfig(ApiModel):
+    """RAFT-style training-set construction for `rag` records: mix in distractor contexts taken
+    from other records, and turn a fraction of items into refusals by removing their supporting
+    contexts, so the model learns to answer only from what it was given."""
+
+    distractors: int = Field(2, ge=0, le=16)
+    """Distractor contexts added to each training item."""
+    unanswerable_fraction: float = Field(0.2, ge=0, le=0.9)
+    """Share of answerable training items whose gold contexts are removed and whose target
+    becomes the refusal."""
+    refusal: str = Field("I cannot answer this from the provided context.", min_length=1, max_length=512)
+    """The refusal the model is taught to give. Evaluation also recognises common paraphrases."""
+
+
+class DatasetSpec(ApiModel):
+    """Training data: JSONL or Parquet, one record per line/row."""
+
+    train: ArtifactUri
+    """Training data URI (`s3://bucket/key.jsonl`, a prefix of such files, or `file:///...`
+    for local runs)."""
+    eval: Optional[ArtifactUri] = None
+    """Held-out evaluation data. Empty: `evalSplit` of `train` is held out."""
+    format: DatasetFormat = DatasetFormat.RAG
+    """Record format: `rag` (`question`, `contexts[{id, text}]`, `answer`, optional
+    `answerable`, `supportingContextIds`), `messages` (chat turns) or `prompt-completion`."""
+    eval_split: float = Field(0.1, gt=0, le=0.5)
+    """Share of `train` held out for evaluation when `eval` is empty."""
+    raft: RaftConfig = Field(default_factory=RaftConfig)
+    """RAFT-style construction (applies to `rag` records)."""
+
+
+class Method(str, Enum):
+    QLORA = "qlora"
+    LORA = "lora"
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter shape."""
+
+    r: int = Field(16, ge=1, le=256)
+    """Rank."""
+    alpha: int = Field(32, ge=1, le=1024)
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0, le=0.5)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = Field(["all-linear"], min_length=1, max_length=64)
+    """Modules that get adapters; `all-linear` means every linear layer except the output head."""
+
+
+class QuantizationSpec(ApiModel):
+    """Base-model quantisation for QLoRA (bitsandbytes)."""
+
+    bits: Literal[4, 8] = 4
+    """Bits per base weight: 4 for `qlora`, 8 for `lora` on an 8-bit base."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (saves ~0.4 bit/parameter)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """dtype of the matmuls; `auto` is bfloat16 on GPUs that support it, float32 on CPU."""
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings. Unset precision/checkpointing settings are chosen by device."""
+
+    epochs: float = Field(1.0, gt=0, le=100)
+    """Passes over the training set (ignored when `maxSteps` is set)."""
+    max_steps: Optional[int] = Field(None, ge=1)
+    """Stop after this many optimiser steps."""
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5)
+    """Share of steps spent warming up."""
+    batch_size: int = Field(4, ge=1, le=1024)
+    """Sequences per device per step."""
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    """Micro-batches accumulated per optimiser step."""
+    max_seq_length: int = Field(1024, ge=32, le=131072)
+    """Longest training sequence in tokens; longer items are reported by validation."""
+    packing: Optional[bool] = None
+    """Padding-free packing of several items per row (no cross-item attention). Unset: on
+    where the attention implementation supports it."""
+    gradient_checkpointing: Optional[bool] = None
+    """Recompute activations to save memory. Unset: on for GPUs, off on CPU."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Training precision; `auto` is bf16 on capable GPUs, fp32 on CPU."""
+    seed: int = Field(42, ge=0)
+    """Seed for data order, RAFT construction and initialisation."""
+    checkpoint_interval_steps: int = Field(50, ge=1)
+    """Save and upload a full resumable checkpoint every this many steps."""
+    checkpoint_interval_seconds: int = Field(600, ge=30)
+    """...or when this much time has passed since the last one, whichever comes first."""
+
+
+class EvaluationSpec(ApiModel):
+    """Held-out evaluation of base vs adapter, and the gates the run must pass."""
+
+    max_samples: int = Field(64, ge=1, le=100000)
+    """Evaluate at most this many held-out items."""
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    """Generation budget per answer."""
+    thresholds: MetricThresholds = Field(default_factory=MetricThresholds)
+    """Gates; a run whose adapter fails any of them ends `Failed` with reason `GateFailed`
+    (its artifacts are kept for inspection)."""
+
+
+class OutputSpec(ApiModel):
+    """Where results go: `<uri>/<namespace>/<name>/<runId>/{adapter,checkpoints,eval}/`,
+    `manifest.json` last."""
+
+    uri: ArtifactUri
+    """S3 prefix (or `file:///...` for local runs)."""
+
+
+class Toleration(ApiModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: Optional[str] = None
+    """Taint key; empty with `Exists` matches every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Exists` or `Equal`."""
+    value: Optional[str] = None
+    """Taint value for `Equal`."""
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    """Taint effect; empty matches all effects."""
+    toleration_seconds: Optional[int] = None
+    """For `NoExecute`: how long the pod stays bound after the taint appears."""
+
+
+class ResourcesSpec(ApiModel):
+    """Where and with what the training pod runs."""
+
+    gpus: int = Field(1, ge=0, le=64)
+    """GPUs requested (as `gpuResourceName` limits). 0 runs on CPU."""
+    gpu_resource_name: str = "nvidia.com/gpu"
+    """Extended resource name of the GPU."""
+    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+|m)?$")
+    """CPU request."""
+    memory: str = Field("32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    """Memory request and limit."""
+    shm_size: str = Field("8Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    """Size of the in-memory `/dev/shm` (data-loader workers need it)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pod must match."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Tolerations, e.g. for tainted GPU nodes."""
+    priority_class_name: Optional[K8sName] = None
+    """PriorityClass of the training pod."""
+    image: Optional[str] = Field(None, max_length=512)
+    """Trainer image override (default: the operator's configured trainer image)."""
+    service_account_name: Optional[K8sName] = None
+    """ServiceAccount for the training pod (e.g. for IRSA). Its token is not mounted unless
+    the account asks for it."""
+
+
+class FineTuneJobSpec(ApiModel):
+    """The desired fine-tuning run."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s_extensions(
+            cel(
+                "self.method != 'qlora' || !has(self.quantization) || self.quantization.bits == 4",
+                "method qlora requires quantization.bits 4",
+                field_path=".quantization.bits",
+                reason="FieldValueInvalid",
+            ),
+            cel(
+                "self.method != 'lora' || !has(self.quantization) || self.quantization.bits == 8",
+                "4-bit quantization is method qlora: with method lora leave quantization out "
+                "(16-bit base) or set quantization.bits 8",
+                field_path=".quantization.bits",
+                reason="FieldValueInvalid",
+            ),
+            cel(
+                "!has(self.quantization) || self.resources.gpus > 0 || "
+                "self.quantization.computeDtype != 'float16'",
+                "quantization.computeDtype float16 needs a GPU (resources.gpus > 0)",
+                field_path=".quantization.computeDtype",
+                reason="FieldValueInvalid",
+            ),
+            cel(
+                "!has(self.dataset.eval) || self.dataset.eval != self.dataset.train",
+                "dataset.eval must differ from dataset.train (held-out data)",
+                field_path=".dataset.eval",
+                reason="FieldValueInvalid",
+            ),
+        )
+    }
+
+    base_model: BaseModelRef
+    """The model to adapt."""
+    dataset: DatasetSpec
+    """Training (and evaluation) data."""
+    method: Method = Method.QLORA
+    """`qlora` (4-bit base, LoRA on top) or `lora` (16-bit or 8-bit base)."""
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    """Adapter shape."""
+    quantization: Optional[QuantizationSpec] = None
+    """Base-model quantisation. Unset: 4-bit nf4 with double quantisation for `qlora`, none
+    (16-bit base) for `lora`."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Optimisation settings."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Evaluation and gates."""
+    output: OutputSpec
+    """Where artifacts go."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """Pod placement and resources."""
+    s3: S3Config = Field(default_factory=S3Config)
+    """S3 endpoint and credentials."""
+    backoff_limit: int = Field(2, ge=0, le=20)
+    """Retries of the training pod (a retry resumes from the newest checkpoint)."""
+    active_deadline_seconds: Optional[int] = Field(None, ge=60)
+    """Wall-clock limit of the whole run; exceeding it fails the job with `DeadlineExceeded`."""
+    suspend: bool = False
+    """Suspend the run: the training pod is stopped (it checkpoints first) and resumed when
+    this is set back to false."""
+
+
+class Phase(str, Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    EVALUATING = "Evaluating"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class TrainingProgress(ApiModel):
+    """Live progress reported by the trainer (updated at a bounded rate)."""
+
+    step: int = 0
+    """Optimiser steps done."""
+    total_steps: Optional[int] = None
+    """Optimiser steps planned."""
+    epoch: Optional[float] = None
+    """Fractional epoch."""
+    loss: Optional[float] = None
+    """Latest training loss."""
+    eval_loss: Optional[float] = None
+    """Latest validation loss."""
+    tokens_per_second: Optional[float] = None
+    """Loss-bearing tokens per second."""
+    eta_seconds: Optional[int] = None
+    """Estimated seconds until training ends."""
+    percent: Optional[int] = None
+    """`step` / `totalSteps` in percent."""
+    stage: Optional[str] = None
+    """What the trainer is doing: `loading`, `training`, `evaluating`, `uploading`."""
+    updated_at: Optional[str] = None
+    """When this progress was reported (RFC 3339)."""
+
+
+class AdapterArtifact(ApiModel):
+    """The adapter a successful run produced."""
+
+    uri: str
+    """Run prefix: `<output.uri>/<namespace>/<name>/<runId>/`; the adapter is in `adapter/`."""
+    sha256: str
+    """sha256 of `manifest.json`, which in turn lists the sha256 of every adapter file."""
+    size_bytes: Optional[int] = None
+    """Total size of the adapter files."""
+    report_uri: Optional[str] = None
+    """Human-readable evaluation report."""
+
+
+class FineTuneJobMetrics(ApiModel):
+    """Base vs adapter on the held-out split, and the gates."""
+
+    base: EvalMetrics = Field(default_factory=EvalMetrics)
+    """The base model."""
+    adapter: EvalMetrics = Field(default_factory=EvalMetrics)
+    """The base model with the adapter."""
+    passed: Optional[bool] = None
+    """Whether every gate held."""
+    gates: list[GateResult] = Field(default_factory=list)
+    """One entry per configured threshold."""
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    phase: Optional[Phase] = None
+    """Pending, Running, Evaluating, Succeeded, Failed or Suspended."""
+    message: Optional[str] = None
+    """One line on what is happening or what went wrong."""
+    observed_generation: Optional[int] = None
+    """The `metadata.generation` the status describes."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """`Ready` (inputs resolved), `Running`, `Succeeded`, `Failed`, `Suspended`."""
+    job_name: Optional[str] = None
+    """The batch/v1 Job running the trainer."""
+    run_id: Optional[str] = None
+    """Artifact folder of this generation's run."""
+    attempts: int = 0
+    """Training pods started so far (retries resume from checkpoints)."""
+    start_time: Optional[str] = None
+    """When the first training pod started."""
+    completion_time: Optional[str] = None
+    """When the run ended."""
+    progress: Optional[TrainingProgress] = None
+    """Live training progress."""
+    adapter: Optional[AdapterArtifact] = None
+    """The produced adapter (Succeeded runs, and gate failures for inspection)."""
+    metrics: Optional[FineTuneJobMetrics] = None
+    """Evaluation results."""
+    score: Optional[str] = None
+    """Headline for `kubectl get`: adapter F1 and refusal rate."""
+
+
+class FineTuneJob(ApiModel):
+    """A QLoRA/LoRA fine-tuning run of a RAG generator, with evaluation gates."""
+
+    api_version: Literal["ragtune.dev/v1alpha1"] = "ragtune.dev/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: dict = Field(default_factory=dict)
+    spec: FineTuneJobSpec
+    status: Optional[FineTuneJobStatus] = None

@@ -1,0 +1,68 @@
+"""Evaluate MetricThresholds against measured metrics: one implementation for the trainer's
+gates, the AdapterDeployment offline gate and the online canary gate."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .common import EvalMetrics, GateResult, MetricThresholds
+
+# threshold field -> (metric or derived metric name, comparison)
+_RULES = {
+    "min_f1": ("f1", ">="),
+    "min_exact_match": ("exactMatch", ">="),
+    "min_rouge_l": ("rougeL", ">="),
+    "min_refusal_rate": ("refusalRate", ">="),
+    "max_false_refusal_rate": ("falseRefusalRate", "<="),
+    "min_citation_validity": ("citationValidity", ">="),
+    "min_grounding_score": ("groundingScore", ">="),
+    "min_f1_gain_over_base": ("f1GainOverBase", ">="),
+    "min_refusal_gain_over_base": ("refusalRateGainOverBase", ">="),
+}
+
+
+def _value(metric: str, adapter: EvalMetrics, base: Optional[EvalMetrics]) -> Optional[float]:
+    if metric.endswith("GainOverBase"):
+        name = metric[: -len("GainOverBase")]
+        a = adapter.to_wire().get(name)
+        b = base.to_wire().get(name) if base else None
+        return None if a is None or b is None else a - b
+    return adapter.to_wire().get(metric)
+
+
+def evaluate_gates(
+    thresholds: MetricThresholds, adapter: EvalMetrics, base: Optional[EvalMetrics] = None
+) -> list[GateResult]:
+    """One GateResult per threshold that is set. A metric that could not be measured fails."""
+    results = []
+    for field, (metric, comparison) in _RULES.items():
+        threshold = getattr(thresholds, field)
+        if threshold is None:
+            continue
+        value = _value(metric, adapter, base)
+        if value is None:
+            passed, margin = False, None
+        elif comparison == ">=":
+            passed, margin = value >= threshold, value - threshold
+        else:
+            passed, margin = value <= threshold, threshold - value
+        results.append(GateResult(
+            metric=metric, comparison=comparison, threshold=threshold,
+            value=None if value is None else round(value, 6),
+            passed=passed, margin=None if margin is None else round(margin, 6),
+        ))
+    return results
+
+
+def describe_failures(results: list[GateResult]) -> str:
+    """`refusalRate 0.61 < 0.80 (short by 0.19); ...` for status messages and events."""
+    parts = []
+    for r in results:
+        if r.passed:
+            continue
+        if r.value is None:
+            parts.append(f"{r.metric} was not measured (needs {r.comparison} {r.threshold:g})")
+        else:
+            bad = "<" if r.comparison == ">=" else ">"
+            parts.append(f"{r.metric} {r.value:.3f} {bad} {r.threshold:g} (off by {abs(r.margin):.3f})")
+    return "; ".join(parts)
