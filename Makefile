@@ -14,7 +14,7 @@ help:
 	@echo "make demo       run a FineTuneJob end to end on the local platform"
 	@echo "make test       every test suite (unit, integration on the real local control plane, e2e)"
 	@echo "make test-fast  unit tests only"
-	@echo "make crds       regenerate crds/ and the chart's CRDs from the API models"
+	@echo "make crds       regenerate crds/, the chart's CRDs and docs/api-reference.md from the API models"
 	@echo "make platform   build the local platform binaries (kube-apiserver, etcd, kwok, minio, helm)"
 	@echo "make bench      run the benchmarks in bench/ (JSON on stdout)"
 	@echo "make images     build the operator and trainer images (needs a container engine)"
@@ -32,9 +32,11 @@ platform:
 
 crds: $(STAMP)
 	$(RAGTUNE) crds
+	$(RAGTUNE) docs
 
 check-crds: $(STAMP)
 	$(RAGTUNE) crds --check
+	$(RAGTUNE) docs --check
 
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not platform"

@@ -41,6 +41,21 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_docs(args: argparse.Namespace) -> int:
+    from ragtune.api.docgen import render_reference
+
+    path, text = Path(args.out), render_reference()
+    if args.check:
+        if not path.exists() or path.read_text() != text:
+            print(f"{path}: differs from the API models; run `make crds`", file=sys.stderr)
+            return 1
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragtune",
@@ -53,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output directory (repeatable; default: crds/ and charts/ragtune/crds/)")
     crds.add_argument("--check", action="store_true", help="fail if the files differ instead of writing")
     crds.set_defaults(func=_cmd_crds)
+
+    docs = sub.add_parser("docs", help="generate the API reference (docs/api-reference.md) from the models")
+    docs.add_argument("--out", default="docs/api-reference.md")
+    docs.add_argument("--check", action="store_true", help="fail if the file differs instead of writing")
+    docs.set_defaults(func=_cmd_docs)
 
     for module_name in _COMMAND_MODULES:
         try:
