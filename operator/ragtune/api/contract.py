@@ -35,6 +35,13 @@ ENV_TERMINATION_PATH = "RAGTUNE_TERMINATION_MESSAGE_PATH"
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096
 
+EXIT_RETRYABLE = 1
+"""Trainer exit code for failures a retry may fix (S3 unreachable, out of memory, preempted): the
+Job retries up to `spec.backoffLimit`, resuming from the newest checkpoint."""
+EXIT_PERMANENT = 2
+"""Trainer exit code for failures a retry cannot fix (InvalidDataset, BaseModelNotFound, GateFailed):
+the Job's podFailurePolicy fails the whole Job at once."""
+
 PROGRESS_PREFIX = "RAGTUNE_PROGRESS "
 """A stdout line `RAGTUNE_PROGRESS {json TrainingProgress}` reports progress."""
 
