@@ -88,7 +88,7 @@ EndpointUrl = Annotated[
             ),
             # A regex, not url()/ip(): the ip() form exceeds the API server's CEL cost budget.
             cel(
-                r"!self.matches('^https?://(169\\.254\\.|\\[(fe80:|fd00:ec2::254\\]))')",
+                r"!self.matches('^https?://(169\\.254\\.|\\[(?i:fe[89ab][0-9a-f]:|fd00:ec2::254\\]))')",
                 "must not be a link-local address such as 169.254.169.254 (cloud metadata)",
             ),
         ),
