@@ -23,6 +23,10 @@ export GOFLAGS=-buildvcs=false GOTOOLCHAIN=local CGO_ENABLED=0
 
 say() { printf '[build] %s\n' "$*" >&2; }
 
+# One build at a time per cache (two `dev up`s or `make`s on a fresh machine must not race).
+exec 9>"$CACHE/build.lock"
+if ! flock -n 9; then say "another build is running (lock $CACHE/build.lock); waiting for it ..."; flock 9; fi
+
 # run_part NAME DEST_DIR FUNC: skip when every expected binary exists, else build into a
 # temporary dir and move it into place only when complete (never a half-built cache entry).
 run_part() {

@@ -1,0 +1,1 @@
+"""The ragtune local platform: a real Kubernetes control plane, kwok, MinIO and a pod runner on loopback."""

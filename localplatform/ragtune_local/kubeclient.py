@@ -1,0 +1,77 @@
+"""A small JSON client for the local API server (client-cert auth).
+
+The pod runner talks to the API server like a kubelet: merge patches of pod status, node
+leases, streaming watches. A thin client keeps those requests explicit and the runner light.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+from typing import Any, Iterator, Optional
+from urllib.parse import urlencode
+
+import urllib3
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, method: str, path: str, body: str):
+        try:
+            detail = json.loads(body)
+            message, reason = detail.get("message", body), detail.get("reason", "")
+        except ValueError:
+            message, reason = body, ""
+        super().__init__(f"{method} {path}: HTTP {status} {reason}: {message}")
+        self.status, self.reason, self.message = status, reason, message
+
+
+class Kube:
+    def __init__(self, server: str, ca: Path, cert: Path, key: Path, timeout: float = 30.0):
+        self.server = server.rstrip("/")
+        self._http = urllib3.PoolManager(
+            maxsize=8, cert_reqs=ssl.CERT_REQUIRED, ca_certs=str(ca), cert_file=str(cert), key_file=str(key),
+            timeout=urllib3.Timeout(connect=5.0, read=timeout), retries=False,
+        )
+
+    def request(self, method: str, path: str, body: Any = None, params: Optional[dict] = None,
+                content_type: str = "application/json") -> dict:
+        url = self.server + path + ("?" + urlencode(params) if params else "")
+        data = None if body is None else json.dumps(body).encode()
+        resp = self._http.request(method, url, body=data, headers={"Content-Type": content_type,
+                                                                    "Accept": "application/json"})
+        if resp.status >= 300:
+            raise ApiError(resp.status, method, path, resp.data.decode(errors="replace"))
+        return json.loads(resp.data) if resp.data else {}
+
+    def get(self, path: str, **params: Any) -> dict:
+        return self.request("GET", path, params=params or None)
+
+    def create(self, path: str, body: dict) -> dict:
+        return self.request("POST", path, body)
+
+    def merge_patch(self, path: str, body: dict) -> dict:
+        return self.request("PATCH", path, body, content_type=MERGE_PATCH)
+
+    def delete(self, path: str, body: Optional[dict] = None) -> dict:
+        return self.request("DELETE", path, body)
+
+    def watch(self, path: str, timeout_seconds: int = 60, **params: Any) -> Iterator[dict]:
+        """Yields watch events until the server closes the stream (at most `timeout_seconds`)."""
+        query = {"watch": "true", "timeoutSeconds": timeout_seconds, "allowWatchBookmarks": "false", **params}
+        resp = self._http.request("GET", f"{self.server}{path}?{urlencode(query)}", preload_content=False,
+                                  timeout=urllib3.Timeout(connect=5.0, read=timeout_seconds + 10))
+        try:
+            if resp.status >= 300:
+                raise ApiError(resp.status, "WATCH", path, resp.read().decode(errors="replace"))
+            buf = b""
+            for chunk in resp.stream(4096, decode_content=True):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            resp.release_conn()

@@ -1,0 +1,103 @@
+"""Unit tests of the local platform's pure parts (no processes started)."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+
+import pytest
+import yaml
+
+from ragtune_local import images, pki
+from ragtune_local.podenv import ConfigError, container_env, container_mounts, expand, hosts_file
+
+
+def test_image_repository_parsing():
+    assert images.repository("ghcr.io/ragtune/ragtune-trainer:0.1.0") == "ghcr.io/ragtune/ragtune-trainer"
+    assert images.repository("localhost:5000/x/y") == "localhost:5000/x/y"
+    assert images.repository("busybox@sha256:abc") == "busybox"
+
+
+def test_image_argv_follows_command_args_rules():
+    assert images.local_argv("ghcr.io/ragtune/ragtune-trainer:1", ["ragtune", "train", "--in-cluster"], None) == \
+        ["ragtune", "train", "--in-cluster"]
+    tgi = images.local_argv("ghcr.io/huggingface/text-generation-inference:3.3.4", None, ["--port", "80"])
+    assert tgi[1:] == ["-m", "tests.tgi_standin", "--port", "80"]
+    # Kubernetes: args alone replace CMD but keep ENTRYPOINT; neither runs ENTRYPOINT + CMD.
+    assert images.local_argv("ghcr.io/ragtune/ragtune-operator:1", None, ["crds", "--check"]) == ["ragtune", "crds", "--check"]
+    assert images.local_argv("ghcr.io/ragtune/ragtune-operator:1", None, None) == \
+        ["ragtune", "operator", "run", "--all-namespaces"]
+    assert images.local_argv("ragtune.test/fake-trainer:dev", ["ragtune", "train"], None)[1:] == \
+        ["-m", "tests.operator.fake_trainer"]
+    with pytest.raises(images.ImageNotFound, match="set the container's `command`"):
+        images.local_argv("local/shell", None, None)
+    with pytest.raises(images.ImageNotFound, match="nginx"):
+        images.lookup("nginx:1.27")
+    assert images.base_env()["PATH"].startswith(images.VENV_BIN + ":")
+
+
+def test_dollar_expansion_matches_kubernetes():
+    env = {"A": "1", "B": "two"}
+    assert expand("$(A)-$(B)", env) == "1-two"
+    assert expand("$(MISSING)", env) == "$(MISSING)"
+    assert expand("$$(A)", env) == "$(A)"
+
+
+class _Objects:
+    namespace = "ns"
+
+    def __init__(self, data):
+        self._data = data
+
+    def data(self, kind, name, optional):
+        if (kind, name) not in self._data:
+            if optional:
+                return {}
+            raise ConfigError(f'{kind.lower()} "{name}" not found')
+        return self._data[(kind, name)]
+
+
+def test_container_env_resolution_and_missing_keys():
+    pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u", "labels": {"app": "x"}}, "spec": {}}
+    container = {"envFrom": [{"configMapRef": {"name": "cm"}, "prefix": "CM_"}],
+                 "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "k"}}},
+                         {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                         {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                         {"name": "JOINED", "value": "$(S)@$(IP)"}]}
+    objects = _Objects({("Secret", "sec"): {"k": b"v"}, ("ConfigMap", "cm"): {"mode": b"m"}})
+    env = container_env(pod, container, objects, {"PATH": "/bin"}, "127.100.0.2", "127.0.0.1")
+    assert env == {"PATH": "/bin", "CM_mode": "m", "S": "v", "IP": "127.100.0.2", "APP": "x", "JOINED": "v@127.100.0.2"}
+    bad = {"env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "nope"}}}]}
+    with pytest.raises(ConfigError, match="nope"):
+        container_env(pod, bad, objects, {}, "", "")
+    with pytest.raises(ConfigError, match='secret "gone" not found'):
+        container_env(pod, {"env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}}]},
+                      objects, {}, "", "")
+
+
+def test_mounts_are_ordered_parent_first_and_unknown_volumes_rejected(tmp_path):
+    vols = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    mounts = container_mounts({"volumeMounts": [{"name": "b", "mountPath": "/data/sub/deep"},
+                                                {"name": "a", "mountPath": "/data", "readOnly": True}]}, vols)
+    assert [m["target"] for m in mounts] == ["/data", "/data/sub/deep"] and mounts[0]["readOnly"]
+    with pytest.raises(ConfigError, match="unknown volume 'c'"):
+        container_mounts({"volumeMounts": [{"name": "c", "mountPath": "/x"}]}, vols)
+
+
+def test_hosts_file_names_services_short_only_in_own_namespace():
+    text = hosts_file("pod-1", "127.100.0.5", "a", {("a", "tgi"): "127.100.0.9", ("b", "s3"): "127.100.0.7"})
+    assert "127.100.0.5\tpod-1" in text
+    assert "127.100.0.9\ttgi tgi.a tgi.a.svc tgi.a.svc.cluster.local" in text
+    assert "127.100.0.7\ts3.b s3.b.svc s3.b.svc.cluster.local" in text
+
+
+def test_pki_issues_certs_the_ca_verifies(tmp_path):
+    ca = pki.CertAuthority(tmp_path)
+    crt, key = ca.issue("server", "srv", server=True, ips=("127.0.0.1",), dns=("localhost",))
+    out = subprocess.run(["openssl", "verify", "-CAfile", str(ca.ca_path), str(crt)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(crt, key)  # the key matches the certificate
+    kc = pki.write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:1", ca.ca_path, crt, key, "u")
+    assert yaml.safe_load(kc.read_text())["users"][0]["name"] == "u"
+    assert oct(kc.stat().st_mode & 0o777) == "0o600"
