@@ -64,6 +64,12 @@ def _gpu_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.state_dir, namespace=args.namespace)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     dev = subparsers.add_parser("dev", help="the local platform: kube-apiserver, kwok, MinIO and a pod runner")
     dev.add_argument("--state-dir", default=None,
@@ -75,6 +81,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--gpu-nodes", type=int, default=0, help="also create this many fake kwok GPU nodes")
     up.add_argument("--gpus-per-node", type=int, default=8)
     up.set_defaults(func=_up)
+
+    demo = sub.add_parser("demo", help="run the whole flow (FineTuneJob -> AdapterDeployment) on the local platform")
+    demo.add_argument("--namespace", default="default", help="namespace for the example objects")
+    demo.set_defaults(func=_demo)
 
     down = sub.add_parser("down", help="stop every process the platform started (pods included)")
     down.set_defaults(func=_down)

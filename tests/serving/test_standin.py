@@ -46,7 +46,7 @@ def _to_jsonschema(node):
 @pytest.fixture(scope="module")
 def openapi():
     if not OPENAPI.exists():
-        pytest.skip(f"TGI OpenAPI spec not found at {OPENAPI}")
+        pytest.fail(f"TGI OpenAPI spec not found at {OPENAPI} (expected ../shared beside the repo, or set RAGTUNE_TGI_OPENAPI)")
     return json.loads(OPENAPI.read_text())
 
 
