@@ -50,9 +50,14 @@ demo: $(STAMP) platform
 bench: $(STAMP) platform
 	@for b in bench/*.py; do echo "== $$b" >&2; $(PY) $$b || exit 1; done
 
-images:
-	docker build -f operator/Dockerfile -t ragtune/operator:dev .
-	docker build -f trainer_image/Dockerfile -t ragtune/trainer:dev .
+VERSION := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/ragtune/Chart.yaml)
+
+images: lint-images
+	docker build -f operator/Dockerfile -t ghcr.io/ragtune/ragtune-operator:$(VERSION) .
+	docker build -f trainer_image/Dockerfile -t ghcr.io/ragtune/ragtune-trainer:$(VERSION) .
+
+lint-images: $(STAMP)
+	$(VENV)/bin/hadolint --failure-threshold info --ignore DL3008 operator/Dockerfile trainer_image/Dockerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache

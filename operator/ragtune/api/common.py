@@ -47,7 +47,11 @@ ArtifactUri = Annotated[
             cel(
                 "!self.startsWith('s3://') || !self.split('/')[2].contains('..')",
                 "S3 bucket names must not contain '..'",
-            )
+            ),
+            cel(
+                r"!self.startsWith('s3://') || !self.split('/')[2].matches('^[0-9]{1,3}(\\.[0-9]{1,3}){3}$')",
+                "S3 bucket names must not be formatted like an IP address",
+            ),
         ),
     ),
     AfterValidator(validate_artifact_uri),
@@ -88,7 +92,7 @@ EndpointUrl = Annotated[
             ),
             # A regex, not url()/ip(): the ip() form exceeds the API server's CEL cost budget.
             cel(
-                r"!self.matches('^https?://(169\\.254\\.|\\[(?i:fe[89ab][0-9a-f]:|fd00:ec2::254\\]))')",
+                r"!self.matches('^https?://([^/@]*@)?(169\\.254\\.|\\[(?i:fe[89ab][0-9a-f]:|fd00:ec2::254\\]))')",
                 "must not be a link-local address such as 169.254.169.254 (cloud metadata)",
             ),
         ),
