@@ -1,0 +1,276 @@
+"""How the FineTuneJob controller copes with many objects at once (prints JSON).
+
+For each N (default 100 and 1000): apply N FineTuneJobs at once (16 concurrent clients) to a
+namespace served by a freshly started `ragtune operator run --all-namespaces`, and measure
+- `all_jobs_seconds`: from the first create to the moment every training Job exists (seen on a watch),
+- create->Job latency per object (p50/p99/max): Job seen on the watch minus its FineTuneJob's create,
+- the operator's peak RSS (VmHWM of the process),
+and, as a baseline in the same run, `direct_jobs_seconds`: the same N Jobs created directly by the
+same clients with no operator in between (what the API server and the Job controller cost anyway).
+Pods land on kwok GPU nodes (they need `nvidia.com/gpu`), so nothing really trains.
+
+Targets (issue 2): N=1000: every Job within 60 s, operator RSS <= 200 MB.
+
+Platform selection as in the tests (ragtune_local.testing.open_platform): a private local platform
+by default, `RAGTUNE_TEST_PLATFORM=reuse` for the `ragtune dev up` one.
+Usage: python bench/operator_scale.py [--n 100 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.controllers.kube import KubeClient
+from ragtune.controllers.render import render_job
+
+REPO = Path(__file__).resolve().parents[1]
+CLIENTS = 16
+
+
+def spec(i: int) -> dict:
+    return {
+        "baseModel": {"id": "tiny/model", "revision": "r1"},
+        "dataset": {"train": f"s3://bench/train-{i}.jsonl"},
+        "output": {"uri": "s3://bench/runs"},
+        "s3": {"endpoint": "http://127.0.0.1:9000", "credentialsSecretRef": {"name": "s3-credentials"}},
+        "resources": {"gpus": 1, "cpu": "100m", "memory": "256Mi", "shmSize": "64Mi",
+                      "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]},
+        "backoffLimit": 0,
+    }
+
+
+def ftj(i: int, namespace: str) -> dict:
+    return {"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": f"bench-{i:05d}", "namespace": namespace}, "spec": spec(i)}
+
+
+class JobWatcher(threading.Thread):
+    """Records when each Job of a namespace is first seen (a raw watch stream, no polling)."""
+
+    def __init__(self, kube: KubeClient, namespace: str, label: str) -> None:
+        super().__init__(daemon=True)
+        self.kube, self.namespace, self.label = kube, namespace, label
+        self.seen: dict[str, float] = {}
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        api = self.kube._api  # reuse its TLS/auth configuration
+        path = f"/apis/batch/v1/namespaces/{self.namespace}/jobs"
+        listing = self.kube.request("GET", path, query=[("labelSelector", self.label)])
+        rv = listing["metadata"]["resourceVersion"]
+        while not self.stop.is_set():
+            method, url, headers, _, _ = api.param_serialize(
+                method="GET", resource_path=path, auth_settings=["BearerToken"],
+                query_params=[("watch", "true"), ("labelSelector", self.label), ("resourceVersion", rv),
+                              ("allowWatchBookmarks", "true"), ("timeoutSeconds", 60)])
+            response = api.rest_client.pool_manager.request(method, url, headers=headers, preload_content=False,
+                                                            timeout=90)
+            self.ready.set()
+            buffer = b""
+            for chunk in response.stream(4096):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    event = json.loads(line)
+                    obj = event["object"]
+                    rv = obj["metadata"].get("resourceVersion", rv)
+                    if event["type"] == "ADDED":
+                        labels = obj["metadata"].get("labels") or {}
+                        name = labels.get("ragtune.dev/finetunejob", obj["metadata"]["name"])
+                        self.seen.setdefault(name, time.monotonic())
+                if self.stop.is_set():
+                    break
+            response.release_conn()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_operator(kubeconfig: str, log: Path) -> tuple[subprocess.Popen, int]:
+    health = free_port()
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "RAGTUNE_METRICS_PORT": str(free_port())}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ragtune.cli", "operator", "run", "--all-namespaces",
+                                 "--liveness", f"http://127.0.0.1:{health}/healthz"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"operator exited ({proc.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2):
+                return proc, health
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"operator not healthy in 60 s; see {log}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_all(watcher: JobWatcher, names: list[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(n in watcher.seen for n in names):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def delete_and_wait(platform, namespace: str, timeout: float = 600) -> None:
+    """Delete a namespace and wait until it is gone, so its cleanup does not load the next round."""
+    platform.delete_namespace(namespace)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not platform.kubectl("get", "namespace", namespace, "--ignore-not-found", "-o", "name", check=False).strip():
+            return
+        time.sleep(2)
+    print(f"warning: namespace {namespace} still terminating after {timeout} s", file=sys.stderr)
+
+
+def direct_baseline(platform, kube: KubeClient, n: int, timeout: float) -> float:
+    """Seconds to create the same N Jobs straight from the clients (no operator)."""
+    namespace = platform.create_namespace("bench-direct")
+    try:
+        jobs = []
+        for i in range(n):
+            meta = {"name": f"bench-{i:05d}", "namespace": namespace, "uid": f"{i:08d}-0000", "generation": 1}
+            job = render_job(meta, FineTuneJobSpec.model_validate(spec(i)), f"{i:08d}-g1", "bench/trainer:1")
+            del job["metadata"]["ownerReferences"]  # no owner object exists
+            jobs.append(job)
+        watcher = JobWatcher(kube, namespace, "app.kubernetes.io/managed-by=ragtune")
+        watcher.start()
+        watcher.ready.wait(30)
+        start = time.monotonic()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(lambda j: kube.create_job(namespace, j), jobs))
+        ok = wait_all(watcher, [j["metadata"]["labels"]["ragtune.dev/finetunejob"] for j in jobs], timeout)
+        elapsed = time.monotonic() - start
+        watcher.stop.set()
+        return elapsed if ok else float("nan")
+    finally:
+        delete_and_wait(platform, namespace)
+
+
+def run_once(platform, kube: KubeClient, n: int, timeout: float, workdir: Path) -> dict:
+    baseline = direct_baseline(platform, kube, n, timeout)
+    namespace = platform.create_namespace("bench")
+    proc, _ = start_operator(platform.kubeconfig, workdir / f"operator-{n}.log")
+    try:
+        watcher = JobWatcher(kube, namespace, "app.kubernetes.io/managed-by=ragtune")
+        watcher.start()
+        watcher.ready.wait(30)
+        objects = [ftj(i, namespace) for i in range(n)]
+        created: dict[str, float] = {}
+
+        def create(obj: dict) -> None:
+            kube.request("POST", f"/apis/ragtune.dev/v1alpha1/namespaces/{namespace}/finetunejobs", body=obj)
+            created[obj["metadata"]["name"]] = time.monotonic()
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(create, objects))
+        apply_seconds = time.monotonic() - start
+        names = list(created)
+        complete = wait_all(watcher, names, timeout)
+        all_jobs = max(watcher.seen.values()) - start if complete else float("nan")
+        latencies = [watcher.seen[k] - created[k] for k in names if k in watcher.seen]
+        watcher.stop.set()
+        rss = peak_rss_mb(proc.pid)
+        cpu = cpu_seconds(proc.pid)
+        return {
+            "n": n,
+            "all_jobs_created": complete,
+            "jobs_seen": len(watcher.seen),
+            "apply_seconds": round(apply_seconds, 2),
+            "all_jobs_seconds": round(all_jobs, 2),
+            "latency_p50_seconds": round(statistics.median(latencies), 3) if latencies else None,
+            "latency_p99_seconds": round(percentile(latencies, 0.99), 3) if latencies else None,
+            "latency_max_seconds": round(max(latencies), 3) if latencies else None,
+            "operator_peak_rss_mb": round(rss, 1),
+            "operator_cpu_seconds": round(cpu, 1),
+            "direct_jobs_seconds": round(baseline, 2),
+            "ratio_vs_direct": round(all_jobs / baseline, 2) if baseline and baseline == baseline else None,
+            "meets_targets": bool(complete and all_jobs <= 60 and rss <= 200) if n >= 1000 else None,
+        }
+    finally:
+        stop(proc)
+        delete_and_wait(platform, namespace)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[100, 1000], help="FineTuneJobs per round")
+    parser.add_argument("--timeout", type=float, default=300, help="give up on a round after this many seconds")
+    args = parser.parse_args()
+
+    from ragtune_local.testing import close_platform, open_platform
+
+    handle, owned = open_platform()
+    workdir = Path(os.environ.get("RAGTUNE_BENCH_DIR", "/tmp/ragtune-bench"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        handle.install_crds()
+        biggest = max(args.n)
+        # Enough fake GPU capacity (and pod slots: 110 per node) for every pod at once.
+        handle.gpu_nodes(math.ceil(biggest / 100) + 1, gpus=100, prefix="bench-gpu")
+        kube = KubeClient(kubeconfig=handle.kubeconfig, workers=CLIENTS)
+        rounds = [run_once(handle, kube, n, args.timeout, workdir) for n in args.n]
+        kube.close()
+    finally:
+        if owned:
+            close_platform(handle)
+    print(json.dumps({
+        "benchmark": "operator_scale",
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "targets": {"n": 1000, "all_jobs_seconds": 60, "operator_peak_rss_mb": 200},
+        "rounds": rounds,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
