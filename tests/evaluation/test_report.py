@@ -1,0 +1,99 @@
+"""report.json + self-contained report.html with embedded plots."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+from PIL import Image
+
+from ragtune.api.common import EvalMetrics, MetricThresholds
+from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.api.gates import evaluate_gates
+from ragtune_trainer.evaluate import EvalOutcome, evaluate_run
+from ragtune_trainer.report import write_report
+
+from .conftest import make_records
+
+SPEC = FineTuneJobSpec.model_validate({
+    "baseModel": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "abc123",
+                  "tokenSecretRef": {"name": "hf-token"}},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"uri": "s3://runs/out"},
+    "s3": {"endpoint": "http://minio:9000", "credentialsSecretRef": {"name": "s3-credentials"}},
+    "evaluation": {"thresholds": {"minRefusalRate": 0.8, "maxFalseRefusalRate": 0.2}},
+})
+
+EVIL = "<script>alert('x')</script> & <b>bold</b>"
+
+
+def _outcome() -> EvalOutcome:
+    samples = [
+        {"id": "a1", "question": EVIL, "contexts": [{"id": "1", "text": "ctx " + EVIL}], "answerable": True,
+         "reference": "Paris [1]", "base": "London", "adapter": "Paris [1]"},
+        {"id": "u1", "question": "Who?", "contexts": [{"id": "1", "text": "Cats purr."}], "answerable": False,
+         "reference": "I cannot answer this from the provided context.", "base": "Bob",
+         "adapter": "I cannot answer this from the provided context."},
+    ]
+    return EvalOutcome(
+        base=EvalMetrics(samples=2, f1=0.0, refusal_rate=0.0, false_refusal_rate=0.0, mean_answer_words=1.0),
+        adapter=EvalMetrics(samples=2, f1=1.0, refusal_rate=1.0, false_refusal_rate=0.5, mean_answer_words=5.0),
+        samples=samples, seconds=1.5,
+    )
+
+
+LOSS = [{"step": 1, "loss": 2.5, "epoch": 0.1}, {"step": 2, "loss": 2.1}, {"step": 2, "eval_loss": 2.3},
+        {"step": 3, "loss": float("nan")}, {"step": 4, "loss": 1.7}, {"step": 4, "eval_loss": 1.9}]
+
+
+def _images(page: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(data)))
+            for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_report_json_and_html(tmp_path):
+    outcome = _outcome()
+    gates = evaluate_gates(SPEC.evaluation.thresholds, outcome.adapter, outcome.base)
+    paths = write_report(tmp_path / "eval", outcome, LOSS, SPEC, gates)
+    assert [p.name for p in paths] == ["report.json", "report.html"]
+
+    report = json.loads(paths[0].read_text())
+    assert report["passed"] is False  # false refusals 0.5 > 0.2
+    assert {g["metric"]: g["passed"] for g in report["gates"]} == {"refusalRate": True, "falseRefusalRate": False}
+    assert report["metrics"]["adapter"]["refusalRate"] == 1.0 and report["metrics"]["base"]["f1"] == 0.0
+    assert report["samples"][0]["question"] == EVIL
+    assert report["lossHistory"][3]["loss"] is None  # NaN is not JSON
+    assert report["spec"]["baseModel"] == {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "abc123"}
+    assert "s3" not in report["spec"] and "hf-token" not in paths[0].read_text()
+
+    page = paths[1].read_text()
+    images = _images(page)
+    assert len(images) == 2  # metric bars + loss curve
+    assert all(img.format == "PNG" and img.width > 300 and img.height > 200 for img in images)
+    assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
+    assert "gates failed" in page and "FAIL" in page
+    assert "Paris [1]" in page and "Cats purr." in page
+
+
+def test_report_without_loss_history_or_gates(tmp_path):
+    paths = write_report(tmp_path, _outcome(), [], SPEC, [])
+    report = json.loads(paths[0].read_text())
+    assert report["passed"] is True and report["gates"] == []
+    page = paths[1].read_text()
+    assert len(_images(page)) == 1
+    assert "No loss history recorded." in page and "No thresholds configured" in page
+
+
+def test_report_from_a_real_evaluation(tmp_path, tiny_peft_model, tiny_tokenizer):
+    spec = SPEC.model_copy(update={"evaluation": SPEC.evaluation.model_copy(update={"max_new_tokens": 6})})
+    outcome = evaluate_run(tiny_peft_model, tiny_tokenizer, make_records(), spec)
+    gates = evaluate_gates(MetricThresholds(min_f1=0.9), outcome.adapter, outcome.base)
+    json_path, html_path = write_report(tmp_path, outcome, LOSS, spec, gates)
+    report = json.loads(json_path.read_text())
+    assert len(report["samples"]) == len(make_records())
+    assert report["metrics"]["adapter"] == outcome.adapter.to_wire()
+    assert report["passed"] is False
+    assert len(_images(html_path.read_text())) == 2

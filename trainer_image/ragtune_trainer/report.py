@@ -1,0 +1,262 @@
+"""The evaluation report of a run: `eval/report.json` for machines (the operator's offline gate
+reads it) and `eval/report.html` for people, self-contained (inline PNG plots, inline CSS, no
+scripts) so it can be opened straight from S3 or a browser download."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional
+
+from ragtune.api.common import EvalMetrics, GateResult
+from ragtune.api.contract import REPORT_HTML, REPORT_JSON
+from ragtune.api.finetunejob import FineTuneJobSpec
+
+from .evaluate import EvalOutcome
+
+REPORT_SCHEMA = "ragtune.dev/eval-report/v1"
+EXAMPLES_PER_KIND = 3
+"""Side-by-side examples shown per kind (answerable, unanswerable)."""
+
+# Wire name -> label; rates in [0, 1] go on the bar chart, the word count only in the table.
+RATE_METRICS = {
+    "f1": "F1",
+    "exactMatch": "Exact match",
+    "rougeL": "ROUGE-L",
+    "refusalRate": "Refusal rate",
+    "falseRefusalRate": "False refusals (lower is better)",
+    "citationValidity": "Citation validity",
+    "citationPrecision": "Citation precision",
+    "citationRecall": "Citation recall",
+    "groundingScore": "Grounding",
+}
+ALL_METRICS = RATE_METRICS | {"meanAnswerWords": "Mean answer words"}
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: a diverged loss is reported as null, not as invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _spec_summary(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """What was trained, on what, judged how: enough to read the report on its own (no
+    placement, S3 or credential settings)."""
+    wire = spec.to_wire()
+    return {
+        "baseModel": {k: wire["baseModel"].get(k) for k in ("id", "revision", "uri") if k in wire["baseModel"]},
+        "dataset": wire["dataset"],
+        "method": wire["method"],
+        "lora": wire["lora"],
+        "training": wire["training"],
+        "evaluation": wire["evaluation"],
+    }
+
+
+def build_report(
+    outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec, gates: list[GateResult]
+) -> dict[str, Any]:
+    return _finite({
+        "schema": REPORT_SCHEMA,
+        "createdAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "passed": all(g.passed for g in gates),
+        "metrics": {"base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire()},
+        "gates": [g.to_wire() for g in gates],
+        "evalSeconds": outcome.seconds,
+        "spec": _spec_summary(spec),
+        "lossHistory": loss_history,
+        "samples": outcome.samples,
+    })
+
+
+def write_report(
+    out_dir: Path, outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec,
+    gates: list[GateResult],
+) -> list[Path]:
+    """Write `report.json` and `report.html` into `out_dir` (the run's `eval/` folder)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = build_report(outcome, loss_history, spec, gates)
+    json_path = out_dir / PurePosixPath(REPORT_JSON).name
+    html_path = out_dir / PurePosixPath(REPORT_HTML).name
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    html_path.write_text(render_html(report, outcome), encoding="utf-8")
+    return [json_path, html_path]
+
+
+# --- Plots ----------------------------------------------------------------------------------
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def loss_plot(loss_history: list[dict]) -> Optional[str]:
+    """Train and eval loss against the optimiser step, as base64 PNG; None without data."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
+
+    def series(key: str) -> tuple[list, list]:
+        # Non-finite losses were nulled by _finite and are skipped here.
+        points = [(e["step"], e[key]) for e in loss_history
+                  if isinstance(e.get(key), (int, float)) and "step" in e]
+        return [s for s, _ in points], [v for _, v in points]
+
+    train, evaluation = series("loss"), series("eval_loss")
+    if not train[0] and not evaluation[0]:
+        return None
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.add_subplot()
+    if train[0]:
+        ax.plot(*train, label="train loss", color="#4c72b0", linewidth=1.4)
+    if evaluation[0]:
+        ax.plot(*evaluation, label="eval loss", color="#dd8452", marker="o", linewidth=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def metrics_plot(base: EvalMetrics, adapter: EvalMetrics) -> Optional[str]:
+    """Grouped bars, base vs adapter, for every rate metric measured on either side."""
+    from matplotlib.figure import Figure
+
+    b, a = base.to_wire(), adapter.to_wire()
+    names = [n for n in RATE_METRICS if b.get(n) is not None or a.get(n) is not None]
+    if not names:
+        return None
+    fig = Figure(figsize=(max(6.4, 1.0 * len(names)), 3.8))
+    ax = fig.add_subplot()
+    xs = range(len(names))
+    width = 0.38
+    for offset, values, label, color in ((-width / 2, b, "base", "#8c8c8c"), (width / 2, a, "adapter", "#55a868")):
+        heights = [values.get(n) or 0.0 for n in names]
+        bars = ax.bar([x + offset for x in xs], heights, width, label=label, color=color)
+        for bar, n in zip(bars, names):
+            text = "n/a" if values.get(n) is None else f"{values[n]:.2f}"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(list(xs), [RATE_METRICS[n].replace(" (lower is better)", "\n(lower is better)") for n in names],
+                  rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("rate")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+# --- HTML -------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:left;vertical-align:top}
+th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}
+.badge{display:inline-block;padding:.15rem .6rem;border-radius:1rem;color:#fff}.badge.pass{background:#1a7f37}.badge.fail{background:#cf222e}
+.example{border:1px solid #ddd;border-radius:6px;padding:.8rem;margin:1rem 0}
+.example .answers{display:grid;grid-template-columns:1fr 1fr 1fr;gap:.6rem}
+.example .answers div{background:#f8f8f8;padding:.5rem;border-radius:4px;white-space:pre-wrap}
+.ctx{font-size:.85rem;color:#555;white-space:pre-wrap;margin:.2rem 0}
+.muted{color:#777}img{max-width:100%}
+"""
+
+# The report never needs scripts or remote resources; forbid them in case it is served as a page.
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _metrics_table(base: dict, adapter: dict) -> str:
+    rows = []
+    for name, label in ALL_METRICS.items():
+        b, a = base.get(name), adapter.get(name)
+        delta = "" if a is None or b is None else f"{a - b:+.3f}"
+        rows.append(f"<tr><td>{_e(label)}</td><td class=num>{_fmt(b)}</td><td class=num>{_fmt(a)}</td>"
+                    f"<td class=num>{delta}</td></tr>")
+    return ("<table><tr><th>metric</th><th>base</th><th>adapter</th><th>adapter - base</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _gates_table(gates: list[dict]) -> str:
+    if not gates:
+        return "<p class=muted>No thresholds configured: the run passes on evaluation.</p>"
+    rows = []
+    for g in gates:
+        verdict = '<span class="pass">pass</span>' if g["passed"] else '<span class="fail">FAIL</span>'
+        rows.append(f"<tr><td>{_e(g['metric'])}</td><td class=num>{_fmt(g.get('value'))}</td>"
+                    f"<td>{_e(g['comparison'])} {_e(g['threshold'])}</td><td class=num>{_fmt(g.get('margin'))}</td>"
+                    f"<td>{verdict}</td></tr>")
+    return ("<table><tr><th>metric</th><th>value</th><th>threshold</th><th>margin</th><th>result</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def pick_examples(samples: list[dict], per_kind: int = EXAMPLES_PER_KIND) -> list[dict]:
+    """A few answerable and unanswerable items, preferring those where base and adapter differ."""
+    chosen = []
+    for answerable in (True, False):
+        kind = [s for s in samples if bool(s.get("answerable", True)) == answerable]
+        kind.sort(key=lambda s: s.get("base") == s.get("adapter"))  # stable: differing ones first
+        chosen.extend(kind[:per_kind])
+    return chosen
+
+
+def _example(sample: dict) -> str:
+    contexts = "".join(f"<div class=ctx>[{_e(c.get('id'))}] {_e(c.get('text'))}</div>"
+                       for c in sample.get("contexts", []))
+    kind = "answerable" if sample.get("answerable", True) else "unanswerable (should refuse)"
+    return (f"<div class=example><div><b>{_e(sample.get('question'))}</b> "
+            f"<span class=muted>({_e(sample.get('id'))}, {kind})</span></div>{contexts}"
+            f"<div class=answers><div><b>reference</b>\n{_e(sample.get('reference'))}</div>"
+            f"<div><b>base</b>\n{_e(sample.get('base'))}</div>"
+            f"<div><b>adapter</b>\n{_e(sample.get('adapter'))}</div></div></div>")
+
+
+def _img(png: Optional[str], alt: str, missing: str) -> str:
+    if png is None:
+        return f"<p class=muted>{_e(missing)}</p>"
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{png}">'
+
+
+def render_html(report: dict, outcome: EvalOutcome) -> str:
+    spec = report["spec"]
+    model = spec["baseModel"]
+    passed = report["passed"]
+    badge = f'<span class="badge {"pass" if passed else "fail"}">{"gates passed" if passed else "gates failed"}</span>'
+    base, adapter = report["metrics"]["base"], report["metrics"]["adapter"]
+    examples = "".join(_example(s) for s in pick_examples(report["samples"])) or "<p class=muted>No samples.</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<title>ragtune evaluation: {_e(model.get('id'))}</title><style>{_CSS}</style></head><body>
+<h1>ragtune evaluation report {badge}</h1>
+<p>Base model <b>{_e(model.get('id'))}</b>@{_e(model.get('revision'))}, method {_e(spec['method'])}
+(LoRA r={_e(spec['lora']['r'])}, alpha={_e(spec['lora']['alpha'])}); {_e(base.get('samples', 0))} held-out items
+from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation took {_e(report['evalSeconds'])} s.
+<span class=muted>{_e(report['createdAt'])}</span></p>
+<h2>Gates</h2>{_gates_table(report['gates'])}
+<h2>Base vs adapter</h2>{_metrics_table(base, adapter)}
+{_img(metrics_plot(outcome.base, outcome.adapter), "base vs adapter metrics", "No metrics measured.")}
+<h2>Training loss</h2>
+{_img(loss_plot(report['lossHistory']), "loss curve", "No loss history recorded.")}
+<h2>Examples</h2>{examples}
+</body></html>
+"""
