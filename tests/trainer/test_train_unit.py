@@ -1,0 +1,145 @@
+import io
+import json
+
+import pytest
+
+from ragtune.api.contract import EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX, TrainerResult
+from ragtune.api.finetunejob import FineTuneJobSpec, TrainingProgress
+from ragtune.storage import Storage
+from ragtune_trainer import cli
+from ragtune_trainer import train as T
+from ragtune_trainer.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, upload_checkpoint
+
+
+def spec(**training) -> FineTuneJobSpec:
+    return FineTuneJobSpec.model_validate({
+        "baseModel": {"id": "org/model"}, "dataset": {"train": "file:///d.jsonl"}, "output": {"uri": "file:///o"},
+        "training": training,
+    })
+
+
+def test_device_aware_defaults():
+    cpu = T.plan_for(spec(), cuda=False, bf16_ok=False, flash_attention=False)
+    assert (cpu.device, cpu.dtype, cpu.gradient_checkpointing, cpu.padding_free, cpu.quantize_bits) == \
+        ("cpu", "float32", False, False, 4)
+    gpu = T.plan_for(spec(), cuda=True, bf16_ok=True, flash_attention=True)
+    assert (gpu.dtype, gpu.gradient_checkpointing, gpu.padding_free) == ("bfloat16", True, True)
+    assert not T.plan_for(spec(), cuda=True, bf16_ok=False, flash_attention=False).padding_free
+    forced = T.plan_for(spec(packing=True, gradientCheckpointing=True), cuda=False, bf16_ok=False, flash_attention=False)
+    assert forced.padding_free and forced.gradient_checkpointing
+    with pytest.raises(T.TrainerFailure) as err:
+        T.plan_for(spec(precision="bf16"), cuda=False, bf16_ok=False, flash_attention=False)
+    assert err.value.reason == "InvalidSpec"
+
+
+def test_planned_steps():
+    assert T.planned_steps(spec(maxSteps=7), 1000) == 7
+    assert T.planned_steps(spec(batchSize=4, gradientAccumulationSteps=2, epochs=2), 17) == 6  # ceil(ceil(17/4)/2)*2
+
+
+def test_answer_only_loss_matches_full_cross_entropy(tiny_model_dir):
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    ids = torch.randint(4, 100, (2, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    labels[1, 10:] = -100
+    loss, n = T.answer_only_loss(model, {"input_ids": ids, "labels": labels})
+    logits = model(input_ids=ids).logits[:, :-1]
+    expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert n == 6 and torch.allclose(loss, expected, atol=1e-5)
+    # padding-free: the two rows flattened into one, positions restarting, gives the same loss
+    flat = {"input_ids": ids.reshape(1, -1), "labels": labels.reshape(1, -1),
+            "position_ids": torch.arange(12).repeat(2)[None]}
+    flat["labels"][0, 12] = -100
+    loss_pf, n_pf = T.answer_only_loss(model, flat)
+    assert n_pf == 6 and torch.allclose(loss_pf, expected, atol=1e-5)
+
+
+def test_only_complete_checkpoints_are_resumed(tmp_path):
+    run = (tmp_path / "run").as_uri() + "/"
+    assert latest_complete_checkpoint(Storage(), run) is None
+    for step, complete in ((5, True), (10, True), (15, False)):
+        d = tmp_path / "run/checkpoints" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (d / COMPLETE_MARKER).write_text("{}")
+    step, uri = latest_complete_checkpoint(Storage(), run)
+    assert step == 10 and uri.endswith("/checkpoints/checkpoint-10/")
+
+
+def test_upload_checkpoint_writes_marker_and_keeps_two(tmp_path):
+    run = (tmp_path / "run").as_uri() + "/"
+    for step in (1, 2, 3):
+        local = tmp_path / f"local-{step}"
+        local.mkdir()
+        (local / "optimizer.pt").write_bytes(bytes([step]))
+        upload_checkpoint(Storage(), run, local, step)
+    remote = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert remote == ["checkpoint-2", "checkpoint-3"]
+    marker = json.loads((tmp_path / "run/checkpoints/checkpoint-3" / COMPLETE_MARKER).read_text())
+    assert marker["step"] == 3 and set(marker["files"]) == {"optimizer.pt"}
+
+
+def test_local_job_overrides_and_bare_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text("""
+apiVersion: ragtune.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: demo}
+spec:
+  baseModel: {id: org/m, uri: models/m}
+  dataset: {train: data/train.jsonl}
+  output: {uri: s3://bucket/runs}
+""")
+    s, meta = cli.load_local_job(str(job), "out", ["training.maxSteps=3", "lora.r=4"])
+    assert s.dataset.train == (tmp_path / "data/train.jsonl").as_uri()
+    assert s.base_model.uri == (tmp_path / "models/m").as_uri() and s.output.uri == (tmp_path / "out").as_uri()
+    assert s.training.max_steps == 3 and s.lora.r == 4 and meta["name"] == "demo"
+    with pytest.raises(SystemExit, match="invalid spec"):
+        cli.load_local_job(str(job), None, ["training.maxSteps=-1"])
+
+
+def test_progress_printer_is_rate_limited_but_reports_stage_changes():
+    out = io.StringIO()
+    p = cli.ProgressPrinter(interval=60, stream=out)
+    p(TrainingProgress(stage="training", step=1))
+    p(TrainingProgress(stage="training", step=2))  # within the interval: dropped
+    p(TrainingProgress(stage="evaluating", step=2))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all(line.startswith(PROGRESS_PREFIX) for line in lines)
+    assert json.loads(lines[1][len(PROGRESS_PREFIX):]) == {"step": 2, "stage": "evaluating"}
+
+
+@pytest.mark.parametrize("reason, code", [
+    ("Completed", 0), ("GateFailed", EXIT_PERMANENT), ("InvalidDataset", EXIT_PERMANENT),
+    ("S3Unreachable", EXIT_RETRYABLE), ("Preempted", EXIT_RETRYABLE), ("OutOfMemory", EXIT_RETRYABLE),
+])
+def test_exit_codes(reason, code):
+    outcome = "Succeeded" if reason == "Completed" else "Failed"
+    assert cli.exit_code(TrainerResult(outcome=outcome, reason=reason)) == code
+
+
+def test_length_grouped_order_is_seeded_near_random_and_low_padding():
+    import random
+
+    lengths = [random.Random(i).randint(50, 400) for i in range(130)]
+    order = T.length_grouped_order(lengths, batch_size=4, seed=1)
+    assert sorted(order) == list(range(130)) and order == T.length_grouped_order(lengths, 4, seed=1)
+    assert order != T.length_grouped_order(lengths, 4, seed=2)
+    batches = [order[i:i + 4] for i in range(0, 128, 4)]
+    padded = sum(4 * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+    rand = list(range(130))
+    random.Random(0).shuffle(rand)
+    padded_random = sum(4 * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
+                        for b in (rand[i:i + 4] for i in range(0, 128, 4)))
+    assert padded < padded_random / 2
+    # the first half of the order is a spread sample, not just the longest items
+    first = sorted(lengths[i] for i in order[:64])
+    assert first[0] < sorted(lengths)[65]

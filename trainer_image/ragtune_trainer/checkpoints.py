@@ -1,0 +1,52 @@
+"""Resumable checkpoints in object storage: `<run>/checkpoints/checkpoint-<step>/` holds what the
+Trainer saves (adapter, optimizer, scheduler, RNG, trainer state) and a `COMPLETE` marker written
+last. Only marked checkpoints are resumed, so a pod killed mid-upload never resumes from half a
+checkpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+from ragtune.api.contract import CHECKPOINTS_DIR
+from ragtune.storage import Storage, join, sha256_file
+
+COMPLETE_MARKER = "COMPLETE"
+KEEP_REMOTE_CHECKPOINTS = 2
+
+_CHECKPOINT_FILE = re.compile(r"/checkpoints/checkpoint-(\d+)/(.+)$")
+
+
+def _remote_checkpoints(storage: Storage, run_uri: str) -> dict[int, set[str]]:
+    """step -> relative file names of every checkpoint under the run prefix."""
+    found: dict[int, set[str]] = {}
+    for obj in storage.list(join(run_uri, CHECKPOINTS_DIR)):
+        m = _CHECKPOINT_FILE.search(obj.uri)
+        if m:
+            found.setdefault(int(m.group(1)), set()).add(m.group(2))
+    return found
+
+
+def checkpoint_uri(run_uri: str, step: int) -> str:
+    return join(run_uri, CHECKPOINTS_DIR, f"checkpoint-{step}") + "/"
+
+
+def latest_complete_checkpoint(storage: Storage, run_uri: str) -> Optional[tuple[int, str]]:
+    """(step, uri) of the newest checkpoint whose completion marker exists."""
+    complete = [step for step, files in _remote_checkpoints(storage, run_uri).items() if COMPLETE_MARKER in files]
+    return (max(complete), checkpoint_uri(run_uri, max(complete))) if complete else None
+
+
+def upload_checkpoint(storage: Storage, run_uri: str, local_dir: Path, step: int) -> None:
+    """Upload one checkpoint folder, marker last; then prune old remote checkpoints (marker first,
+    so a half-deleted checkpoint never looks complete)."""
+    prefix = checkpoint_uri(run_uri, step)
+    files = storage.upload_dir(local_dir, prefix)
+    marker = {"step": step, "files": {f: sha256_file(Path(local_dir) / f) for f in files}}
+    storage.put_bytes(prefix + COMPLETE_MARKER, json.dumps(marker, indent=1).encode())
+    for old in sorted(_remote_checkpoints(storage, run_uri))[:-KEEP_REMOTE_CHECKPOINTS]:
+        old_prefix = checkpoint_uri(run_uri, old)
+        storage.delete_prefix(old_prefix + COMPLETE_MARKER)
+        storage.delete_prefix(old_prefix)

