@@ -21,7 +21,7 @@ import yaml
 
 from .paths import cache_dir, default_state_dir
 from .platform import LocalPlatform
-from .testing import PlatformHandle, _local_handle
+from .testing import CommandError, PlatformHandle, _local_handle
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "ragtune-demo"
@@ -222,10 +222,13 @@ def run_flow(handle: PlatformHandle, namespace: str, log_dir: Path, quick: bool 
     """The demo's flow on any platform handle; returns what it produced (for the end-to-end test)."""
     handle.install_crds()
     _say("CRDs installed: finetunejobs.ragtune.dev (ftj), adapterdeployments.ragtune.dev (ad)")
-    handle.kubectl("-n", namespace, "delete", "secret", "s3-credentials", "--ignore-not-found")
-    handle.kubectl("-n", namespace, "create", "secret", "generic", "s3-credentials",
-                   f"--from-literal=AWS_ACCESS_KEY_ID={handle.s3_access_key}",
-                   f"--from-literal=AWS_SECRET_ACCESS_KEY={handle.s3_secret_key}")
+    # Through stdin, not argv: credentials never show up in process listings or error messages.
+    handle.apply(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+         "metadata": {"name": "s3-credentials", "namespace": namespace},
+         "stringData": {"AWS_ACCESS_KEY_ID": handle.s3_access_key, "AWS_SECRET_ACCESS_KEY": handle.s3_secret_key}},
+    )
     _upload_inputs(handle)
     operator_log = log_dir / "demo-operator.log"
     operator = _start_operator(handle, namespace, operator_log)
@@ -255,7 +258,7 @@ def run_demo(state_dir: Path | None = None, namespace: str = "default") -> int:
     handle = _local_handle(local)
     try:
         run_flow(handle, namespace, Path(local.state_dir) / "logs")
-    except DemoFailed as exc:
+    except (DemoFailed, CommandError) as exc:
         _say(f"demo FAILED: {exc}")
         print(f"    pod logs: {Path(local.state_dir) / 'runner' / 'logs'}")
         return 1

@@ -105,7 +105,8 @@ def test_raft_is_deterministic_mixes_distractors_and_refusals(records):
         own_left = len(item.contexts) - len(distractors)
         assert len(distractors) == 2 + (0 if own_left else 1)  # a refusal item never has an empty prompt
         if item.answerable:
-            assert item.answer == src.answer and {c.id for c in src.contexts} <= {c.id for c in item.contexts}
+            # ids are renumbered in display order (tested below); the text and contexts stay
+            assert item.answer.split("[")[0] == src.answer.split("[")[0] and src_texts <= {c.text for c in item.contexts}
         else:
             gold = {c.text for c in src.contexts if c.id in src.supporting_context_ids}
             assert item.answer == raft.refusal and not gold & {c.text for c in item.contexts}
@@ -134,3 +135,22 @@ def test_cli_validate_prints_report_and_exit_code(tmp_path, capsys):
     assert main(["dataset", "validate", str(bad)]) == 1
     out = capsys.readouterr().out
     assert f"{bad.as_uri()}:2: field 'answer' is empty" in out and "1 invalid row(s)" in out
+
+
+def test_raft_numbers_contexts_in_display_order_and_rewrites_citations():
+    """Context ids must not leak how an item was built (e.g. refusal items never showing [1])."""
+    from ragtune.api.finetunejob import RaftConfig
+    from ragtune_trainer.data import build_raft
+    from ragtune_trainer.prompting import Context, RagRecord
+
+    records = [RagRecord(f"r{i}", f"q{i}", [Context("1", f"a{i}"), Context("2", f"b{i}")],
+                         "x [1] and y [2, 1]", True, ["1", "2"]) for i in range(8)]
+    items = build_raft(records, RaftConfig(distractors=2, unanswerable_fraction=0.25), seed=3)
+    for item, source in zip(items, records):
+        assert [c.id for c in item.contexts] == [str(k) for k in range(1, len(item.contexts) + 1)]
+        if item.answerable:
+            shown = {c.text: c.id for c in item.contexts}
+            first, second = shown[f"a{source.id[1:]}"], shown[f"b{source.id[1:]}"]
+            assert item.answer == f"x [{first}] and y [{second}, {first}]"
+            assert sorted(item.supporting_context_ids) == sorted([first, second])
+    assert any(not i.answerable for i in items) and any(i.answerable for i in items)

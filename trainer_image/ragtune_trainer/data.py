@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,8 +359,30 @@ def build_raft(
         while fits is not None and not fits(item) and any(c in distractors for c in item.contexts):
             drop = next(c for c in reversed(item.contexts) if c in distractors)
             item.contexts.remove(drop)
-        out.append(item)
+        out.append(_renumber(item))
     return out
+
+
+_CITATION_GROUP = re.compile(r"\[([^\[\]]+)\]")
+
+
+def _renumber(item: RagRecord) -> RagRecord:
+    """Number the contexts 1..n in the order shown and rewrite citations to match. Without this the
+    ids leak the construction (distractors get ids after the record's own, so a prompt without
+    `[1]` would mean "refuse"), a shortcut the model would learn instead of reading."""
+    mapping = {c.id: str(k) for k, c in enumerate(item.contexts, start=1)}
+
+    def rewrite(match: re.Match) -> str:
+        ids = [part.strip() for part in match.group(1).split(",")]
+        if not all(i in mapping for i in ids):
+            return match.group(0)  # not a citation of a shown context: leave the text alone
+        return "[" + ", ".join(mapping[i] for i in ids) + "]"
+
+    item.contexts = [Context(mapping[c.id], c.text) for c in item.contexts]
+    item.supporting_context_ids = [mapping[i] for i in item.supporting_context_ids if i in mapping]
+    if item.answerable:
+        item.answer = _CITATION_GROUP.sub(rewrite, item.answer)
+    return item
 
 
 def _fresh_id(used: set[str]) -> str:

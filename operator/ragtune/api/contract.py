@@ -39,7 +39,8 @@ EXIT_RETRYABLE = 1
 """Trainer exit code for failures a retry may fix (S3 unreachable, out of memory, preempted): the
 Job retries up to `spec.backoffLimit`, resuming from the newest checkpoint."""
 EXIT_PERMANENT = 2
-"""Trainer exit code for failures a retry cannot fix (InvalidDataset, BaseModelNotFound, GateFailed):
+"""Trainer exit code for failures a retry cannot fix (InvalidDataset, InvalidSpec, BaseModelNotFound,
+GateFailed, NaNLoss, S3AccessDenied, S3ObjectNotFound):
 the Job's podFailurePolicy fails the whole Job at once."""
 
 PROGRESS_PREFIX = "RAGTUNE_PROGRESS "
