@@ -14,18 +14,13 @@ from urllib.parse import urlencode
 
 import urllib3
 
+from ragtune.serving.kube import KubeError
+
 MERGE_PATCH = "application/merge-patch+json"
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, method: str, path: str, body: str):
-        try:
-            detail = json.loads(body)
-            message, reason = detail.get("message", body), detail.get("reason", "")
-        except ValueError:
-            message, reason = body, ""
-        super().__init__(f"{method} {path}: HTTP {status} {reason}: {message}")
-        self.status, self.reason, self.message = status, reason, message
+# One error type for "the API server said no" across the project (status, reason, message).
+ApiError = KubeError
 
 
 class Kube:
