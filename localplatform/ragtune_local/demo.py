@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "ragtune-demo"
 MODEL_PREFIX = "models/SmolLM2-135M-Instruct/"
 DATASET_KEY = "datasets/support-rag/train.jsonl"
+EVAL_KEY = "datasets/support-rag/eval.jsonl"  # the AdapterDeployment's online (canary) evaluation set
 TRAIN_RECORDS = 240
 QUICK_STEPS = 6  # the end-to-end test runs the same flow with this many steps
 
@@ -79,10 +80,12 @@ def _upload_inputs(handle: PlatformHandle) -> None:
         if path.is_file():
             s3.upload_file(str(path), BUCKET, MODEL_PREFIX + path.name)
     records = generate(TRAIN_RECORDS, seed=7)
-    body = "\n".join(json.dumps(r.to_dict()) for r in records) + "\n"
-    s3.put_object(Bucket=BUCKET, Key=DATASET_KEY, Body=body.encode())
-    _say(f"uploaded the model to s3://{BUCKET}/{MODEL_PREFIX} and {len(records)} synthetic RAG records "
-         f"(answerable, unanswerable, two-context) to s3://{BUCKET}/{DATASET_KEY}")
+    for key, rows in ((DATASET_KEY, records), (EVAL_KEY, generate(48, seed=1234))):
+        body = "\n".join(json.dumps(r.to_dict()) for r in rows) + "\n"
+        s3.put_object(Bucket=BUCKET, Key=key, Body=body.encode())
+    _say(f"uploaded the model to s3://{BUCKET}/{MODEL_PREFIX}, {len(records)} synthetic RAG records "
+         f"(answerable, unanswerable, two-context) to s3://{BUCKET}/{DATASET_KEY} and a disjoint "
+         f"online evaluation set to s3://{BUCKET}/{EVAL_KEY}")
 
 
 def _start_operator(handle: PlatformHandle, namespace: str, log_path: Path) -> subprocess.Popen:
@@ -133,6 +136,7 @@ def _train(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
 
     bar = tqdm(total=100, unit="%", desc="training", dynamic_ncols=True)
     last_phase: list[Any] = [None]
+    last_shown: list[Any] = [None]
 
     def show(obj: dict) -> None:
         status = obj.get("status", {})
@@ -140,7 +144,9 @@ def _train(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
         if phase != last_phase[0]:
             bar.write(f"    phase: {phase} {('- ' + status['message']) if status.get('message') else ''}")
             last_phase[0] = phase
-        if progress.get("percent") is not None:
+        shown = (progress.get("percent"), progress.get("step"), progress.get("stage"))
+        if progress.get("percent") is not None and shown != last_shown[0]:
+            last_shown[0] = shown
             if progress.get("stage") and bar.desc != progress["stage"]:
                 bar.set_description(progress["stage"])
             bar.n = int(progress["percent"])
