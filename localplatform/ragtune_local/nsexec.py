@@ -33,6 +33,8 @@ def main() -> None:
     # Pin every source first: a volume mounted over e.g. /tmp must not hide later sources under it.
     sources = [(os.open(m["source"], os.O_PATH | os.O_CLOEXEC), os.path.isdir(m["source"]), m)
                for m in spec["mounts"]]
+    # The checkout and venv the process runs from, pinned before any volume can cover them.
+    kept = [(os.open(path, os.O_PATH | os.O_CLOEXEC), path) for path in spec.get("keep", [])]
     for fd, is_dir, m in sources:
         dst = m["target"]
         if is_dir:
@@ -43,6 +45,11 @@ def main() -> None:
         _mount(f"/proc/self/fd/{fd}", dst, MS_BIND | MS_REC)
         if m.get("readOnly"):
             _mount(None, dst, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
+        os.close(fd)
+    for fd, path in kept:
+        if any(path.startswith(m["target"].rstrip("/") + "/") for m in spec["mounts"]):  # covered: bind it back
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, MS_BIND | MS_REC)
         os.close(fd)
     os.chdir(spec["cwd"])
     argv = spec["argv"]

@@ -231,7 +231,7 @@ class PodWorker(threading.Thread):
             argv = images.local_argv(c.spec["image"], c.spec.get("command"), c.spec.get("args"))
             argv = [expand(a, env) for a in argv]
             mounts = container_mounts(c.spec, volumes)
-            _check_not_shadowing(mounts, c.spec.get("workingDir") or images.working_dir())
+            keep = _paths_to_keep(mounts, c.spec.get("workingDir") or images.working_dir())
         except (ConfigError, ApiError, images.ImageNotFound) as exc:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
             c.restart_at = time.monotonic() + 2
@@ -240,7 +240,8 @@ class PodWorker(threading.Thread):
         term.write_bytes(b"")
         mounts.append({"source": str(term), "target": c.spec.get("terminationMessagePath", "/dev/termination-log")})
         mounts.append({"source": str(self.hosts_path), "target": "/etc/hosts"})
-        spec = {"mounts": mounts, "argv": argv, "env": env, "cwd": c.spec.get("workingDir") or images.working_dir()}
+        spec = {"mounts": mounts, "keep": keep, "argv": argv, "env": env,
+                "cwd": c.spec.get("workingDir") or images.working_dir()}
         spec_path = self.dir / f"exec-{c.name}.json"
         spec_path.write_text(json.dumps(spec))
         spec_path.chmod(0o600)  # holds resolved secrets
@@ -469,15 +470,19 @@ class PodWorker(threading.Thread):
             shutil.rmtree(self.shm_dir, ignore_errors=True)
 
 
-def _check_not_shadowing(mounts: list[dict], cwd: str) -> None:
-    """Processes run from this checkout and venv: a volume mounted over them would hide both."""
-    protected = {cwd, images.working_dir(), images.VENV_BIN}
+def _paths_to_keep(mounts: list[dict], cwd: str) -> list[str]:
+    """Processes run from this checkout and venv. A volume mounted *above* them (e.g. an emptyDir at
+    /tmp while the checkout is under /tmp) is fine: nsexec binds them back on top. A volume mounted
+    exactly on them, or on /, cannot work and is refused."""
+    protected = sorted({cwd, images.working_dir(), images.VENV_BIN})
     for m in mounts:
         target = m["target"].rstrip("/") or "/"
         for path in protected:
-            if path == target or path.startswith(target + "/") or target == "/":
-                raise ConfigError(f"volumeMount {m['target']!r} would hide {path} (the local runner runs images "
+            if path == target or target == "/":
+                raise ConfigError(f"volumeMount {m['target']!r} would replace {path} (the local runner runs images "
                                   "from the checkout and its venv); mount the volume elsewhere")
+    # the outermost protected paths; anything inside them comes back with them
+    return [p for p in protected if not any(p != q and p.startswith(q + "/") for q in protected)]
 
 
 # ---- the runner -------------------------------------------------------------------------------

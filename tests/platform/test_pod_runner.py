@@ -170,14 +170,28 @@ def test_service_names_resolve_to_a_ready_pod(platform, namespace):
     assert platform.kubectl("-n", namespace, "logs", "job/client").split() == ["200", "200"]
 
 
-def test_volume_hiding_the_checkout_is_a_clear_config_error(platform, namespace):
+def test_volume_above_the_checkout_keeps_the_checkout_visible(platform, namespace):
+    """An emptyDir at e.g. /tmp must work when the checkout itself lives under /tmp (CI clones)."""
     from ragtune_local.paths import REPO_ROOT
 
-    pod = json.loads(_pod("shadow", ["true"], container={"volumeMounts": [{"name": "v", "mountPath": str(REPO_ROOT.parent)}]},
+    script = f"test -f {REPO_ROOT}/pyproject.toml && ls {REPO_ROOT.parent}"
+    pod = json.loads(_pod("above", ["sh", "-c", script],
+                          container={"volumeMounts": [{"name": "v", "mountPath": str(REPO_ROOT.parent)}]},
+                          volumes=[{"name": "v", "emptyDir": {}}]))
+    platform.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(pod))
+    platform.wait_for("pod", "above", "{.status.phase}", "Succeeded", namespace=namespace, timeout=60)
+    # the emptyDir covers the parent (nothing else of the host shows), the checkout is bound back
+    assert platform.kubectl("-n", namespace, "logs", "above").split() == [REPO_ROOT.name]
+
+
+def test_volume_replacing_the_checkout_is_a_clear_config_error(platform, namespace):
+    from ragtune_local.paths import REPO_ROOT
+
+    pod = json.loads(_pod("shadow", ["true"], container={"volumeMounts": [{"name": "v", "mountPath": str(REPO_ROOT)}]},
                           volumes=[{"name": "v", "emptyDir": {}}]))
     platform.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(pod))
     message = platform.wait_for("pod", "shadow", "{.status.containerStatuses[0].state.waiting.message}",
-                                lambda v: "would hide" in v, namespace=namespace)
+                                lambda v: "would replace" in v, namespace=namespace)
     assert str(REPO_ROOT) in message
 
 
