@@ -122,16 +122,22 @@ def _wait(handle: PlatformHandle, kind: str, name: str, namespace: str, done: Ca
         time.sleep(3)
 
 
-def _train(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
-    from tqdm import tqdm
-
-    doc = yaml.safe_load((REPO / "examples/finetunejob.yaml").read_text())
+def _apply_example(handle: PlatformHandle, namespace: str, file: str, quick: bool) -> str:
+    """Apply examples/<file> afresh (deleting a previous run's object), with the local overrides."""
+    doc = yaml.safe_load((REPO / "examples" / file).read_text())
     doc["metadata"]["namespace"] = namespace
     for change in _local_overrides(doc, handle, quick):
         _say(f"override for the local platform: {change}")
     name = doc["metadata"]["name"]
-    handle.kubectl("-n", namespace, "delete", "finetunejob", name, "--ignore-not-found", "--wait=true")
+    handle.kubectl("-n", namespace, "delete", doc["kind"].lower(), name, "--ignore-not-found", "--wait=true")
     handle.apply(doc)
+    return name
+
+
+def _train(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
+    from tqdm import tqdm
+
+    name = _apply_example(handle, namespace, "finetunejob.yaml", quick)
     _say(f"applied FineTuneJob {namespace}/{name}; the operator renders a batch/v1 Job, the pod runner runs the trainer")
 
     bar = tqdm(total=100, unit="%", desc="training", dynamic_ncols=True)
@@ -175,13 +181,7 @@ def _train(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
 
 
 def _deploy(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
-    doc = yaml.safe_load((REPO / "examples/adapterdeployment.yaml").read_text())
-    doc["metadata"]["namespace"] = namespace
-    for change in _local_overrides(doc, handle, quick):
-        _say(f"override for the local platform: {change}")
-    name = doc["metadata"]["name"]
-    handle.kubectl("-n", namespace, "delete", "adapterdeployment", name, "--ignore-not-found", "--wait=true")
-    handle.apply(doc)
+    name = _apply_example(handle, namespace, "adapterdeployment.yaml", quick)
     _say(f"applied AdapterDeployment {namespace}/{name}: offline gate -> canary -> online gate -> promote")
     seen: set = set()
 
