@@ -143,3 +143,54 @@ def test_length_grouped_order_is_seeded_near_random_and_low_padding():
     # the first half of the order is a spread sample, not just the longest items
     first = sorted(lengths[i] for i in order[:64])
     assert first[0] < sorted(lengths)[65]
+
+
+def test_qlora_on_cpu_matches_a_dequantised_reference(tiny_model_dir):
+    """bitsandbytes' 4-bit kernels on CPU: the QLoRA model's loss and LoRA gradients equal those of
+    an fp32 model holding the dequantised weights and the same adapter (the backward pass through the
+    frozen 4-bit layers is exact, not an approximation)."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    qspec = FineTuneJobSpec.model_validate({
+        "baseModel": {"id": "tiny"}, "dataset": {"train": "file:///d.jsonl"}, "output": {"uri": "file:///o"},
+        "method": "qlora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    })
+    plan = T.plan_for(qspec, cuda=False, bf16_ok=False, flash_attention=False)
+    assert plan.quantize_bits == 4
+    torch.manual_seed(0)
+    qlora = T.load_model(str(tiny_model_dir), "main", qspec, plan)
+    quantised = {name.removesuffix(".base_layer"): m for name, m in qlora.get_base_model().named_modules()
+                 if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantised) == 2 * 7  # all linear layers of both blocks (the LM head stays unquantised)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter's path contribute
+        for name, p in qlora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, m in quantised.items():
+            w = dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+            reference.get_submodule(name).weight.copy_(w)
+    reference = get_peft_model(reference, qlora.peft_config["default"])
+    reference.load_state_dict({k: v for k, v in qlora.state_dict().items() if "lora_" in k}, strict=False)
+
+    ids = torch.randint(4, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    grads = []
+    for model in (qlora, reference):
+        model.train()
+        loss, _ = T.answer_only_loss(model, {"input_ids": ids, "labels": labels})
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (q_loss, q_grads), (r_loss, r_grads) = grads
+    assert torch.allclose(q_loss, r_loss, atol=1e-5)
+    assert q_grads.keys() == r_grads.keys() and len(q_grads) == 2 * 2 * 7
+    for name in q_grads:
+        assert q_grads[name].abs().max() > 0, name
+        assert torch.allclose(q_grads[name], r_grads[name], rtol=1e-4, atol=1e-6), name

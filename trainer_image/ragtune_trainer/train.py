@@ -4,10 +4,11 @@
     -> adapter folder -> report -> upload -> manifest.json LAST -> TrainerResult
 
 Every fault ends as `TrainerFailure(reason, message)`; the CLI turns it into the termination
-message and a non-zero exit. Speed on CPU comes from three things, each measured by
+message and a non-zero exit. Speed on CPU comes from four things, each measured by
 `bench/train_speed.py`: fp32 without gradient checkpointing, length-grouped batches (little
-padding) or padding-free rows, and an LM head applied only to the answer positions (the loss
-is only computed there, so projecting the prompt onto the vocabulary is wasted work).
+padding) or padding-free rows, an LM head applied only to the answer positions (the loss is only
+computed there, so projecting the prompt onto the vocabulary is wasted work), and LoRA dropout
+masks drawn from random bits (`lora_dropout.py`).
 """
 
 from __future__ import annotations
@@ -201,9 +202,14 @@ def load_model(source: str, revision: str, spec: FineTuneJobSpec, plan: Plan):
         target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as exc:
         raise TrainerFailure("InvalidSpec", f"lora.targetModules {targets}: {_one_line(exc)}")
+    if plan.device == "cpu":
+        from .lora_dropout import use_bits_dropout
+
+        use_bits_dropout(model)
+    return model
 
 
 # --- Data ------------------------------------------------------------------------------
