@@ -21,6 +21,7 @@ import yaml
 
 from .paths import cache_dir, default_state_dir
 from .platform import LocalPlatform
+from .procs import terminate_with_parent
 from .testing import CommandError, PlatformHandle, _local_handle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,7 +96,7 @@ def _start_operator(handle: PlatformHandle, namespace: str, log_path: Path) -> s
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ragtune"), "operator", "run", "-n", namespace,
          "--metrics-port", "0", "--liveness", ""],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=terminate_with_parent)
     _say(f"operator running (pid {proc.pid}, watching namespace {namespace}; log: {log_path})")
     return proc
 

@@ -86,3 +86,12 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def terminate_with_parent() -> None:
+    """`preexec_fn` for helper processes a test or the demo starts: the kernel sends them SIGTERM
+    when the process that started them dies, so a killed pytest leaves no operator behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from ragtune_local.procs import terminate_with_parent
+
 FAKE_TRAINER_IMAGE = "ragtune.test/fake-trainer:dev"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +52,8 @@ class OperatorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ragtune.cli", "operator", "run", "--all-namespaces",
              "--liveness", f"http://127.0.0.1:{self.health_port}/healthz", "--log-format", "json"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+            preexec_fn=terminate_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while True:

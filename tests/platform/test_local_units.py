@@ -101,3 +101,34 @@ def test_pki_issues_certs_the_ca_verifies(tmp_path):
     kc = pki.write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:1", ca.ca_path, crt, key, "u")
     assert yaml.safe_load(kc.read_text())["users"][0]["name"] == "u"
     assert oct(kc.stat().st_mode & 0o777) == "0o600"
+
+
+def test_helper_processes_die_with_the_process_that_started_them(tmp_path):
+    """A pytest (or demo) killed with SIGKILL leaves no operator behind: terminate_with_parent."""
+    import os
+    import sys
+    import time
+
+    from ragtune_local.procs import ProcRef
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from ragtune_local.procs import terminate_with_parent\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=terminate_with_parent)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(120)\n")])
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = ProcRef.of(int(pid_file.read_text()))
+    assert child.alive()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while child.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = child.alive()
+    if alive:
+        os.kill(child.pid, 9)
+    assert not alive, "the child outlived its killed parent"
