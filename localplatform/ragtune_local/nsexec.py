@@ -1,4 +1,5 @@
-"""Container entry: new mount namespace, bind mounts, then exec. Run as `python -S nsexec.py SPEC.json`.
+"""Container entry: join the memory cgroup, new mount namespace, bind mounts, then exec.
+Run as `python -S nsexec.py SPEC.json`.
 
 Stdlib only and no site imports, so starting a container costs one small interpreter.
 """
@@ -28,6 +29,10 @@ def _mount(source, target, flags):
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
+    if spec.get("cgroup"):
+        # Before anything else: every process the container starts inherits the limit.
+        with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", MS_REC | MS_PRIVATE)  # nothing we mount leaks back to the host
     # Pin every source first: a volume mounted over e.g. /tmp must not hide later sources under it.

@@ -2,7 +2,8 @@
 
 One thread per pod drives its lifecycle (volumes, init containers, containers, probes,
 restarts, deletion); a watch wakes the sync loop, a periodic list makes it robust to missed
-events. Each container runs through `nsexec.py` in its own mount namespace.
+events. Each container runs through `nsexec.py` in its own mount namespace and, when it has
+`resources.limits.memory`, in its own memory cgroup (OOM kills reported as `OOMKilled`, like a kubelet).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import images
+from . import cgroups, images
 from .kubeclient import ApiError, Kube
 from .platform import RUNNER_NODE, PlatformInfo
 from .podenv import ConfigError, ObjectCache, container_env, container_mounts, expand, hosts_file, prepare_volumes, \
@@ -67,6 +68,8 @@ class Container:
     restart_at: float = 0.0
     probes: dict = field(default_factory=dict)
     started_mono: float = 0.0
+    cgroup: Optional[Path] = None
+    """The memory cgroup of the current run (None: no limit)."""
 
     @property
     def name(self) -> str:
@@ -232,6 +235,7 @@ class PodWorker(threading.Thread):
             argv = [expand(a, env) for a in argv]
             mounts = container_mounts(c.spec, volumes)
             keep = _paths_to_keep(mounts, c.spec.get("workingDir") or images.working_dir())
+            limit = memory_limit(c.spec)
         except (ConfigError, ApiError, images.ImageNotFound) as exc:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
             c.restart_at = time.monotonic() + 2
@@ -242,6 +246,15 @@ class PodWorker(threading.Thread):
         mounts.append({"source": str(self.hosts_path), "target": "/etc/hosts"})
         spec = {"mounts": mounts, "keep": keep, "argv": argv, "env": env,
                 "cwd": c.spec.get("workingDir") or images.working_dir()}
+        if limit is not None and self.runner.cgroups is not None:
+            try:
+                c.cgroup = self.runner.cgroups.create(f"{self.uid}-{c.name}-{c.restarts}", limit)
+            except OSError as exc:
+                c.state = {"waiting": {"reason": "RunContainerError",
+                                       "message": f"cannot create the memory cgroup: {exc}"}}
+                c.restart_at = time.monotonic() + 2
+                return
+            spec["cgroup"] = str(c.cgroup)
         spec_path = self.dir / f"exec-{c.name}.json"
         spec_path.write_text(json.dumps(spec))
         spec_path.chmod(0o600)  # holds resolved secrets
@@ -249,6 +262,9 @@ class PodWorker(threading.Thread):
         try:
             c.proc = subprocess.Popen([sys.executable, "-S", str(NSEXEC), str(spec_path)], stdin=subprocess.DEVNULL,
                                       stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError:
+            self._release_cgroup(c)
+            raise
         finally:
             logf.close()
         c.ref = ProcRef.of(c.proc.pid)
@@ -276,7 +292,10 @@ class PodWorker(threading.Thread):
         self.runner.forget_pgid(self.uid, c.name)
         if c.ref:
             stop_group(c.ref, grace=1)  # children of the exited main process go too
-        term = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+        # Like the kubelet: a container whose cgroup saw an OOM kill is OOMKilled, whichever process died.
+        oom = c.cgroup is not None and code != 0 and self.runner.cgroups.oom_kills(c.cgroup) > 0
+        self._release_cgroup(c)
+        term = {"exitCode": code, "reason": "OOMKilled" if oom else "Completed" if code == 0 else "Error",
                 "startedAt": c.state.get("running", {}).get("startedAt", now()), "finishedAt": now(),
                 "containerID": f"local://{c.ref.pid}" if c.ref else ""}
         message = self._termination_message(c, code)
@@ -286,6 +305,12 @@ class PodWorker(threading.Thread):
         c.ready = False
         c.proc = None
         return code
+
+    def _release_cgroup(self, c: Container) -> None:
+        if c.cgroup is not None and not cgroups.remove(c.cgroup):
+            log.warning("pod %s/%s: memory cgroup %s of container %s could not be removed", self.ns, self.pod_name,
+                        c.cgroup, c.name)
+        c.cgroup = None
 
     def _termination_message(self, c: Container, code: int) -> str:
         path = self.dir / f"termination-{c.name}"
@@ -470,6 +495,17 @@ class PodWorker(threading.Thread):
             shutil.rmtree(self.shm_dir, ignore_errors=True)
 
 
+def memory_limit(container: dict) -> Optional[int]:
+    """`resources.limits.memory` in bytes, or None when the container has no memory limit."""
+    value = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    if value is None:
+        return None
+    try:
+        return cgroups.parse_quantity(value)
+    except ValueError as exc:
+        raise ConfigError(f"container {container.get('name')}: resources.limits.memory: {exc}") from exc
+
+
 def _paths_to_keep(mounts: list[dict], cwd: str) -> list[str]:
     """Processes run from this checkout and venv. A volume mounted *above* them (e.g. an emptyDir at
     /tmp while the checkout is under /tmp) is fine: nsexec binds them back on top. A volume mounted
@@ -503,6 +539,9 @@ class Runner:
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.services: dict[tuple[str, str], dict] = {}
+        self.cgroups, self.no_cgroups_reason = cgroups.detect()
+        if self.cgroups is not None:
+            self.cgroups.sweep()
 
     # -- pod IPs: <prefix>.x.y on loopback; the whole 127/8 routes to lo on Linux --
     def allocate_ip(self, uid: str) -> str:
@@ -528,8 +567,8 @@ class Runner:
     # -- node --
     def register_node(self) -> None:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        # Advertised, not enforced: processes are not limited. CPU is generous so pods that request
-        # a few cores (a trainer sized for a real node) still schedule here.
+        # Advertised; memory limits are enforced per container (cgroups), CPU is not. CPU is generous so
+        # pods that request a few cores (a trainer sized for a real node) still schedule here.
         capacity = {"cpu": str(max(os.cpu_count() or 1, 16)), "memory": str(mem), "pods": "110",
                     "ephemeral-storage": str(shutil.disk_usage(self.root).total)}
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": RUNNER_NODE, "labels": {
@@ -710,6 +749,8 @@ class Runner:
             w.request_stop(5.0)
         for w in workers:
             w.finished.wait(15)
+        if self.cgroups is not None:
+            self.cgroups.close()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -728,6 +769,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGINT, stop)
     log.info("pod runner for node %s starting (kubelet API on 127.0.0.1:%s, pod IPs %s.x.y)", RUNNER_NODE,
              info.ports["kubelet"], info.pod_ip_prefix)
+    if runner.cgroups is None:
+        log.warning("memory limits are NOT enforced (containers run without resources.limits.memory and are never "
+                    "OOMKilled): no writable memory cgroup: %s", runner.no_cgroups_reason)
+    else:
+        log.info("memory limits enforced with cgroup v%d under %s", runner.cgroups.version, runner.cgroups.parent)
     runner.run()
     log.info("pod runner stopped")
     return 0

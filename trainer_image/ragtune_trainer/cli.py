@@ -22,8 +22,9 @@ from .models import DEFAULT_DIR
 PROGRESS_INTERVAL_S = 10.0
 
 # Failures a retry cannot fix: the Job's podFailurePolicy fails the Job at once on EXIT_PERMANENT.
+# OutOfMemory too: the retry runs the same spec on the same resources and hits the same wall.
 PERMANENT_REASONS = {"InvalidDataset", "InvalidSpec", "BaseModelNotFound", "GateFailed", "NaNLoss",
-                     "S3AccessDenied", "S3ObjectNotFound"}
+                     "S3AccessDenied", "S3ObjectNotFound", "OutOfMemory"}
 
 
 def add_commands(subparsers) -> None:
@@ -157,25 +158,72 @@ def _failure(reason: str, message: str, run_id: Optional[str] = None):
                                   run_id=run_id)
 
 
+def out_of_memory(exc: BaseException) -> Optional[str]:
+    """What ran out, if `exc` is an allocation failure (GPU: torch.OutOfMemoryError; host: MemoryError
+    or the CPU allocator's RuntimeError "can't allocate memory"); None otherwise."""
+    if isinstance(exc, MemoryError):
+        return "host memory"
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).lower()
+    # torch raises OutOfMemoryError for the CPU allocator too: its text tells which memory it was.
+    if "can't allocate memory" in text or "cannot allocate memory" in text or "cpuallocator" in text:
+        return "host memory"
+    torch = sys.modules.get("torch")  # only a run that imported torch can raise its errors
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return "GPU memory"
+    if "out of memory" in text:
+        return "GPU memory" if "cuda" in text or "gpu" in text else "memory"
+    return None
+
+
+def _oom_failure(what: str, detail: str, run_id: Optional[str]):
+    message = f"out of {what} ({_headline(detail)}); {contract.OOM_REMEDIES}"
+    print(f"ragtune train: OutOfMemory: {message}", file=sys.stderr, flush=True)
+    return _failure("OutOfMemory", message, run_id)
+
+
+def _headline(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _execute(ctx_factory):
     """Build the context and run; every fault becomes a Failed TrainerResult."""
+    result, oom, run_id = _attempt(ctx_factory)
+    if oom is None:
+        return result
+    # Only now, with the failed step's frames (and the activations they held) released, report it.
+    import gc
+
+    gc.collect()
+    return _oom_failure(*oom, run_id)
+
+
+def _attempt(ctx_factory):
+    """(result, None, run id), or (None, (what ran out, the error), run id) on an allocation failure."""
     from .train import TrainerFailure, run
 
     ctx = None
     try:
         ctx = ctx_factory()
-        return run(ctx)
+        return run(ctx), None, ctx.run_id
     except TrainerFailure as exc:
+        run_id = ctx.run_id if ctx else None
         # The full text (e.g. every bad dataset row) goes to the log; the result keeps the headline.
         print(f"ragtune train: {exc.reason}: {exc.message}", file=sys.stderr)
         lines = exc.message.strip().splitlines()
         headline = lines[-1] if exc.reason == "InvalidDataset" and len(lines) > 1 else exc.message
         if exc.reason == "InvalidDataset" and len(lines) > 1:
             headline = f"{lines[0]} ... {headline}"
-        return _failure(exc.reason, headline, ctx.run_id if ctx else None)
+        return _failure(exc.reason, headline, run_id), None, run_id
     except Exception as exc:  # a bug must still end as a Failed result, never as a silent exit
+        run_id = ctx.run_id if ctx else None
+        what = out_of_memory(exc)
+        if what is not None:
+            return None, (what, f"{type(exc).__name__}: {exc}"), run_id
         traceback.print_exc()
-        return _failure("InternalError", f"{type(exc).__name__}: {exc}", ctx.run_id if ctx else None)
+        return _failure("InternalError", f"{type(exc).__name__}: {exc}", run_id), None, run_id
     finally:
         if ctx is not None:
             ctx.cleanup()

@@ -493,7 +493,8 @@ class RunState:
 
 
 def run(ctx: RunContext) -> TrainerResult:
-    """Execute the whole run; raises TrainerFailure on any fault (incl. Preempted)."""
+    """Execute the whole run; raises TrainerFailure on any fault (incl. Preempted). An allocation
+    failure propagates as it is: the CLI reports it as OutOfMemory once its frames are released."""
     state = RunState()
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -509,15 +510,6 @@ def run(ctx: RunContext) -> TrainerResult:
         return _run(ctx, state)
     except StorageError as err:
         raise TrainerFailure(err.reason, str(err)) from err
-    except MemoryError as exc:
-        raise TrainerFailure("OutOfMemory", f"host memory exhausted: {_one_line(exc)}") from exc
-    except RuntimeError as exc:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            raise TrainerFailure("OutOfMemory", f"{_one_line(exc)}; lower training.batchSize or "
-                                                "training.maxSeqLength, or enable gradientCheckpointing") from exc
-        raise
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -36,12 +36,16 @@ DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096
 
 EXIT_RETRYABLE = 1
-"""Trainer exit code for failures a retry may fix (S3 unreachable, out of memory, preempted): the
+"""Trainer exit code for failures a retry may fix (S3 unreachable, preempted): the
 Job retries up to `spec.backoffLimit`, resuming from the newest checkpoint."""
 EXIT_PERMANENT = 2
 """Trainer exit code for failures a retry cannot fix (InvalidDataset, InvalidSpec, BaseModelNotFound,
-GateFailed, NaNLoss, S3AccessDenied, S3ObjectNotFound):
+GateFailed, NaNLoss, S3AccessDenied, S3ObjectNotFound, OutOfMemory: the same spec on the same
+resources hits the same wall):
 the Job's podFailurePolicy fails the whole Job at once."""
+OOM_REMEDIES = ("raise spec.resources.memory, lower training.batchSize or training.maxSeqLength, "
+                "or enable training.gradientCheckpointing")
+"""What an OutOfMemory failure tells the user to change (trainer and operator say the same)."""
 
 PROGRESS_PREFIX = "RAGTUNE_PROGRESS "
 """A stdout line `RAGTUNE_PROGRESS {json TrainingProgress}` reports progress."""

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from ragtune.api.contract import TrainerResult
+from ragtune.api.contract import OOM_REMEDIES, TrainerResult
 from ragtune.api.finetunejob import Phase
 from ragtune.api.gates import describe_failures
 
@@ -33,7 +33,7 @@ TERMINAL_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 # Reasons that deserve a Warning event (a person may have to act).
 WARNING_REASONS = {
     "SecretNotFound", "SecretKeyNotFound", "ContainerConfigError", "ImagePullFailed", "Unschedulable",
-    "JobCreateFailed", "InvalidSpec", "Evicted", "Preempted", "TrainerFailed", "Retrying",
+    "JobCreateFailed", "InvalidSpec", "Evicted", "Preempted", "TrainerFailed", "Retrying", "OutOfMemory",
 }
 _IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 _END_CONDITIONS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
@@ -137,6 +137,8 @@ class PodView:
     exit_code: Optional[int] = None
     terminated_reason: str = ""
     termination_message: str = ""
+    memory_limit: str = ""
+    """The trainer container's `resources.limits.memory` (the operator sets it from spec.resources.memory)."""
 
     @classmethod
     def from_body(cls, body: dict) -> "PodView":
@@ -146,6 +148,8 @@ class PodView:
         cs = next((c for c in statuses if c.get("name") == CONTAINER), statuses[0] if statuses else {})
         state = cs.get("state") or {}
         waiting, terminated = state.get("waiting") or {}, state.get("terminated") or {}
+        containers = spec.get("containers") or []
+        trainer = next((c for c in containers if c.get("name") == CONTAINER), containers[0] if containers else {})
         return cls(
             name=meta.get("name", ""),
             job_name=labels.get("batch.kubernetes.io/job-name") or labels.get("job-name", ""),
@@ -163,6 +167,7 @@ class PodView:
             exit_code=terminated.get("exitCode") if terminated else None,
             terminated_reason=terminated.get("reason") or "",
             termination_message=terminated.get("message") or "",
+            memory_limit=str(((trainer.get("resources") or {}).get("limits") or {}).get("memory") or ""),
         )
 
     def condition(self, type_: str) -> Optional[Cond]:
@@ -234,6 +239,11 @@ def describe_pod_failure(pod: PodView) -> tuple[str, str]:
         return reason, _one_line(f"pod {pod.name}: {disruption.message or disruption.reason}")
     if pod.reason == "Evicted":
         return "Evicted", _one_line(f"pod {pod.name} was evicted: {pod.message}")
+    if pod.terminated_reason == "OOMKilled":  # the kernel killed it: whatever it wrote last is moot
+        limit = f"its memory limit spec.resources.memory={pod.memory_limit}" if pod.memory_limit \
+            else "the node's memory"
+        return "OutOfMemory", (f"the trainer (pod {pod.name}) was OOM-killed: it needed more than {limit}; "
+                               f"{OOM_REMEDIES}")
     result = parse_result(pod.termination_message)
     if result is not None and result.outcome == "Failed":
         return result.reason, _one_line(result.message or f"trainer reported {result.reason}")
@@ -415,8 +425,10 @@ def _assess_failed(job: JobView, pods: list[PodView], failed: Cond) -> Assessmen
         reason = "DeadlineExceeded"
         msg = f"the run exceeded spec.activeDeadlineSeconds ({job.active_deadline} s) and was stopped"
     elif failed.reason == "BackoffLimitExceeded":
-        reason = "BackoffLimitExceeded"
         last_reason, last_msg = describe_pod_failure(last) if last else ("Unknown", failed.message)
+        # An OOM kill (exit 137, which no podFailurePolicy can tell from other kills) is the run's
+        # reason: retrying the same spec hits the same wall, as the trainer's own OutOfMemory exit says.
+        reason = "OutOfMemory" if last_reason == "OutOfMemory" else "BackoffLimitExceeded"
         msg = (f"{job.failed or 1} attempt(s) failed, spec.backoffLimit is {job.backoff_limit}; "
                f"last: {last_reason}: {last_msg}")
     elif last is not None:
