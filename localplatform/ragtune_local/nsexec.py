@@ -1,5 +1,5 @@
 """Container entry: join the memory cgroup, new mount namespace, bind mounts, then exec.
-Run as `python -S nsexec.py SPEC.json`.
+Run as `python -S nsexec.py` with the exec spec (JSON) on stdin.
 
 Stdlib only and no site imports, so starting a container costs one small interpreter.
 """
@@ -27,8 +27,10 @@ def _mount(source, target, flags):
 
 
 def main() -> None:
-    with open(sys.argv[1]) as f:
-        spec = json.load(f)
+    spec = json.load(sys.stdin)  # from the runner, over a pipe (it holds resolved secrets)
+    devnull = os.open(os.devnull, os.O_RDONLY)  # the container's stdin, as with a runtime's default
+    os.dup2(devnull, 0)
+    os.close(devnull)
     if spec.get("cgroup"):
         # Before anything else: every process the container starts inherits the limit.
         with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:

@@ -255,18 +255,25 @@ class PodWorker(threading.Thread):
                 c.restart_at = time.monotonic() + 2
                 return
             spec["cgroup"] = str(c.cgroup)
-        spec_path = self.dir / f"exec-{c.name}.json"
-        spec_path.write_text(json.dumps(spec))
-        spec_path.chmod(0o600)  # holds resolved secrets
         logf = open(self.log_path(c), "ab")
         try:
-            c.proc = subprocess.Popen([sys.executable, "-S", str(NSEXEC), str(spec_path)], stdin=subprocess.DEVNULL,
+            c.proc = subprocess.Popen([sys.executable, "-S", str(NSEXEC)], stdin=subprocess.PIPE,
                                       stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError:
             self._release_cgroup(c)
             raise
         finally:
             logf.close()
+        # The spec holds resolved secrets: it goes over a pipe, never into a file.
+        try:
+            c.proc.stdin.write(json.dumps(spec).encode())
+        except BrokenPipeError:  # nsexec died before reading it: its exit is reaped like any other
+            pass
+        finally:
+            try:
+                c.proc.stdin.close()
+            except BrokenPipeError:
+                pass
         c.ref = ProcRef.of(c.proc.pid)
         self.runner.record_pgid(self.uid, c.name, c.ref)
         c.state = {"running": {"startedAt": now()}}

@@ -58,6 +58,10 @@ def test_job_runs_local_command_with_secret_env_volumes_and_termination_message(
     assert pod["spec"]["nodeName"] == "ragtune-local"
     assert platform.kubectl("-n", namespace, "logs", "job/ok").strip() == f"ran-on-{pod['status']['podIP']}"
     assert not os.path.exists("/scratch/f"), "the emptyDir must be mounted only inside the container's namespace"
+    # resolved secrets reach the container over a pipe: nothing the runner keeps on disk holds them
+    pod_dir = platform.local.state_dir / "runner" / "pods" / pod["metadata"]["uid"]
+    files = [f for f in pod_dir.rglob("*") if f.is_file()]
+    assert files and not [f for f in files if b"s3cr3t" in f.read_bytes()]
 
 
 def test_failing_command_fails_the_job_with_exit_code_and_logs_fallback(platform, namespace):
