@@ -172,7 +172,8 @@ def run_ragtune(model_dir: Path, rows, args, device: str, out: Path) -> dict:
         plan.gradient_checkpointing = True
     torch.manual_seed(SEED)
     model = T.load_model(str(model_dir), "main", spec, plan)
-    config = T.build_sft_config(spec, plan, out / "ragtune", args.steps, has_eval=False)
+    sampling = T.sampling_strategy(plan, [r["length"] for r in rows], args.batch_size, SEED)
+    config = T.build_sft_config(spec, plan, out / "ragtune", args.steps, has_eval=False, sampling=sampling)
     config.save_strategy = "no"
     data = Dataset.from_list([{k: r[k] for k in ("input_ids", "labels", "length")} for r in rows])
     trainer = counting(T.make_trainer_class())(model=model, args=config, train_dataset=data,

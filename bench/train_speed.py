@@ -7,11 +7,11 @@ synthetic RAFT RAG items. Three runs in one process, each from a fresh copy of t
   to the longest item, completion-only loss on a conversational prompt/completion dataset);
 - `plain_best`: the best plain SFTTrainer configuration we found on CPU (fp32, no gradient
   checkpointing, no packing), same learning rate as ours;
-- `ragtune`: the trainer of `ragtune train` (fp32, length-grouped batches, LM head only on answer
-  positions).
+- `ragtune`: the trainer of `ragtune train` (fp32, LM head only on answer positions, LoRA dropout
+  masks from random bits; random batches here: these items are similar in length).
 
 Prints JSON: loss-bearing (answer) tokens/s of each, the ratios, and the final eval loss of each
-(the same answer-only loss on the same held-out items). Usage: python bench/train_speed.py [--steps N]
+(the same answer-only loss on the same held-out items, also reported for the untrained base). Usage: python bench/train_speed.py [--steps N]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,17 +119,18 @@ def run_ragtune(model_dir, tokenizer, train_rows, eval_rows, steps, batch, lr, o
     plan = T.plan_for(spec, cuda=False, bf16_ok=False, flash_attention=False)
     torch.manual_seed(SEED)
     model = T.load_model(model_dir, "main", spec, plan)
-    args = T.build_sft_config(spec, plan, out / "ragtune", steps, has_eval=False)
+    sampling = T.sampling_strategy(plan, [r["length"] for r in train_rows], batch, SEED)
+    args = T.build_sft_config(spec, plan, out / "ragtune", steps, has_eval=False, sampling=sampling)
     args.save_strategy = "no"
     trainer = counting(T.make_trainer_class())(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                                                processing_class=tokenizer)
-    from transformers import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
     return _timed("ragtune", trainer, eval_rows, args)
 
 
 def _timed(name, trainer, eval_rows, args):
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # stdout carries the JSON only
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -142,13 +144,13 @@ def _timed(name, trainer, eval_rows, args):
                      "learning_rate": args.learning_rate, "batch_size": args.per_device_train_batch_size,
                      "sampler": args.train_sampling_strategy, "padding_free": args.padding_free},
     }
-    print(f"# {name}: {json.dumps(result)}", flush=True)
+    print(f"# {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--trl-default-steps", type=int, default=None,
                         help="steps for the (slow) trl-defaults run (default: --steps)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -167,6 +169,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset, train_rows, eval_rows = build_data(tokenizer, args.train_items, args.eval_items)
     base_plain = {"learning_rate": args.lr, "bf16": False, "activation_checkpointing": False, "packing": False}
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_eval_loss = round(eval_loss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                     eval_rows), 4)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         runs = {
@@ -186,6 +193,7 @@ def main() -> None:
         "mean_item_tokens": round(sum(len(r["input_ids"]) for r in train_rows) / len(train_rows), 1),
         "mean_answer_tokens": round(sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows)
                                     / len(train_rows), 1),
+        "base_eval_loss": base_eval_loss,
         "runs": runs,
         "speedup_vs_trl_defaults": round(ours / runs["trl_defaults"]["loss_tokens_per_s"], 2),
         "speedup_vs_plain_best": round(ours / runs["plain_best"]["loss_tokens_per_s"], 2),

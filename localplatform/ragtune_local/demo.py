@@ -189,9 +189,10 @@ def _deploy(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
     def show(obj: dict) -> None:
         status = obj.get("status", {})
         key = (status.get("phase"), (status.get("candidate") or {}).get("step"))
-        if key not in seen:
+        if key[0] and key not in seen:  # nothing to say before the operator has written a status
             seen.add(key)
-            print(f"    phase: {key[0]}  step: {key[1]}  {status.get('message') or ''}", flush=True)
+            step = f"  step: {key[1]}" if key[1] else ""
+            print(f"    phase: {key[0]}{step}  {status.get('message') or ''}", flush=True)
 
     obj = _wait(handle, "adapterdeployment", name, namespace,
                 lambda o: o.get("status", {}).get("phase") in ("Ready", "RolledBack", "Failed"), show, timeout=1800)
