@@ -172,7 +172,7 @@ def run_ragtune(model_dir: Path, rows, args, device: str, out: Path) -> dict:
         plan.gradient_checkpointing = True
     torch.manual_seed(SEED)
     model = T.load_model(str(model_dir), "main", spec, plan)
-    sampling = T.sampling_strategy(plan, [r["length"] for r in rows], args.batch_size, SEED)
+    sampling = T.sampling_strategy(plan, T.random_batch_padding([r["length"] for r in rows], args.batch_size, SEED))
     config = T.build_sft_config(spec, plan, out / "ragtune", args.steps, has_eval=False, sampling=sampling)
     config.save_strategy = "no"
     data = Dataset.from_list([{k: r[k] for k in ("input_ids", "labels", "length")} for r in rows])

@@ -119,7 +119,7 @@ def run_ragtune(model_dir, tokenizer, train_rows, eval_rows, steps, batch, lr, o
     plan = T.plan_for(spec, cuda=False, bf16_ok=False, flash_attention=False)
     torch.manual_seed(SEED)
     model = T.load_model(model_dir, "main", spec, plan)
-    sampling = T.sampling_strategy(plan, [r["length"] for r in train_rows], batch, SEED)
+    sampling = T.sampling_strategy(plan, T.random_batch_padding([r["length"] for r in train_rows], batch, SEED))
     args = T.build_sft_config(spec, plan, out / "ragtune", steps, has_eval=False, sampling=sampling)
     args.save_strategy = "no"
     trainer = counting(T.make_trainer_class())(model=model, args=args, train_dataset=Dataset.from_list(train_rows),

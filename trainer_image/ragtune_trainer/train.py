@@ -335,12 +335,12 @@ def random_batch_padding(lengths: list[int], batch_size: int, seed: int) -> floa
     return 1 - sum(lengths) / computed if computed else 0.0
 
 
-def sampling_strategy(plan: Plan, lengths: list[int], batch_size: int, seed: int) -> str:
-    """`random`, or `group_by_length` when random batches would waste much compute on padding."""
+def sampling_strategy(plan: Plan, padding: float) -> str:
+    """`random`, or `group_by_length` when random batches would be at least GROUPING_MIN_PADDING
+    padding (`padding` is what `random_batch_padding` says of the data)."""
     if plan.padding_free:
         return "random"
-    waste = random_batch_padding(lengths, batch_size, seed)
-    return "group_by_length" if waste >= GROUPING_MIN_PADDING else "random"
+    return "group_by_length" if padding >= GROUPING_MIN_PADDING else "random"
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int, window: int = 8) -> list[int]:
@@ -572,10 +572,10 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
         state.start_step = resume[0]
 
     lengths = [r["length"] for r in prepared.train]
-    sampling = sampling_strategy(plan, lengths, spec.training.batch_size, spec.training.seed)
+    padding = random_batch_padding(lengths, spec.training.batch_size, spec.training.seed)
+    sampling = sampling_strategy(plan, padding)
     print(f"ragtune train: {plan.device}, {plan.dtype}, gradient checkpointing {plan.gradient_checkpointing}, "
-          f"padding-free {plan.padding_free}, {sampling} batches (random batches would be "
-          f"{random_batch_padding(lengths, spec.training.batch_size, spec.training.seed):.0%} padding)",
+          f"padding-free {plan.padding_free}, {sampling} batches (random batches would be {padding:.0%} padding)",
           file=sys.stderr, flush=True)
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(
