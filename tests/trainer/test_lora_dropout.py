@@ -1,10 +1,9 @@
 """BitsDropout: the CPU LoRA dropout must behave like nn.Dropout (rate, scaling, backward, seeding)."""
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from ragtune_trainer.lora_dropout import BitsDropout, keep_mask, use_bits_dropout  # noqa: E402
+from ragtune_trainer.lora_dropout import BitsDropout, keep_mask, use_bits_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
