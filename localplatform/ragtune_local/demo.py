@@ -204,7 +204,8 @@ def _deploy(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
 def _compare_answers(handle: PlatformHandle, namespace: str, ad: dict) -> list[dict]:
     """Ask the promoted server the same held-out questions with and without the adapter."""
     from huggingface_hub import InferenceClient
-    from ragtune_trainer.prompting import RagRecord, render_prompt
+    from ragtune.rag.records import RagRecord
+    from ragtune.rag.prompt import render_prompt
     from ragtune_trainer.synthetic import generate
     from transformers import AutoTokenizer
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ragtune.evaluation.metrics import DEFAULT_REFUSAL
-from ragtune_trainer.prompting import Context, RagRecord
+from ragtune.rag.metrics import DEFAULT_REFUSAL
+from ragtune.rag.records import Context, RagRecord
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -6,7 +6,7 @@ import pytest
 
 from ragtune.api.finetunejob import FineTuneJobSpec
 from ragtune_trainer.evaluate import evaluate_run, generate_answers
-from ragtune_trainer.prompting import render_prompt
+from ragtune.rag.prompt import render_prompt
 
 from .conftest import make_records
 

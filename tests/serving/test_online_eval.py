@@ -178,15 +178,6 @@ def test_offline_gate_refuses_a_missing_or_tampered_report(tmp_path):
     assert result.reason == "OfflineReportInvalid" and "lists no eval/report.json" in result.message
 
 
-def test_prompt_matches_the_trainers():
-    """The operator image has no ragtune_trainer: the evaluator keeps its own copy of the prompt."""
-    from ragtune.serving.online_eval import messages_for
-    from ragtune_trainer.prompting import RagRecord, build_messages
-
-    for record in RECORDS + [{"id": "e", "question": "Q?", "answer": "A", "contexts": []}]:
-        assert messages_for(record) == build_messages(RagRecord.from_dict(record))
-
-
 def test_prompt_rendering_matches_transformers(tmp_path):
     """Rendering the adapter's chat template without transformers gives transformers' prompt."""
     from ragtune.serving.online_eval import messages_for

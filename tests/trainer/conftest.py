@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtune_trainer.prompting import DEFAULT_REFUSAL, SYSTEM_TEMPLATE
+from ragtune.rag.prompt import DEFAULT_REFUSAL, SYSTEM_TEMPLATE
 from ragtune_trainer.synthetic import generate
 
 CHATML = (

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from ragtune.api.finetunejob import DatasetFormat, RaftConfig
-from ragtune.evaluation.metrics import parse_citations
+from ragtune.rag.metrics import parse_citations
+from ragtune.rag.prompt import DEFAULT_REFUSAL, apply_template, build_messages
+from ragtune.rag.records import Context, RagRecord
 from ragtune.storage import Storage, StorageError, local_path
-
-from .prompting import DEFAULT_REFUSAL, Context, RagRecord, apply_template, build_messages
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_REPORTED_ERRORS = 200  # the report counts every bad row; it prints the first ones in full

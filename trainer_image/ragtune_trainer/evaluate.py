@@ -1,5 +1,5 @@
 """Held-out evaluation: the same prompts answered by the base model (adapter disabled) and by
-the adapter, scored with `ragtune.evaluation.metrics.score`.
+the adapter, scored with `ragtune.rag.metrics.score`.
 
 Generation is greedy so base and adapter are compared on their most likely answers and the
 numbers are reproducible. On CPU it is the slowest part of a small run, hence: prompts sorted by
@@ -14,9 +14,11 @@ from typing import Any, Callable, Optional
 
 from ragtune.api.common import EvalMetrics
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.evaluation.metrics import score
+from ragtune.rag.metrics import score
 
-from .prompting import RagRecord, render_prompt
+from ragtune.rag.records import RagRecord
+
+from ragtune.rag.prompt import render_prompt
 
 Progress = Callable[[int, int], None]
 """`progress(done, total)`: items generated so far over both passes (base, then adapter)."""

@@ -34,7 +34,7 @@ from ragtune.storage import Storage, StorageError, join, sha256_bytes, sha256_fi
 
 from . import data as D
 from .checkpoints import latest_complete_checkpoint, upload_checkpoint
-from .prompting import RagRecord
+from ragtune.rag.records import RagRecord
 
 EVAL_LOSS_ITEMS = 64
 """Held-out items used for the validation loss (generation-based evaluation uses maxSamples)."""
@@ -283,7 +283,7 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
 
 
 def _rag_example(record: RagRecord, refusal: str) -> D.Example:
-    from .prompting import build_messages
+    from ragtune.rag.prompt import build_messages
 
     return D.Example(build_messages(record, refusal=refusal)[:2], record.answer, record)
 

@@ -2,7 +2,7 @@
 
 Reads rag records from S3, asks the canary for answers with each candidate adapter and with the
 base model (no adapter id), and the stable server with the adapter of the same name that serves
-now (if any); scores them with `ragtune.evaluation.metrics.score`; applies the online gate
+now (if any); scores them with `ragtune.rag.metrics.score`; applies the online gate
 (thresholds, maximum regression against what serves now, proof that the adapter is applied:
 TGI silently serves the base model for an unknown adapter id); writes an `OnlineEvalResult`
 JSON termination message. Configuration comes as JSON in `RAGTUNE_EVAL_CONFIG`.
@@ -22,17 +22,12 @@ from ragtune.api.adapterdeployment import GatesSpec, OnlineGate, OnlineGateResul
 from ragtune.api.base import ApiModel
 from ragtune.api.common import GateResult, S3Config
 from ragtune.api.gates import describe_failures, evaluate_gates
-from ragtune.evaluation.metrics import DEFAULT_REFUSAL
+from ragtune.rag.prompt import DEFAULT_REFUSAL, FALLBACK_CHAT_TEMPLATE, build_messages
+from ragtune.rag.records import RagRecord
 
 from .render import EVAL_CONFIG_ENV
 
 log = logging.getLogger("ragtune.online_eval")
-
-# Used when a tokenizer ships no chat template (the trainer does the same: ragtune_trainer.prompting).
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 class CandidateRef(ApiModel):
@@ -106,20 +101,9 @@ def sample(records: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, A
     return random.Random(seed).sample(records, n)
 
 
-# The grounded-answer prompt the trainer shows the model (ragtune_trainer.prompting, which the
-# slim operator image does not ship); tests/serving/test_online_eval.py checks both stay equal.
-SYSTEM_TEMPLATE = (
-    "You answer questions using only the numbered contexts you are given. "
-    "Cite every context you use by its id in square brackets, for example [2]. "
-    "Do not use outside knowledge. If the contexts do not contain the answer, reply exactly: {refusal}"
-)
-
-
 def messages_for(record: dict[str, Any], refusal: str = DEFAULT_REFUSAL) -> list[dict[str, str]]:
-    """System + user turns for a rag record, exactly as in training."""
-    contexts = "\n".join(f"[{c['id']}] {c['text']}" for c in record.get("contexts") or []) or "(no contexts)"
-    return [{"role": "system", "content": SYSTEM_TEMPLATE.format(refusal=refusal)},
-            {"role": "user", "content": f"Contexts:\n{contexts}\n\nQuestion: {record['question']}"}]
+    """System + user turns for a rag record, exactly as in training (`ragtune.rag.prompt`)."""
+    return build_messages(RagRecord.from_dict({"id": "", **record}), refusal=refusal)
 
 
 def chat_template(storage, run_uri: str) -> tuple[str, dict[str, str]]:
@@ -157,7 +141,7 @@ def render_prompt(template: str, specials: dict[str, str], messages: list[dict[s
 
 def gate_candidate(name: str, gate: OnlineGate, items: list[dict[str, Any]], candidate: list[str],
                    base: list[str], baseline: Optional[list[str]]) -> OnlineGateResult:
-    from ragtune.evaluation.metrics import score
+    from ragtune.rag.metrics import score
 
     cand_m, base_m = score(items, candidate), score(items, base)
     baseline_m = score(items, baseline) if baseline is not None else None

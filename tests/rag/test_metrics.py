@@ -6,7 +6,7 @@ import pytest
 
 from ragtune.api.gates import evaluate_gates
 from ragtune.api.common import MetricThresholds
-from ragtune.evaluation.metrics import (
+from ragtune.rag.metrics import (
     DEFAULT_REFUSAL,
     exact_match,
     f1_score,
@@ -18,7 +18,7 @@ from ragtune.evaluation.metrics import (
     score,
     strip_citations,
 )
-from ragtune_trainer.prompting import Context, RagRecord
+from ragtune.rag.records import Context, RagRecord
 
 
 def test_squad_normalisation_drops_case_punctuation_articles_and_spaces():
@@ -221,7 +221,7 @@ def test_metrics_import_no_torch_or_numpy():
     import subprocess
     import sys
 
-    code = ("import sys, ragtune.evaluation.metrics; "
+    code = ("import sys, ragtune.rag.metrics; "
             "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

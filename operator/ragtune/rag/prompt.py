@@ -1,12 +1,11 @@
-"""RAG records and the grounded-answer prompt: one place, so training, evaluation and the online
-evaluator all show the model exactly the same text."""
+"""The grounded-answer prompt: the one rendering that training, offline evaluation, the online
+evaluator and clients use, so the model always sees exactly the text it was trained on."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from ragtune.api.finetunejob import RaftConfig
+
+from .records import RagRecord
 
 DEFAULT_REFUSAL: str = RaftConfig.model_fields["refusal"].default
 """The refusal the model is taught when the contexts lack the answer (`RaftConfig.refusal`)."""
@@ -22,71 +21,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-@dataclass
-class Context:
-    id: str
-    text: str
-
-
-@dataclass
-class RagRecord:
-    id: str
-    question: str
-    contexts: list[Context]
-    answer: str
-    answerable: bool = True
-    supporting_context_ids: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RagRecord":
-        """Parse a record with camelCase or snake_case keys; ValueError names the bad field."""
-        if not isinstance(d, dict):
-            raise ValueError(f"record must be a JSON object, got {type(d).__name__}")
-        missing = [k for k in ("id", "question", "contexts", "answer") if d.get(k) is None]
-        if missing:
-            raise ValueError(f"missing field(s): {', '.join(missing)}")
-        contexts = d["contexts"]
-        if not isinstance(contexts, list):
-            raise ValueError("field 'contexts' must be a list of {id, text}")
-        parsed = []
-        for i, c in enumerate(contexts):
-            if not isinstance(c, dict) or c.get("id") is None or c.get("text") is None:
-                raise ValueError(f"field 'contexts[{i}]' must be an object with 'id' and 'text'")
-            parsed.append(Context(id=str(c["id"]), text=str(c["text"])))
-        answerable = d.get("answerable", True)
-        if not isinstance(answerable, bool):
-            raise ValueError(f"field 'answerable' must be true or false, got {answerable!r}")
-        support = _get(d, "supportingContextIds", "supporting_context_ids") or []
-        if not isinstance(support, list):
-            raise ValueError("field 'supportingContextIds' must be a list of context ids")
-        return cls(
-            id=str(d["id"]),
-            question=str(d["question"]),
-            contexts=parsed,
-            answer=str(d["answer"]),
-            answerable=answerable,
-            supporting_context_ids=[str(s) for s in support],
-        )
-
-    def to_dict(self) -> dict:
-        """camelCase wire form (what the JSONL files hold)."""
-        return {
-            "id": self.id,
-            "question": self.question,
-            "contexts": [{"id": c.id, "text": c.text} for c in self.contexts],
-            "answer": self.answer,
-            "answerable": self.answerable,
-            "supportingContextIds": list(self.supporting_context_ids),
-        }
-
-
-def _get(d: dict, *keys: str) -> Any:
-    for k in keys:
-        if k in d:
-            return d[k]
-    return None
 
 
 def system_prompt(refusal: str = DEFAULT_REFUSAL) -> str:

@@ -1,9 +1,8 @@
 import pytest
 
 from ragtune.api.finetunejob import RaftConfig
-from ragtune_trainer.prompting import (
-    DEFAULT_REFUSAL, Context, RagRecord, build_messages, render_prompt,
-)
+from ragtune.rag.prompt import DEFAULT_REFUSAL, build_messages, render_prompt
+from ragtune.rag.records import Context, RagRecord
 
 
 def test_default_refusal_is_the_api_default():

@@ -2,7 +2,7 @@
 
 The trainer scores base vs adapter on the held-out split with these functions, and the online
 canary evaluator runs the same code in the slim operator image, so both report comparable
-numbers (DESIGN.md, Evaluation).
+numbers (docs/architecture.md, Evaluation).
 
 Conventions:
 - F1 / exact match follow SQuAD v1.1 normalisation (lower case, no punctuation, no articles
@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from ragtune.api.common import EvalMetrics
-from ragtune.api.finetunejob import RaftConfig
 
-# One source of truth: the refusal FineTuneJobs teach unless they configure another.
-DEFAULT_REFUSAL: str = RaftConfig.model_fields["refusal"].default
+from .prompt import DEFAULT_REFUSAL
 
 # --- Normalisation ------------------------------------------------------------------------
 
