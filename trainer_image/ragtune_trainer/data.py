@@ -244,9 +244,12 @@ def validate(
     tokenizer=None,
     max_seq_length: Optional[int] = None,
     refusal: str = DEFAULT_REFUSAL,
+    encode: Optional[Callable[[Example], dict]] = None,
 ) -> tuple[ValidationReport, list[Example]]:
     """Check every row; returns the report and the parsed examples of the valid rows. With a
-    tokenizer, rows longer than `max_seq_length` tokens (prompt + answer) are errors too."""
+    tokenizer, rows longer than `max_seq_length` tokens (prompt + answer) are errors too. `encode`
+    replaces `tokenize(tokenizer, example)` (the trainer passes its memo, so an item checked here is
+    not tokenised again for training)."""
     fmt = DatasetFormat(fmt)
     report = ValidationReport(uri=data.uri, format=fmt.value, files=len(data.objects), rows=len(data.rows))
     examples = []
@@ -269,7 +272,7 @@ def validate(
         elif not example.completion.strip():
             problems.append(("empty answer", "the target (completion / last assistant message) is empty"))
         if tokenizer is not None and not problems:
-            n = len(tokenize(tokenizer, example)["input_ids"])
+            n = len((encode(example) if encode else tokenize(tokenizer, example))["input_ids"])
             report.max_tokens = max(report.max_tokens or 0, n)
             if max_seq_length is not None and n > max_seq_length:
                 problems.append(("over-length", f"{n} tokens after tokenisation > maxSeqLength {max_seq_length}"))
