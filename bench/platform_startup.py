@@ -10,7 +10,6 @@ that baseline, so the cost of the other parts (controllers, kwok, MinIO, pod run
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -18,11 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchio
 from ragtune_local.paths import cache_dir
 from ragtune_local.platform import LocalPlatform
 
 
-def main() -> int:
+def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -40,13 +40,12 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
     up = statistics.median(r["up_s"] for r in rounds)
     base = statistics.median(r["ready_after_s"]["kube-apiserver"] for r in rounds)
-    print(json.dumps({
+    return {
         "benchmark": "platform_startup", "rounds": rounds,
         "median_up_s": up, "median_down_s": statistics.median(r["down_s"] for r in rounds),
         "baseline": "etcd + kube-apiserver ready", "median_baseline_s": base, "ratio": round(up / base, 2),
-    }, indent=2))
-    return 0
+    }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(benchio.run(main))

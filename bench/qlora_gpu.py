@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchio
+
 SEED = 0
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab (Llama-3-8B)
@@ -219,7 +221,7 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -234,9 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and args.shape != "tiny":
-        print(json.dumps({"bench": "qlora_gpu", "skipped": "no CUDA device here (the 8B shape needs a GPU; "
-                          "--shape tiny --device cpu runs the same code on CPU)"}))
-        return 0
+        return {"bench": "qlora_gpu", "skipped": "no CUDA device here (the 8B shape needs a GPU; "
+                "--shape tiny --device cpu runs the same code on CPU)"}
     model_dir = build_model(args.shape, args.seq_len, device, args.cache)
     rows = build_rows(args.steps * args.batch_size, args.seq_len, SHAPES[args.shape]["vocab_size"])
     mean_len = sum(r["length"] for r in rows) / len(rows)
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs.values():
         r["mfu"] = round(r["tokens_per_s"] * flops_per_token(args.shape, mean_len) / (peak * 1e12), 4) if peak else None
     ours, plain = runs["ragtune"], runs["plain"]
-    print(json.dumps({
+    return {
         "bench": "qlora_gpu",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "shape": args.shape, "seq_len": args.seq_len, "mean_item_tokens": round(mean_len, 1),
@@ -259,9 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_tokens": round(ours["tokens_per_s"] / plain["tokens_per_s"], 2),
         "peak_memory_ratio": (round(ours["peak_memory_gib"] / plain["peak_memory_gib"], 2)
                               if device == "cuda" else None),
-    }, indent=2))
-    return 0
+    }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(benchio.run(main))

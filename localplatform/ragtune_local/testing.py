@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,11 @@ def _local_handle(local: LocalPlatform) -> PlatformHandle:
     return PlatformHandle(info.kubeconfig, info.s3_endpoint, info.s3_access_key, info.s3_secret_key, local)
 
 
+def _to_stderr(message: str) -> None:
+    # Benches and tests own stdout (a bench prints exactly one JSON document there).
+    print(message, file=sys.stderr, flush=True)
+
+
 def open_platform() -> tuple[PlatformHandle, bool]:
     """Returns (handle, owned); `owned` platforms must be closed with `close_platform`."""
     external = os.environ.get("RAGTUNE_TEST_KUBECONFIG")
@@ -161,12 +167,12 @@ def open_platform() -> tuple[PlatformHandle, bool]:
     if os.environ.get("RAGTUNE_TEST_PLATFORM") == "reuse":
         local = LocalPlatform(default_state_dir())
         if not local.is_running():
-            local.up()
+            local.up(log=_to_stderr)
         return _local_handle(local), False
     sessions = cache_dir() / "test-platforms"
     _reap_abandoned(sessions)
     local = LocalPlatform(sessions / f"session-{os.getpid()}")
-    local.up()
+    local.up(log=_to_stderr)
     return _local_handle(local), True
 
 

@@ -1,0 +1,31 @@
+"""The benches' stdout contract: exactly one JSON document on stdout, every log line on stderr.
+
+`run(main)` calls `main()` with file descriptor 1 pointed at stderr, so nothing a bench does
+while measuring can reach stdout: not a `print`, not the local platform's start-up lines, not
+a C library or a child process that inherits fd 1. Then it writes the document `main` returned
+to the real stdout. Every bench ends with `sys.exit(benchio.run(main))`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+
+def run(main: Callable[[], Any]) -> int:
+    """`main()` returns the JSON document, or `(document, exit_code)`."""
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        result = main()
+    finally:
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
+    doc, code = result if isinstance(result, tuple) else (result, 0)
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.flush()
+    return code
