@@ -1,6 +1,6 @@
 """Time from "adapter available" to "adapter serving" for an AdapterDeployment (prints JSON).
 
-For each strategy (Canary, Direct): a tiny random Llama + LoRA adapter (tests/serving/tiny_models)
+For each strategy (Canary, Direct): a tiny random Llama + LoRA adapter (localplatform/ragtune_local/testdoubles/tiny_models.py)
 is published to S3 in the artifact layout, an AdapterDeployment is applied at t0, and a 0.1 s
 poller records when each child appears and becomes ready, until the status says the adapter
 serves. The total splits into
@@ -31,11 +31,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.serving.tiny_models, tests.tgi_standin
 
-from ragtune.serving.kube import Kube  # noqa: E402
-from tests.serving.tiny_models import (  # noqa: E402
-    TINY_BASE_ID, TINY_BASE_REVISION, make_adapter, make_base, publish_run, s3_put,
+from ragtune.runtime.kube import Kube  # noqa: E402
+from ragtune_local.testdoubles.tiny_models import (  # noqa: E402
+    TINY_BASE_ID,
+    TINY_BASE_REVISION,
+    make_adapter,
+    make_base,
+    publish_run,
+    s3_put,
 )
 
 RECORDS = [{"id": f"q{i}", "question": f"What is item {i}?", "answer": f"Item {i} [1]",
@@ -53,7 +57,7 @@ def standin_direct_start(base: Path, adapter: Path) -> float:
     env = {**os.environ, "MODEL_ID": str(base), "LORA_ADAPTERS": f"a={adapter}", "PORT": str(port),
            "HOSTNAME": "127.0.0.1"}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.tgi_standin"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ragtune_local.testdoubles.tgi_standin"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -141,7 +145,7 @@ def main() -> int:
                "RAGTUNE_LOG_FORMAT": "text"}
         operator = subprocess.Popen(
             [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--liveness=",
-             "-m", "ragtune.controllers.runtime", "-m", "ragtune.controllers.adapterdeployment"],
+             "-m", "ragtune.runtime.kopf_setup", "-m", "ragtune.adapterdeployment.controller"],
             cwd=REPO, env=env, stdout=(work / "operator.log").open("w"), stderr=subprocess.STDOUT)
         for strategy in args.strategies:
             namespace = platform.create_namespace("bench")

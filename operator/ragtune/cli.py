@@ -16,8 +16,8 @@ from pathlib import Path
 _COMMAND_MODULES = {
     "ragtune_trainer.cli": "trainer",  # train, dataset validate, models prepare, eval
     "ragtune_local.cli": "dev",  # dev up / down / status / build
-    "ragtune.serving.cli": "operator",  # adapters fetch, eval online (the pods' entry points)
-    "ragtune.controllers.cli": "operator",  # operator run
+    "ragtune.pods.cli": "operator",  # adapters fetch, eval online (the pods' entry points)
+    "ragtune.operator": "operator",  # operator run
 }
 
 

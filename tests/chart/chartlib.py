@@ -109,7 +109,7 @@ def wait_for(what: str, check, timeout: float = 120.0, interval: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
-# The pod runner's test double of the trainer (tests/operator/fake_trainer.py): its behaviour is
+# The pod runner's test double of the trainer (localplatform/ragtune_local/testdoubles/fake_trainer.py): its behaviour is
 # picked by the dataset URI, e.g. `s3://fake-trainer/succeed/2` succeeds after 2 s of progress.
 FAKE_TRAINER_IMAGE = "ragtune.test/fake-trainer:dev"
 

@@ -152,7 +152,7 @@ def exec_form(path: Path, keyword: str) -> tuple[str, ...] | None:
 
 def test_local_image_table_runs_what_the_images_run():
     """The pod runner stands in for each image with a local command: same ENTRYPOINT."""
-    from ragtune.api import contract
+    from ragtune.api import pods as contract
     from ragtune_local import images
 
     for image, path in ((contract.OPERATOR_IMAGE, DOCKERFILES["operator"]), (contract.TRAINER_IMAGE, DOCKERFILES["trainer"])):
@@ -167,7 +167,7 @@ def test_local_image_table_runs_what_the_images_run():
 
 
 def test_make_images_builds_the_contract_image_names():
-    from ragtune.api import contract
+    from ragtune.api import pods as contract
 
     makefile = (REPO_ROOT / "Makefile").read_text()
     images_target = makefile.split("\nimages:", 1)[1].split("\n\n", 1)[0]

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from ragtune.api import contract
+from ragtune.api import pods as contract
 
 from .chartlib import CHART, REPO_ROOT
 

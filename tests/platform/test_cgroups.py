@@ -11,7 +11,7 @@ import pytest
 
 from ragtune_local import cgroups
 from ragtune_local.podenv import ConfigError
-from ragtune_local.podrunner import memory_limit
+from ragtune_local.podworker import memory_limit
 
 
 @pytest.mark.parametrize("text, expected", [

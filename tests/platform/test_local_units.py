@@ -22,13 +22,13 @@ def test_image_argv_follows_command_args_rules():
     assert images.local_argv("ghcr.io/ragtune/ragtune-trainer:1", ["ragtune", "train", "--in-cluster"], None) == \
         ["ragtune", "train", "--in-cluster"]
     tgi = images.local_argv("ghcr.io/huggingface/text-generation-inference:3.3.4", None, ["--port", "80"])
-    assert tgi[1:] == ["-m", "tests.tgi_standin", "--port", "80"]
+    assert tgi[1:] == ["-m", "ragtune_local.testdoubles.tgi_standin", "--port", "80"]
     # Kubernetes: args alone replace CMD but keep ENTRYPOINT; neither runs ENTRYPOINT + CMD.
     assert images.local_argv("ghcr.io/ragtune/ragtune-operator:1", None, ["crds", "--check"]) == ["ragtune", "crds", "--check"]
     assert images.local_argv("ghcr.io/ragtune/ragtune-operator:1", None, None) == \
         ["ragtune", "operator", "run", "--all-namespaces"]
     assert images.local_argv("ragtune.test/fake-trainer:dev", ["ragtune", "train"], None)[1:] == \
-        ["-m", "tests.operator.fake_trainer"]
+        ["-m", "ragtune_local.testdoubles.fake_trainer"]
     with pytest.raises(images.ImageNotFound, match="set the container's `command`"):
         images.local_argv("local/shell", None, None)
     with pytest.raises(images.ImageNotFound, match="nginx"):

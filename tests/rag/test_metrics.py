@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ragtune.api.gates import evaluate_gates
 from ragtune.api.common import MetricThresholds
+from ragtune.api.gates import describe_failures, evaluate_gates
 from ragtune.rag.metrics import (
     DEFAULT_REFUSAL,
     exact_match,
@@ -225,3 +225,39 @@ def test_metrics_import_no_torch_or_numpy():
             "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _constructed_set():
+    ctx = [{"id": "1", "text": "The tower is 312 metres tall."}]
+    def item(construction, answerable=False):
+        return {"question": "q", "contexts": ctx, "answerable": answerable, "construction": construction,
+                "answer": "312 metres [1]" if answerable else DEFAULT_REFUSAL, "supportingContextIds": ["1"]}
+    items = [item("answerable", True), item("offTopic"), item("offTopic"), item("nearMiss"), item("nearMiss"),
+             item("answerRemoved"), {"question": "q", "contexts": ctx, "answer": DEFAULT_REFUSAL, "answerable": False}]
+    predictions = ["312 metres [1]", DEFAULT_REFUSAL, DEFAULT_REFUSAL, "312 metres [1]", DEFAULT_REFUSAL,
+                   "400 m [1]", "I don't know."]
+    return items, predictions
+
+
+def test_refusal_is_reported_per_construction():
+    m = score(*_constructed_set())
+    assert m.refusal_rate == pytest.approx(4 / 6, abs=1e-6)
+    by = m.refusal_by_construction
+    assert (by.off_topic, by.near_miss, by.answer_removed, by.user_labelled) == (1.0, 0.5, 0.0, 1.0)
+    assert m.to_wire()["refusalByConstruction"] == {"offTopic": 1.0, "nearMiss": 0.5, "answerRemoved": 0.0,
+                                                    "userLabelled": 1.0}
+    # without any construction label (an online evaluation set) there is no breakdown
+    items, predictions = _mixed_set()
+    assert score(items, predictions).refusal_by_construction is None
+
+
+def test_refusal_gate_takes_the_hardest_construction_by_default_or_the_named_one():
+    m = score(*_constructed_set())
+    (gate,) = evaluate_gates(MetricThresholds(min_refusal_rate=0.5), m)
+    assert gate.metric == "refusalRate.answerRemoved" and gate.value == 0.0 and not gate.passed
+    (gate,) = evaluate_gates(MetricThresholds(min_refusal_rate=0.5, refusal_construction="nearMiss"), m)
+    assert gate.metric == "refusalRate.nearMiss" and gate.passed
+    (gate,) = evaluate_gates(MetricThresholds(min_refusal_rate=0.5, refusal_construction="all"), m)
+    assert gate.metric == "refusalRate" and gate.value == pytest.approx(4 / 6, abs=1e-6)
+    assert "refusalRate.answerRemoved 0.000 < 0.5" in describe_failures(
+        evaluate_gates(MetricThresholds(min_refusal_rate=0.5), m))

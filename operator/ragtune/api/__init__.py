@@ -31,8 +31,8 @@ from .finetunejob import (
     TrainingProgress,
 )
 
-GROUP = "ragtune.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from .keys import API_GROUP as GROUP  # noqa: E402
+from .keys import API_VERSION as VERSION  # noqa: E402
+from .keys import GROUP_VERSION as API_VERSION  # noqa: E402
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal, Optional
+import re
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
+from .keys import GROUP_VERSION
 from .base import ApiModel, cel, k8s_extensions
 from .common import (
     ArtifactUri,
@@ -14,8 +16,13 @@ from .common import (
     Condition,
     EvalMetrics,
     GateResult,
+    CpuQuantity,
+    ExtendedResourceName,
+    IMAGE_REF,
     K8sName,
+    MemoryQuantity,
     MetricThresholds,
+    NodeSelector,
     S3Config,
 )
 from .finetunejob import Toleration
@@ -60,6 +67,44 @@ class AdapterSource(ApiModel):
     """sha256 of the run's `manifest.json`; pins exactly what gets served."""
 
 
+# Variables the operator sets on the server container (or must not be overridden because they
+# decide what is loaded and from where); tests/api checks the TGI backend's set is covered.
+RESERVED_SERVER_ENV = ("MODEL_ID", "REVISION", "LORA_ADAPTERS", "CUDA_GRAPHS", "PORT", "HF_HOME",
+                       "HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MAX_INPUT_TOKENS",
+                       "MAX_TOTAL_TOKENS", "MAX_CONCURRENT_REQUESTS")
+RESERVED_SERVER_ENV_PREFIXES = ("AWS_", "RAGTUNE_")
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+SECRET_LIKE_ENV = r"(?i)(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|APIKEY|CREDENTIALS?)(_|$)"
+
+
+def _check_server_env(env: dict[str, str]) -> dict[str, str]:
+    for name in env:
+        if not re.match(ENV_NAME, name):
+            raise ValueError(f"env name {name!r} is not a valid environment variable name")
+        if name in RESERVED_SERVER_ENV or name.startswith(RESERVED_SERVER_ENV_PREFIXES):
+            raise ValueError(f"env {name!r} is set by ragtune; use the dedicated spec field instead")
+        if re.search(SECRET_LIKE_ENV, name):
+            raise ValueError(f"env {name!r} looks like a secret: a literal value would sit in the spec in plain "
+                             "text; reference a Secret instead (e.g. baseModel.tokenSecretRef)")
+    return env
+
+
+ServerEnv = Annotated[
+    dict[str, Annotated[str, Field(max_length=4096)]],
+    Field(max_length=64, json_schema_extra=k8s_extensions(
+        cel(f"self.all(k, k.matches('{ENV_NAME}'))", "env names must be valid environment variable names"),
+        cel("self.all(k, !(k in [" + ", ".join(f"'{n}'" for n in RESERVED_SERVER_ENV) + "]) && "
+            + " && ".join(f"!k.startsWith('{p}')" for p in RESERVED_SERVER_ENV_PREFIXES) + ")",
+            "env must not set variables ragtune sets itself (MODEL_ID, LORA_ADAPTERS, PORT, AWS_*, RAGTUNE_*, ...): "
+            "use the dedicated spec fields"),
+        cel(f"self.all(k, !k.matches('{SECRET_LIKE_ENV}'))",
+            "env names like *_TOKEN, *_SECRET, *_PASSWORD, *_KEY look like secrets: do not put them in the spec "
+            "as plain text"),
+    )),
+    AfterValidator(_check_server_env),
+]
+
+
 class ServerSpec(ApiModel):
     """The TGI server. Either ragtune renders it (`image`, `replicas`, ...) or it patches an
     existing TGI Deployment named by `deploymentRef`."""
@@ -67,20 +112,20 @@ class ServerSpec(ApiModel):
     deployment_ref: Optional[LocalObjectRef] = None
     """An existing TGI Deployment to manage instead of rendering one (its pod template gets
     the adapter init container and `LORA_ADAPTERS`)."""
-    image: str = Field(DEFAULT_TGI_IMAGE, max_length=512)
+    image: str = Field(DEFAULT_TGI_IMAGE, max_length=512, pattern=IMAGE_REF)
     """TGI image."""
     replicas: int = Field(1, ge=0, le=100)
     """Serving replicas."""
     gpus: int = Field(1, ge=0, le=16)
     """GPUs per replica."""
-    gpu_resource_name: str = "nvidia.com/gpu"
+    gpu_resource_name: ExtendedResourceName = "nvidia.com/gpu"
     """Extended resource name of the GPU."""
-    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+|m)?$")
-    """CPU request per replica."""
-    memory: str = Field("32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
-    """Memory request and limit per replica."""
-    shm_size: str = Field("1Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
-    """Size of the in-memory `/dev/shm`."""
+    cpu: CpuQuantity = "4"
+    """CPU request per replica (greater than zero)."""
+    memory: MemoryQuantity = "32Gi"
+    """Memory request and limit per replica (greater than zero)."""
+    shm_size: MemoryQuantity = "1Gi"
+    """Size of the in-memory `/dev/shm` (greater than zero)."""
     port: int = Field(8080, ge=1, le=65535)
     """Container port TGI listens on (`PORT`)."""
     max_input_tokens: Optional[int] = Field(None, ge=1)
@@ -91,12 +136,14 @@ class ServerSpec(ApiModel):
     """`MAX_CONCURRENT_REQUESTS`."""
     startup_timeout_seconds: int = Field(1800, ge=60, le=7200)
     """How long the startupProbe waits for weights and adapters to load."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: NodeSelector = Field(default_factory=dict)
     """Node labels the server pods must match."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Tolerations, e.g. for tainted GPU nodes."""
-    env: dict[str, str] = Field(default_factory=dict)
-    """Extra TGI environment variables (not for secrets)."""
+    env: ServerEnv = Field(default_factory=dict)
+    """Extra TGI environment variables. Not for secrets (names like `*_TOKEN`, `*_SECRET`,
+    `*_PASSWORD`, `*_KEY` are refused) and not for what ragtune sets itself (`MODEL_ID`,
+    `LORA_ADAPTERS`, `PORT`, ..., `AWS_*`, `RAGTUNE_*`): use the dedicated fields."""
 
 
 class OnlineGate(ApiModel):
@@ -290,7 +337,7 @@ class AdapterDeploymentStatus(ApiModel):
 class AdapterDeployment(ApiModel):
     """A gated, canaried set of LoRA adapters served by TGI."""
 
-    api_version: Literal["ragtune.dev/v1alpha1"] = "ragtune.dev/v1alpha1"
+    api_version: Literal[GROUP_VERSION] = GROUP_VERSION
     kind: Literal["AdapterDeployment"] = "AdapterDeployment"
     metadata: dict = Field(default_factory=dict)
     spec: AdapterDeploymentSpec

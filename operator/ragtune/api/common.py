@@ -6,28 +6,51 @@ import ipaddress
 import re
 from enum import Enum
 from typing import Annotated, Literal, Optional
-from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, ValidationInfo
+
+from ragtune.addresses import (
+    ALWAYS_FORBIDDEN,
+    HostError,
+    classify_host,
+    host_ip,
+    looks_numeric,
+    url_authority_host,
+)
 
 from .base import ApiModel, cel, k8s_extensions
 
 # --- URIs -----------------------------------------------------------------------------
 
 # S3 bucket naming rules: 3-63 chars of lowercase letters, digits, dots and hyphens, starting
-# and ending with a letter or digit; no "..", not formatted like an IP address.
+# and ending with a letter or digit; no "..", not formatted like an IP address, none of the
+# prefixes and suffixes AWS reserves.
 _BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
-ARTIFACT_URI_PATTERN = rf"^(s3://{_BUCKET}(/.*)?|file:///.*)$"
+# What the CRD admits: s3:// only (in-cluster, file:// would read the pod's own filesystem); no
+# control characters anywhere.
+S3_URI_PATTERN = rf"^s3://{_BUCKET}(/[^\x00-\x1f\x7f]*)?$"
 _IP_LIKE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+_RESERVED_BUCKET = re.compile(r"^(xn--|sthree-|amzn-s3-demo-)|(-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3)$")
+_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+
+IN_CLUSTER = {"in_cluster": True}
+"""Validation context for objects read from the cluster (the operator, pods): `file://` URIs are
+refused there. Without it (local `ragtune train -f` runs) they are accepted."""
 
 
-def validate_artifact_uri(uri: str) -> str:
-    """Accept `s3://bucket[/prefix]` (bucket naming rules enforced) or `file:///abs/path`."""
-    if uri.startswith("file:///"):
+def validate_artifact_uri(uri: str, info: Optional[ValidationInfo] = None) -> str:
+    """Accept `s3://bucket[/key]` (bucket naming rules, no `.`/`..` key segments, no control
+    characters) or, outside a cluster only, `file:///abs/path`."""
+    in_cluster = bool(info is not None and info.context and info.context.get("in_cluster"))
+    if uri.startswith("file:///") and not in_cluster:
         return uri
+    if uri.startswith("file://"):
+        raise ValueError(f"{uri!r}: file:// URIs are for local runs only; in a cluster use s3://bucket/key")
     if not uri.startswith("s3://"):
         raise ValueError(f"{uri!r} must be an s3://bucket/prefix URI (or file:///path for local runs)")
-    bucket = uri[len("s3://"):].split("/", 1)[0]
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        raise ValueError(f"{uri!r} contains control characters")
+    bucket, _, key = uri[len("s3://"):].partition("/")
     if not re.fullmatch(_BUCKET, bucket):
         raise ValueError(
             f"bucket {bucket!r} in {uri!r} breaks S3 naming rules: 3-63 lowercase letters, digits, "
@@ -35,6 +58,11 @@ def validate_artifact_uri(uri: str) -> str:
         )
     if ".." in bucket or _IP_LIKE.match(bucket):
         raise ValueError(f"bucket {bucket!r} in {uri!r} must not contain '..' or look like an IP address")
+    if _RESERVED_BUCKET.search(bucket):
+        raise ValueError(f"bucket {bucket!r} in {uri!r} uses a prefix or suffix S3 reserves "
+                         "(xn--, sthree-, amzn-s3-demo-, -s3alias, --ol-s3, .mrap, --x-s3, --table-s3)")
+    if _DOT_SEGMENT.search(key):
+        raise ValueError(f"key {key!r} in {uri!r} must not contain '.' or '..' path segments")
     return uri
 
 
@@ -42,66 +70,187 @@ ArtifactUri = Annotated[
     str,
     Field(
         max_length=1024,
-        pattern=ARTIFACT_URI_PATTERN,
-        json_schema_extra=k8s_extensions(
+        # The pattern is the CRD's (s3:// only); the model's check is validate_artifact_uri.
+        json_schema_extra={"pattern": S3_URI_PATTERN, **k8s_extensions(
             cel(
-                "!self.startsWith('s3://') || !self.split('/')[2].contains('..')",
+                "!self.split('/')[2].contains('..')",
                 "S3 bucket names must not contain '..'",
             ),
             cel(
-                r"!self.startsWith('s3://') || !self.split('/')[2].matches('^[0-9]{1,3}(\\.[0-9]{1,3}){3}$')",
+                r"!self.split('/')[2].matches('^[0-9]{1,3}(\\.[0-9]{1,3}){3}$')",
                 "S3 bucket names must not be formatted like an IP address",
             ),
-        ),
+            cel(
+                r"!self.split('/')[2].matches('^(xn--|sthree-|amzn-s3-demo-)|(-s3alias|--ol-s3|\\.mrap|--x-s3|--table-s3)$')",
+                "S3 bucket names must not use a reserved prefix (xn--, sthree-, amzn-s3-demo-) or suffix "
+                "(-s3alias, --ol-s3, .mrap, --x-s3, --table-s3)",
+            ),
+            cel(
+                r"!self.matches('^s3://[^/]*/(.*/)?\\.\\.?(/|$)')",
+                "S3 keys must not contain '.' or '..' path segments",
+            ),
+        )},
     ),
     AfterValidator(validate_artifact_uri),
 ]
 
-# Endpoints that hand out cloud credentials to whoever can reach them: never an S3 endpoint.
-_METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data"}
+_IPV4_CANONICAL = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+# The CRD's grammar for an endpoint: no userinfo (credentials belong in the Secret), no zone id,
+# no trailing dot, ASCII only (IDNA as xn--), a path of plain characters, no query/fragment.
+ENDPOINT_PATTERN = rf"^https?://(\[[0-9A-Fa-f:]+\]|{_LABEL}(\.{_LABEL})*)(:[0-9]{{1,5}})?(/[-A-Za-z0-9._~/]*)?$"
+_ENDPOINT_RE = re.compile(ENDPOINT_PATTERN)
+# IPv6 literals that carry an IPv4 address (compatible/mapped/SIIT: a zero first group; NAT64,
+# 6to4, Teredo): refused at admission, whatever IPv4 address they carry (`::1` aside).
+_V6_EMBEDDING = ["::/16", "64:ff9b::/32", "2002::/16", "2001::/32"]
 
 
 def validate_endpoint(url: str) -> str:
-    """An http(s) URL that is not a link-local / cloud-metadata address."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"endpoint {url!r} must be an http:// or https:// URL with a host")
-    host = parts.hostname
-    if host in _METADATA_HOSTS:
-        raise ValueError(f"endpoint {url!r} points at a cloud metadata service")
+    """An http(s) URL whose host, normalised the way HTTP clients read it, is not a link-local,
+    unspecified or cloud-metadata address; spelled plainly (see `ENDPOINT_PATTERN`)."""
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"endpoint {url!r} must be an http:// or https:// URL")
+    raw_host = url_authority_host(url)
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return url
-    if address.is_link_local or str(address) == "fd00:ec2::254":
-        raise ValueError(f"endpoint {url!r} is a link-local (cloud metadata) address")
+        host, kind = classify_host(raw_host)
+    except HostError as exc:
+        raise ValueError(f"endpoint {url!r}: {exc}") from None
+    if kind in ALWAYS_FORBIDDEN:
+        raise ValueError(f"endpoint {url!r} points at a {kind.value} address ({host}); "
+                         "that is never an S3 endpoint")
+    if "@" in url:
+        raise ValueError(f"endpoint {url!r} must not carry userinfo ('@'): S3 credentials belong in "
+                         "credentialsSecretRef")
+    if not _ENDPOINT_RE.match(url):
+        raise ValueError(f"endpoint {url!r} must be http(s)://host[:port][/path] with a DNS name, a dotted-decimal "
+                         "IPv4 address or a bracketed IPv6 address (no zone id, trailing dot, query or non-ASCII "
+                         "characters)")
+    ip = host_ip(host)
+    if ip is None and looks_numeric(raw_host):
+        raise ValueError(f"endpoint {url!r}: a numeric host must be a dotted-decimal IPv4 address")
+    if ip is not None and ip.version == 4 and not raw_host.startswith("[") and not re.match(_IPV4_CANONICAL, raw_host):
+        raise ValueError(f"endpoint {url!r}: write the IPv4 address {host} in dotted decimal")
+    if ip is not None and ip.version == 6 and any(ip in ipaddress.ip_network(n) for n in _V6_EMBEDDING) \
+            and not ip.is_loopback:
+        raise ValueError(f"endpoint {url!r}: IPv6 literals that embed an IPv4 address are refused; "
+                         "write the IPv4 address")
+    if ip is not None and ip.version == 4 and raw_host.startswith("["):
+        raise ValueError(f"endpoint {url!r}: only IPv6 addresses go in brackets")
     return url
+
+
+# The CRD's rules work on the URL text (CRD CEL has no variable bindings): the pattern admits no
+# '@', so the host is what follows "://" up to ':', '/' or the end.
+_END = "(:|/|$)"
+# IPv6 literals as text (the pattern admits hex and ':' only, groups have at most 4 digits):
+# link-local fe80::/10, a zero first group (::/96 with the IPv4-compatible and -mapped forms, and
+# `::`), NAT64 64:ff9b::/32, 6to4 2002::/16, Teredo 2001::/32, AWS metadata fd00:ec2::254.
+_V6_FORBIDDEN = (r"^https?://\[(?i)(fe[89ab][0-9a-f]:|:|0{1,4}:|0{0,2}64:ff9b:|2002:|2001:(0{1,4}:|:)"
+                 r"|fd00:0?ec2:[0:]*254\])")
+_V6_LOOPBACK = r"^https?://\[[0:]*:0{0,3}1\]"
+
+
+def _cel_regex(regex: str) -> str:
+    return regex.replace("\\", "\\\\")
 
 
 EndpointUrl = Annotated[
     str,
     Field(
         max_length=512,
-        pattern=r"^https?://",
-        json_schema_extra=k8s_extensions(
-            cel("isURL(self)", "must be a valid URL"),
+        json_schema_extra={"pattern": ENDPOINT_PATTERN, **k8s_extensions(
             cel(
-                "!isURL(self) || !(url(self).getHostname() in "
-                "['metadata.google.internal', 'metadata', 'instance-data'])",
-                "must not point at a cloud metadata service",
+                f"!self.matches('{_cel_regex(r'^https?://([^/:[]*[.])?([0-9]+|0[xX][0-9a-fA-F]*)' + _END)}') || "
+                f"self.matches('{_cel_regex('^https?://' + _IPV4_CANONICAL[1:-1] + _END)}')",
+                "a numeric host must be a dotted-decimal IPv4 address (no decimal, hex, octal or short forms)",
             ),
-            # A regex, not url()/ip(): the ip() form exceeds the API server's CEL cost budget.
             cel(
-                r"!self.matches('^https?://([^/@]*@)?(169\\.254\\.|\\[(?i:fe[89ab][0-9a-f]:|fd00:ec2::254\\]))')",
-                "must not be a link-local address such as 169.254.169.254 (cloud metadata)",
+                f"!self.matches('{_cel_regex(r'^https?://(169[.]254[.]|0[.]|(100[.]100[.]100[.]200|192[.]0[.]0[.]192|168[.]63[.]129[.]16)' + _END + ')')}')",
+                "must not be a link-local, unspecified or cloud-metadata address such as 169.254.169.254",
             ),
-        ),
+            cel(
+                f"!self.lowerAscii().matches('{_cel_regex(r'^https?://([^/:]*[.])?(metadata|metadata[.]google[.]internal|metadata[.]goog|instance-data|instance-data[.]ec2[.]internal|metadata[.]tencentyun[.]com)' + _END)}')",
+                "must not point at a cloud metadata service (metadata.google.internal, instance-data, ...)",
+            ),
+            cel(
+                f"!self.matches('{_cel_regex(_V6_FORBIDDEN)}') || self.matches('{_cel_regex(_V6_LOOPBACK)}')",
+                "an IPv6 endpoint must not be link-local (fe80::/10), unspecified, the cloud metadata address "
+                "fd00:ec2::254 or a form that embeds an IPv4 address (::/96, 64:ff9b::/32, 2002::/16, 2001::/32)",
+            ),
+        )},
     ),
     AfterValidator(validate_endpoint),
 ]
 
+IMAGE_REF = (r"^([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*(:[0-9]{1,5})?/)?"
+             r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*"
+             r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$")
+"""A container image reference ([registry[:port]/]path[:tag][@sha256:digest]): no spaces or shell
+characters reach a pod spec."""
+
 # DNS-1123 label: what Kubernetes accepts as a Secret / Job / Deployment name.
 K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+
+# A key of a Secret's data: what Kubernetes accepts (and never empty).
+SecretKeyName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+
+# A Kubernetes qualified name (label keys, node selector keys): `[prefix/]name`, the prefix a
+# DNS subdomain, the name 1-63 alphanumerics, '-', '_' or '.' starting and ending alphanumeric.
+QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                  r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+# A label value: empty or up to 63 alphanumerics, '-', '_' or '.' starting and ending alphanumeric.
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+# An extended resource name: a domain-prefixed qualified name outside kubernetes.io.
+EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+
+
+def _not_kubernetes_io(name: str) -> str:
+    domain = name.split("/", 1)[0]
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+        raise ValueError(f"{name!r}: extended resources may not use the kubernetes.io domain")
+    return name
+
+
+ExtendedResourceName = Annotated[
+    str,
+    Field(max_length=253, pattern=EXTENDED_RESOURCE, json_schema_extra=k8s_extensions(
+        cel("!self.split('/')[0].matches('(^|\\\\.)kubernetes\\\\.io$')",
+            "extended resources may not use the kubernetes.io domain"))),
+    AfterValidator(_not_kubernetes_io),
+]
+
+
+def _positive_quantity(value: str) -> str:
+    if not re.match(r"^[0-9.]*[1-9]", value):
+        raise ValueError(f"{value!r} must be greater than zero")
+    return value
+
+
+_POSITIVE = k8s_extensions(cel("self.matches('^[0-9.]*[1-9]')", "must be greater than zero"))
+CpuQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+|m)?$", max_length=32, json_schema_extra=_POSITIVE),
+                        AfterValidator(_positive_quantity)]
+"""A CPU quantity greater than zero: `4`, `0.5`, `500m`."""
+MemoryQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", max_length=32,
+                                      json_schema_extra=_POSITIVE), AfterValidator(_positive_quantity)]
+"""A memory quantity greater than zero: `32Gi`, `512Mi`."""
+
+
+def _valid_selector_keys(selector: dict[str, str]) -> dict[str, str]:
+    for key in selector:
+        if not re.match(QUALIFIED_NAME, key) or len(key) > 317:
+            raise ValueError(f"node selector key {key!r} is not a valid label key ([prefix/]name, name at most "
+                             "63 alphanumerics, '-', '_' or '.')")
+    return selector
+
+
+NodeSelector = Annotated[
+    dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]],
+    Field(max_length=64, json_schema_extra=k8s_extensions(
+        cel(f"self.all(k, k.size() <= 317 && k.matches('{QUALIFIED_NAME.replace(chr(92), chr(92) * 2)}'))",
+            "node selector keys must be valid label keys ([prefix/]name, name at most 63 alphanumerics, "
+            "'-', '_' or '.')"))),
+    AfterValidator(_valid_selector_keys),
+]
 
 
 # --- S3 ------------------------------------------------------------------------------
@@ -113,11 +262,11 @@ class S3CredentialsSecretRef(ApiModel):
 
     name: K8sName
     """Name of the Secret (same namespace as this object)."""
-    access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    access_key_id_key: SecretKeyName = "AWS_ACCESS_KEY_ID"
     """Key in the Secret holding the access key id."""
-    secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    secret_access_key_key: SecretKeyName = "AWS_SECRET_ACCESS_KEY"
     """Key in the Secret holding the secret access key."""
-    session_token_key: Optional[str] = None
+    session_token_key: Optional[SecretKeyName] = None
     """Optional key in the Secret holding a session token."""
 
 
@@ -127,8 +276,8 @@ class S3Config(ApiModel):
     endpoint: Optional[EndpointUrl] = None
     """S3-compatible endpoint URL (MinIO, Ceph, R2, ...). Empty means AWS S3. Link-local and
     cloud-metadata addresses are refused."""
-    region: str = "us-east-1"
-    """Region passed to the S3 client."""
+    region: str = Field("us-east-1", max_length=64, pattern=r"^[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?$")
+    """Region passed to the S3 client (letters, digits, '-' and '_')."""
     addressing_style: Literal["path", "virtual", "auto"] = "path"
     """Bucket addressing style; `path` works with every S3-compatible server."""
     credentials_secret_ref: Optional[S3CredentialsSecretRef] = None
@@ -144,7 +293,7 @@ class SecretKeyRef(ApiModel):
 
     name: K8sName
     """Name of the Secret."""
-    key: str = "token"
+    key: SecretKeyName = "token"
     """Key in the Secret."""
 
 
@@ -193,6 +342,19 @@ class Condition(ApiModel):
 # --- Evaluation -----------------------------------------------------------------------
 
 
+class RefusalByConstruction(ApiModel):
+    """Refusal rate on the unanswerable items of each construction (None: none evaluated)."""
+
+    off_topic: Optional[float] = None
+    """Only passages about something else: the easy case."""
+    near_miss: Optional[float] = None
+    """Gold passages replaced by the most similar other passages: on topic, no answer."""
+    answer_removed: Optional[float] = None
+    """The answer's sentences deleted from the gold passages."""
+    user_labelled: Optional[float] = None
+    """Records the dataset marks `answerable: false`."""
+
+
 class EvalMetrics(ApiModel):
     """RAG generator quality on a held-out set (see DESIGN.md, Evaluation). Rates are in [0, 1]."""
 
@@ -205,7 +367,9 @@ class EvalMetrics(ApiModel):
     rouge_l: Optional[float] = None
     """ROUGE-L F-measure against the reference answer, answerable items."""
     refusal_rate: Optional[float] = None
-    """Share of unanswerable items the model refused (higher is better)."""
+    """Share of unanswerable items the model refused (higher is better), all constructions."""
+    refusal_by_construction: Optional[RefusalByConstruction] = None
+    """`refusalRate` per way the unanswerable items were built (offline evaluation)."""
     false_refusal_rate: Optional[float] = None
     """Share of answerable items the model refused (lower is better)."""
     citation_validity: Optional[float] = None
@@ -231,7 +395,12 @@ class MetricThresholds(ApiModel):
     min_rouge_l: Optional[float] = Field(None, ge=0, le=1)
     """Minimum ROUGE-L."""
     min_refusal_rate: Optional[float] = Field(None, ge=0, le=1)
-    """Minimum refusal rate on unanswerable items."""
+    """Minimum refusal rate on unanswerable items, of the construction `refusalConstruction`
+    names."""
+    refusal_construction: Literal["hardest", "all", "offTopic", "nearMiss", "answerRemoved", "userLabelled"] = "hardest"
+    """Which unanswerable items `minRefusalRate` applies to: `hardest` is the construction with
+    the lowest measured refusal rate, `all` the pooled rate. Where no per-construction rates
+    were measured (e.g. an online evaluation) it falls back to the pooled rate."""
     max_false_refusal_rate: Optional[float] = Field(None, ge=0, le=1)
     """Maximum refusal rate on answerable items."""
     min_citation_validity: Optional[float] = Field(None, ge=0, le=1)

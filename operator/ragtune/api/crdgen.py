@@ -16,13 +16,13 @@ import yaml
 from .adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
 from .finetunejob import FineTuneJobSpec, FineTuneJobStatus
 
-GROUP = "ragtune.dev"
-VERSION = "v1alpha1"
+from .keys import API_GROUP as GROUP
+from .keys import API_VERSION as VERSION
 
 # Keys of JSON Schema that a structural OpenAPI v3 CRD schema keeps as they are.
 _KEPT = {
     "type", "description", "enum", "default", "minimum", "maximum", "minLength", "maxLength",
-    "pattern", "minItems", "maxItems", "format", "required",
+    "pattern", "minItems", "maxItems", "minProperties", "maxProperties", "format", "required",
 }
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from .keys import GROUP_VERSION
 from .base import ApiModel, cel, k8s_extensions
 from .common import (
     ArtifactUri,
@@ -14,8 +15,13 @@ from .common import (
     Condition,
     EvalMetrics,
     GateResult,
+    CpuQuantity,
+    ExtendedResourceName,
+    IMAGE_REF,
     K8sName,
+    MemoryQuantity,
     MetricThresholds,
+    NodeSelector,
     S3Config,
 )
 
@@ -26,16 +32,64 @@ class DatasetFormat(str, Enum):
     PROMPT_COMPLETION = "prompt-completion"
 
 
+class DistractorStrategy(str, Enum):
+    SIMILAR = "similar"
+    RANDOM = "random"
+
+
+class UnanswerableMix(ApiModel):
+    """Relative weights of the constructions that turn an answerable item into an unanswerable
+    one (normalised to sum 1; a weight of 0 turns a construction off). Each item is labelled
+    with its construction, and evaluation reports refusal per construction."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s_extensions(cel(
+            "self.nearMiss + self.answerRemoved + self.offTopic > 0.0",
+            "at least one of nearMiss, answerRemoved, offTopic must have a weight above 0",
+            reason="FieldValueInvalid",
+        )),
+    }
+
+    near_miss: float = Field(0.4, ge=0, le=1)
+    """Gold contexts replaced by the most similar (BM25) non-gold passages of the dataset: on
+    topic, without the answer - what a retriever returns when the corpus lacks it."""
+    answer_removed: float = Field(0.4, ge=0, le=1)
+    """The sentences of the gold contexts that contain the answer (string match after SQuAD
+    normalisation) are deleted; the rest of the gold contexts stays. Items whose answer cannot
+    be located (or is yes/no) fall back to `nearMiss` and are counted."""
+    off_topic: float = Field(0.2, ge=0, le=1)
+    """Gold contexts removed, only random passages of other records left: the easy case."""
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "UnanswerableMix":
+        if self.near_miss + self.answer_removed + self.off_topic <= 0:
+            raise ValueError("at least one of nearMiss, answerRemoved, offTopic must have a weight above 0")
+        return self
+
+
 class RaftConfig(ApiModel):
-    """RAFT-style training-set construction for `rag` records: mix in distractor contexts taken
-    from other records, and turn a fraction of items into refusals by removing their supporting
-    contexts, so the model learns to answer only from what it was given."""
+    """RAFT-style training-set construction for `rag` records: mix in distractor contexts from
+    the dataset's other records, and turn a fraction of items into refusals, so the model learns
+    to answer only from what it was given and to refuse when on-topic passages lack the answer.
+    Records marked `answerable: false` pass through as they are (construction `userLabelled`).
+
+    The held-out split is always built the hard way (similar distractors, equal parts of every
+    unanswerable construction, the same `distractors` and `unanswerableFraction`), whatever the
+    recipe here: recipes are compared, and gated, on the same test."""
 
     distractors: int = Field(2, ge=0, le=16)
-    """Distractor contexts added to each training item."""
+    """Distractor contexts added to each item. An integer (the count) so existing manifests
+    stay valid; how they are chosen is the sibling field `distractorStrategy` (a structural CRD
+    schema cannot hold an int-or-object field)."""
+    distractor_strategy: DistractorStrategy = DistractorStrategy.SIMILAR
+    """`similar`: the passages of other records that BM25 ranks highest for the item's question
+    (hard negatives); `random`: random passages of other records. Gold passages and exact
+    duplicates of the item's own contexts are never used. Deterministic by `training.seed`."""
     unanswerable_fraction: float = Field(0.2, ge=0, le=0.9)
-    """Share of answerable training items whose gold contexts are removed and whose target
-    becomes the refusal."""
+    """Share of answerable items turned unanswerable (target: the refusal)."""
+    unanswerable_mix: UnanswerableMix = Field(default_factory=UnanswerableMix)
+    """How the unanswerable items are built. An item that still contains the answer string in
+    a remaining context after construction is dropped and counted."""
     refusal: str = Field("I cannot answer this from the provided context.", min_length=1, max_length=512)
     """The refusal the model is taught to give. Evaluation also recognises common paraphrases."""
 
@@ -162,21 +216,21 @@ class ResourcesSpec(ApiModel):
 
     gpus: int = Field(1, ge=0, le=64)
     """GPUs requested (as `gpuResourceName` limits). 0 runs on CPU."""
-    gpu_resource_name: str = "nvidia.com/gpu"
+    gpu_resource_name: ExtendedResourceName = "nvidia.com/gpu"
     """Extended resource name of the GPU."""
-    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+|m)?$")
-    """CPU request."""
-    memory: str = Field("32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
-    """Memory request and limit."""
-    shm_size: str = Field("8Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
-    """Size of the in-memory `/dev/shm` (data-loader workers need it)."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    cpu: CpuQuantity = "4"
+    """CPU request (greater than zero)."""
+    memory: MemoryQuantity = "32Gi"
+    """Memory request and limit (greater than zero)."""
+    shm_size: MemoryQuantity = "8Gi"
+    """Size of the in-memory `/dev/shm` (data-loader workers need it; greater than zero)."""
+    node_selector: NodeSelector = Field(default_factory=dict)
     """Node labels the pod must match."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Tolerations, e.g. for tainted GPU nodes."""
     priority_class_name: Optional[K8sName] = None
     """PriorityClass of the training pod."""
-    image: Optional[str] = Field(None, max_length=512)
+    image: Optional[str] = Field(None, max_length=512, pattern=IMAGE_REF)
     """Trainer image override (default: the operator's configured trainer image)."""
     service_account_name: Optional[K8sName] = None
     """ServiceAccount for the training pod (e.g. for IRSA). Its token is not mounted unless
@@ -341,7 +395,7 @@ class FineTuneJobStatus(ApiModel):
 class FineTuneJob(ApiModel):
     """A QLoRA/LoRA fine-tuning run of a RAG generator, with evaluation gates."""
 
-    api_version: Literal["ragtune.dev/v1alpha1"] = "ragtune.dev/v1alpha1"
+    api_version: Literal[GROUP_VERSION] = GROUP_VERSION
     kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: dict = Field(default_factory=dict)
     spec: FineTuneJobSpec

@@ -30,6 +30,16 @@ def _value(metric: str, adapter: EvalMetrics, base: Optional[EvalMetrics]) -> Op
     return adapter.to_wire().get(metric)
 
 
+def _refusal_metric(construction: str, adapter: EvalMetrics) -> tuple[str, Optional[float]]:
+    """(`refusalRate` or `refusalRate.<construction>`, value) for the `minRefusalRate` gate."""
+    rates = adapter.refusal_by_construction.to_wire() if adapter.refusal_by_construction else {}
+    if construction == "all" or not rates:
+        return "refusalRate", adapter.refusal_rate
+    if construction == "hardest":
+        construction = min(rates, key=lambda k: (rates[k], k))
+    return f"refusalRate.{construction}", rates.get(construction)
+
+
 def evaluate_gates(
     thresholds: MetricThresholds, adapter: EvalMetrics, base: Optional[EvalMetrics] = None
 ) -> list[GateResult]:
@@ -39,7 +49,10 @@ def evaluate_gates(
         threshold = getattr(thresholds, field)
         if threshold is None:
             continue
-        value = _value(metric, adapter, base)
+        if field == "min_refusal_rate":
+            metric, value = _refusal_metric(thresholds.refusal_construction, adapter)
+        else:
+            value = _value(metric, adapter, base)
         if value is None:
             passed, margin = False, None
         elif comparison == ">=":

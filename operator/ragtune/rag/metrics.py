@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from ragtune.api.common import EvalMetrics
+from ragtune.api.common import EvalMetrics, RefusalByConstruction
 
 from .prompt import DEFAULT_REFUSAL
 
@@ -213,6 +213,25 @@ class _Item:
     context_ids: list[str]
     context_texts: list[str]
     supporting_ids: list[str] = field(default_factory=list)
+    construction: Optional[str] = None
+
+
+# Unanswerable constructions (RagRecord.construction) -> RefusalByConstruction field.
+UNANSWERABLE_CONSTRUCTIONS = {
+    "offTopic": "off_topic",
+    "nearMiss": "near_miss",
+    "answerRemoved": "answer_removed",
+    "userLabelled": "user_labelled",
+}
+
+
+def construction_of(record: Any) -> str:
+    """The construction label of an item; unlabelled unanswerable items are the user's own."""
+    label = _get(record, "construction")
+    if label:
+        return str(label)
+    answerable = _get(record, "answerable")
+    return "answerable" if answerable is None or answerable else "userLabelled"
 
 
 def _get(record: Any, *names: str, default: Any = None) -> Any:
@@ -243,7 +262,10 @@ def _item(record: Any, index: int, refusal: str) -> _Item:
         # Unlabelled items: a reference that is itself a refusal marks an unanswerable item.
         answerable = not is_refusal(answer, refusal)
     supporting = _get(record, "supportingContextIds", "supporting_context_ids", default=None) or []
-    return _Item(answer, bool(answerable), ids, texts, [str(s) for s in supporting])
+    construction = _get(record, "construction")
+    if not answerable and construction not in UNANSWERABLE_CONSTRUCTIONS:
+        construction = "userLabelled"
+    return _Item(answer, bool(answerable), ids, texts, [str(s) for s in supporting], construction)
 
 
 def _mean(values: list[float]) -> Optional[float]:
@@ -267,7 +289,10 @@ def score(
     `[<id>] text`, so cited labels are compared with context ids as they are.
 
     - F1 / exact match / ROUGE-L: answerable items, citations stripped from both sides.
-    - refusal rate: unanswerable items; false-refusal rate: answerable items.
+    - refusal rate: unanswerable items, pooled and per construction (`construction` of the
+      item: offTopic / nearMiss / answerRemoved / userLabelled, where any item carries one;
+      unlabelled unanswerable items then count as userLabelled);
+      false-refusal rate: answerable items.
     - citation validity: share of all cited ids that name a context of the item's prompt.
     - citation precision / recall: answerable items with gold `supportingContextIds`, averaged
       per item (precision only over items that cite something; recall counts silence as 0).
@@ -280,8 +305,11 @@ def score(
     f1s, ems, rouges, refused_unans, refused_ans = [], [], [], [], []
     cited_total = cited_valid = 0
     precisions, recalls, groundings, lengths = [], [], [], []
+    refused_by: dict[str, list[float]] = {}
+    labelled = False
     for i, (record, prediction) in enumerate(zip(items, predictions)):
         item = _item(record, i, refusal)
+        labelled = labelled or bool(_get(record, "construction"))
         prediction = prediction or ""
         refused = is_refusal(prediction, refusal)
         lengths.append(answer_words(prediction))
@@ -304,6 +332,7 @@ def score(
                     precisions.append(hits / len(cited))
         else:
             refused_unans.append(float(refused))
+            refused_by.setdefault(UNANSWERABLE_CONSTRUCTIONS[item.construction], []).append(float(refused))
 
         if not refused:
             grounded = grounding_score(prediction, item.context_texts)
@@ -316,6 +345,8 @@ def score(
         exact_match=_round(_mean(ems)),
         rouge_l=_round(_mean(rouges)),
         refusal_rate=_round(_mean(refused_unans)),
+        refusal_by_construction=RefusalByConstruction(
+            **{k: _round(_mean(v)) for k, v in refused_by.items()}) if refused_by and labelled else None,
         false_refusal_rate=_round(_mean(refused_ans)),
         citation_validity=_round(cited_valid / cited_total if cited_total else None),
         citation_precision=_round(_mean(precisions)),

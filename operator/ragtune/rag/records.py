@@ -4,7 +4,7 @@ consumer (trainer, offline and online evaluation) works with."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass
@@ -21,6 +21,9 @@ class RagRecord:
     answer: str
     answerable: bool = True
     supporting_context_ids: list[str] = field(default_factory=list)
+    construction: Optional[str] = None
+    """How an item was built (`answerable`, `offTopic`, `nearMiss`, `answerRemoved`,
+    `userLabelled`); set by the RAFT construction, None on records as users give them."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "RagRecord":
@@ -51,6 +54,7 @@ class RagRecord:
             answer=str(d["answer"]),
             answerable=answerable,
             supporting_context_ids=[str(s) for s in support],
+            construction=str(d["construction"]) if d.get("construction") is not None else None,
         )
 
     def to_dict(self) -> dict:
@@ -62,6 +66,7 @@ class RagRecord:
             "answer": self.answer,
             "answerable": self.answerable,
             "supportingContextIds": list(self.supporting_context_ids),
+            **({"construction": self.construction} if self.construction else {}),
         }
 
 

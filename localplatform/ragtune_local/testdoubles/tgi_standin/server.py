@@ -1,0 +1,370 @@
+"""TEST DOUBLE of Hugging Face TGI's HTTP API (see the package docstring).
+
+Routes: `POST /` (compat: array of GenerateResponse), `POST /generate`, `POST /generate_stream`
+(SSE), `POST /v1/chat/completions` (non-streaming), `GET /health`, `GET /info`, `GET /v1/models`.
+Requests are served one at a time under a lock: peft switches the active adapter on the shared
+model (`set_adapter`), so two concurrent requests must not interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Optional
+
+from ragtune.rag.prompt import FALLBACK_CHAT_TEMPLATE
+
+log = logging.getLogger("tgi-standin")
+
+VERSION = "3.3.6-standin"
+
+
+class ConfigError(ValueError):
+    """Bad environment configuration (names the variable)."""
+
+
+@dataclass
+class Config:
+    model_id: str
+    adapters: dict[str, str]
+    port: int = 3000
+    hostname: str = "0.0.0.0"
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    max_concurrent_requests: int = 128
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> "Config":
+        model_id = env.get("MODEL_ID", "")
+        if not model_id:
+            raise ConfigError("MODEL_ID is not set (the stand-in needs a local model folder)")
+        if not Path(model_id).is_dir():
+            raise ConfigError(f"MODEL_ID={model_id!r} is not a local folder (the stand-in has no Hub access)")
+        return cls(
+            model_id=model_id,
+            adapters=parse_lora_adapters(env.get("LORA_ADAPTERS", "")),
+            port=_int(env, "PORT", 3000),
+            hostname=env.get("HOSTNAME") or "0.0.0.0",
+            max_input_tokens=_int(env, "MAX_INPUT_TOKENS", 1024),
+            max_total_tokens=_int(env, "MAX_TOTAL_TOKENS", 2048),
+            max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 128),
+        )
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def parse_lora_adapters(value: str) -> dict[str, str]:
+    """`name=/path,name2=/path2` -> {name: path}, as TGI's launcher reads LORA_ADAPTERS.
+    Bare ids (Hub downloads in TGI) are refused: the stand-in is offline."""
+    adapters: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"LORA_ADAPTERS entry {item!r} must be name=/local/path")
+        if name in adapters:
+            raise ConfigError(f"LORA_ADAPTERS names adapter {name!r} twice")
+        folder = Path(path)
+        if not (folder / "adapter_config.json").is_file() or not list(folder.glob("*.safetensors")):
+            # TGI refuses adapter folders without these at top level; so do we.
+            raise ConfigError(f"LORA_ADAPTERS {name}={path}: needs adapter_config.json and *.safetensors at top level")
+        adapters[name] = path
+    return adapters
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, error_type: str):
+        super().__init__(message)
+        self.status, self.message, self.error_type = status, message, error_type
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    prompt_tokens: int
+    seed: Optional[int]
+
+
+class Engine:
+    """Base model + LoRA adapters (peft), one generation at a time."""
+
+    def __init__(self, config: Config):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_id)
+        model = AutoModelForCausalLM.from_pretrained(config.model_id, dtype=torch.float32)
+        if config.adapters:
+            from peft import PeftModel
+
+            items = list(config.adapters.items())
+            model = PeftModel.from_pretrained(model, items[0][1], adapter_name=items[0][0])
+            for name, path in items[1:]:
+                model.load_adapter(path, adapter_name=name)
+        model.eval()
+        self.model = model
+        self.lock = threading.Lock()
+
+    def generate(self, prompt: str, params: dict[str, Any]) -> Generation:
+        torch = self.torch
+        max_new = params.get("max_new_tokens")
+        max_new = 1024 if max_new is None else int(max_new)
+        if max_new < 0:
+            raise ApiError(422, "Input validation error: `max_new_tokens` must be >= 0", "validation")
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
+        if ids.shape[1] > self.config.max_input_tokens:
+            raise ApiError(422, f"Input validation error: `inputs` must have less than {self.config.max_input_tokens} tokens. Given: {ids.shape[1]}", "validation")
+        max_new = min(max_new, max(self.config.max_total_tokens - ids.shape[1], 0))
+        do_sample = bool(params.get("do_sample")) or any(
+            params.get(k) not in (None, 1.0) for k in ("temperature", "top_p"))
+        seed = params.get("seed")
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new, do_sample=do_sample,
+                                      return_dict_in_generate=True, output_scores=True,
+                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        if do_sample:
+            for key in ("temperature", "top_p", "top_k"):
+                if params.get(key) is not None:
+                    kwargs[key] = params[key]
+            seed = int(seed) if seed is not None else int(time.time_ns() % (2**31))
+        if params.get("repetition_penalty") is not None:
+            kwargs["repetition_penalty"] = params["repetition_penalty"]
+        adapter = params.get("adapter_id")
+        with self.lock:
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.no_grad(), self._adapter(adapter):
+                if max_new == 0:
+                    new_ids: list[int] = []
+                    scores: list = []
+                else:
+                    out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                    new_ids = out.sequences[0, ids.shape[1]:].tolist()
+                    scores = list(out.scores)
+        logprobs = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(scores, new_ids)]
+        finish = "length"
+        if new_ids and new_ids[-1] == self.tokenizer.eos_token_id:
+            finish = "eos_token"
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        for stop in params.get("stop") or []:
+            if stop and stop in text:
+                text, finish = text[: text.index(stop) + len(stop)], "stop_sequence"
+        return Generation(text, new_ids, logprobs, finish, int(ids.shape[1]), seed)
+
+    def _adapter(self, adapter_id: Optional[str]):
+        """Context selecting the adapter; unknown or empty ids run the base model, like TGI."""
+        import contextlib
+
+        if adapter_id and adapter_id in self.config.adapters:
+            self.model.set_adapter(adapter_id)
+            return contextlib.nullcontext()
+        if self.config.adapters:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        plain = []
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            if isinstance(content, list):  # chunks: keep the text parts
+                content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
+            if not isinstance(content, str) or "role" not in m:
+                raise ApiError(422, f"Input validation error: messages[{i}] needs role and content", "validation")
+            plain.append({"role": m["role"], "content": content})
+        template = self.tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+        return self.tokenizer.apply_chat_template(plain, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+
+def generate_response(engine: Engine, gen: Generation, params: dict[str, Any], prompt: str) -> dict[str, Any]:
+    text = prompt + gen.text if params.get("return_full_text") else gen.text
+    body: dict[str, Any] = {"generated_text": text}
+    if params.get("details", True):
+        special = set(engine.tokenizer.all_special_ids)
+        body["details"] = {
+            "finish_reason": gen.finish_reason,
+            "generated_tokens": len(gen.token_ids),
+            "seed": gen.seed,
+            "prefill": [],
+            "tokens": [
+                {"id": t, "text": engine.tokenizer.decode([t]), "logprob": lp, "special": t in special}
+                for t, lp in zip(gen.token_ids, gen.logprobs)
+            ],
+        }
+    return body
+
+
+def make_handler(engine: Engine):
+    config = engine.config
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "tgi-standin"
+
+        def log_message(self, fmt, *args):  # route through logging, not stderr spam
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def _send(self, status: int, body: Any = None, content_type: str = "application/json") -> None:
+            data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _json(self) -> dict[str, Any]:
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except json.JSONDecodeError as exc:
+                raise ApiError(422, f"Failed to deserialize the JSON body: {exc}", "validation") from None
+            if not isinstance(body, dict):
+                raise ApiError(422, "Failed to deserialize the JSON body: expected an object", "validation")
+            return body
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._send(200)
+            elif self.path == "/info":
+                self._send(200, {
+                    "model_id": config.model_id, "model_sha": None, "model_pipeline_tag": "text-generation",
+                    "max_concurrent_requests": config.max_concurrent_requests, "max_best_of": 2,
+                    "max_stop_sequences": 4, "max_input_tokens": config.max_input_tokens,
+                    "max_total_tokens": config.max_total_tokens, "validation_workers": 2,
+                    "max_client_batch_size": 4, "router": "text-generation-router", "version": VERSION,
+                    "sha": None, "docker_label": None,
+                })
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [
+                    {"id": config.model_id, "object": "model", "created": 0, "owned_by": config.model_id}]})
+            else:
+                self._send(404, {"error": f"no route {self.path}", "error_type": "not_found"})
+
+        def do_POST(self):
+            try:
+                body = self._json()
+                if self.path in ("/", "/generate", "/generate_stream"):
+                    self._generate(body)
+                elif self.path == "/v1/chat/completions":
+                    self._chat(body)
+                else:
+                    self._send(404, {"error": f"no route {self.path}", "error_type": "not_found"})
+            except ApiError as exc:
+                self._send(exc.status, {"error": exc.message, "error_type": exc.error_type})
+            except Exception as exc:  # report generation failures the way TGI does (424)
+                log.exception("generation failed")
+                self._send(424, {"error": f"Request failed during generation: {exc}", "error_type": "generation"})
+
+        def _generate(self, body: dict[str, Any]) -> None:
+            inputs = body.get("inputs")
+            if not isinstance(inputs, str) or not inputs:
+                raise ApiError(422, "Input validation error: `inputs` cannot be empty", "validation")
+            params = body.get("parameters") or {}
+            stream = self.path == "/generate_stream" or (self.path == "/" and body.get("stream"))
+            gen = engine.generate(inputs, params)
+            if stream:
+                self._stream(gen, params)
+            elif self.path == "/":
+                self._send(200, [generate_response(engine, gen, params, inputs)])
+            else:
+                self._send(200, generate_response(engine, gen, params, inputs))
+
+        def _stream(self, gen: Generation, params: dict[str, Any]) -> None:
+            # Generated up front, sent as SSE events in TGI's StreamResponse shape.
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            special = set(engine.tokenizer.all_special_ids)
+            for i, (t, lp) in enumerate(zip(gen.token_ids, gen.logprobs)):
+                last = i == len(gen.token_ids) - 1
+                event = {
+                    "index": i,
+                    "token": {"id": t, "text": engine.tokenizer.decode([t]), "logprob": lp, "special": t in special},
+                    "generated_text": gen.text if last else None,
+                    "details": {"finish_reason": gen.finish_reason, "generated_tokens": len(gen.token_ids),
+                                "seed": gen.seed} if last and params.get("details", True) else None,
+                    "top_tokens": None,
+                }
+                self.wfile.write(b"data:" + json.dumps(event).encode() + b"\n\n")
+            self.wfile.flush()
+            self.close_connection = True
+
+        def _chat(self, body: dict[str, Any]) -> None:
+            if body.get("stream"):
+                raise ApiError(422, "Input validation error: the stand-in does not stream chat completions", "validation")
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ApiError(422, "Input validation error: `messages` cannot be empty", "validation")
+            model = body.get("model") or "tgi"
+            params = {
+                # TGI: `model` names the adapter; anything else (e.g. "tgi") is the base model.
+                "adapter_id": model,
+                "max_new_tokens": body.get("max_tokens") if body.get("max_tokens") is not None else 1024,
+                "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+                "seed": body.get("seed"), "stop": body.get("stop"),
+            }
+            gen = engine.generate(engine.chat_prompt(messages), params)
+            self._send(200, {
+                "id": "", "object": "chat.completion", "created": int(time.time()),
+                "model": model if model in config.adapters else config.model_id,
+                "system_fingerprint": f"{VERSION}-native",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                             "logprobs": None, "finish_reason": gen.finish_reason}],
+                "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.token_ids),
+                          "total_tokens": gen.prompt_tokens + len(gen.token_ids)},
+            })
+
+    return Handler
+
+
+def main(env: Optional[dict[str, str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s tgi-standin %(levelname)s %(message)s")
+    try:
+        config = Config.from_env(dict(os.environ if env is None else env))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    started = time.monotonic()
+    log.info("loading %s with adapters %s", config.model_id, sorted(config.adapters) or "none")
+    try:
+        engine = Engine(config)
+    except Exception as exc:  # TGI's shard fails to start: exit non-zero, the pod restarts
+        log.error("failed to load model or adapters: %s", exc)
+        return 1
+    # Only now open the port: probes fail until everything is loaded, as with TGI.
+    server = ThreadingHTTPServer((config.hostname, config.port), make_handler(engine))
+    server.daemon_threads = True
+    log.info("ready in %.1fs, listening on %s:%d", time.monotonic() - started, config.hostname, config.port)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    server.server_close()
+    log.info("shut down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

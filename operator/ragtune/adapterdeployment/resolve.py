@@ -1,0 +1,127 @@
+"""Adapter resolution and the checks the operator can make without S3: FineTuneJob state,
+base-model identity, names, and the offline gate on the FineTuneJob's evaluation.
+
+Checks that need the manifest or `adapter_config.json` run in the fetch init container
+(`ragtune adapters fetch`), whose termination message the operator surfaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ragtune.api.adapterdeployment import (
+    AdapterDeploymentSpec,
+    AdapterSource,
+    GatesSpec,
+    ResolvedAdapter,
+)
+from ragtune.api.common import EvalMetrics, GateResult
+from ragtune.api.gates import describe_failures, evaluate_gates
+
+# A FineTuneJob getter: name -> the object as a dict, or None when it does not exist.
+FtjGetter = Callable[[str], Optional[dict[str, Any]]]
+
+
+class ResolveError(Exception):
+    """The adapter set cannot be deployed as specified (a permanent error for this generation)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotReady(Exception):
+    """An input is not there yet (e.g. the FineTuneJob is still training): wait and retry."""
+
+
+@dataclass
+class Resolution:
+    adapters: list[ResolvedAdapter]
+    """Every adapter of the spec, pinned."""
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """FineTuneJob `status.metrics` per adapter name (FineTuneJob-sourced adapters only)."""
+    eval_sets: dict[str, str] = field(default_factory=dict)
+    """The held-out evaluation data each FineTuneJob used (when it names one)."""
+
+
+def _same_base(spec: AdapterDeploymentSpec, ftj_spec: dict[str, Any]) -> Optional[str]:
+    theirs = ftj_spec.get("baseModel") or {}
+    want = (spec.base_model.id, spec.base_model.revision)
+    got = (theirs.get("id"), theirs.get("revision", "main"))
+    if got != want:
+        return f"trained on {got[0]}@{got[1]}, but the server runs {want[0]}@{want[1]}"
+    return None
+
+
+def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: FtjGetter) -> tuple[ResolvedAdapter, Optional[dict], Optional[str]]:
+    if source.uri:
+        assert source.sha256  # the CRD's CEL rule guarantees it; models validated by pydantic too
+        return ResolvedAdapter(name=source.name, uri=source.uri, sha256=source.sha256, source="uri"), None, None
+    ref = source.fine_tune_job_ref
+    assert ref is not None
+    ftj = get_ftj(ref.name)
+    if ftj is None:
+        raise NotReady(f"adapter {source.name}: FineTuneJob {ref.name} does not exist (yet)")
+    status = ftj.get("status") or {}
+    phase = status.get("phase")
+    if phase == "Failed":
+        raise ResolveError("FineTuneJobFailed",
+                           f"adapter {source.name}: FineTuneJob {ref.name} failed: {status.get('message', '')}".rstrip(": "))
+    if phase != "Succeeded":
+        raise NotReady(f"adapter {source.name}: waiting for FineTuneJob {ref.name} ({phase or 'Pending'})")
+    mismatch = _same_base(spec, ftj.get("spec") or {})
+    if mismatch:
+        raise ResolveError("BaseModelMismatch", f"adapter {source.name} (FineTuneJob {ref.name}) was {mismatch}")
+    artifact = status.get("adapter") or {}
+    if not artifact.get("uri") or not artifact.get("sha256"):
+        raise ResolveError("AdapterMissing", f"adapter {source.name}: FineTuneJob {ref.name} is Succeeded "
+                                             "but reports no adapter uri/sha256")
+    eval_set = ((ftj.get("spec") or {}).get("dataset") or {}).get("eval")
+    return (ResolvedAdapter(name=source.name, uri=artifact["uri"], sha256=artifact["sha256"],
+                            source=f"FineTuneJob/{ref.name}"),
+            status.get("metrics"), eval_set)
+
+
+def resolve(spec: AdapterDeploymentSpec, get_ftj: FtjGetter) -> Resolution:
+    """Pin every adapter of the spec. Raises NotReady (wait) or ResolveError (give up)."""
+    names = [a.name for a in spec.adapters]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ResolveError("DuplicateAdapterName", f"adapter names must be unique: {', '.join(duplicates)}")
+    out = Resolution(adapters=[])
+    for source in spec.adapters:
+        adapter, metrics, eval_set = resolve_one(spec, source, get_ftj)
+        out.adapters.append(adapter)
+        if metrics is not None:
+            out.metrics[adapter.name] = metrics
+        if eval_set:
+            out.eval_sets[adapter.name] = eval_set
+    return out
+
+
+def changed_adapters(candidate: list[ResolvedAdapter], serving: list[ResolvedAdapter]) -> list[str]:
+    """Names that are new or whose digest changed (removals need no gate)."""
+    current = {a.name: a.sha256 for a in serving}
+    return [a.name for a in candidate if current.get(a.name) != a.sha256]
+
+
+def offline_gate(gates: GatesSpec, metrics: Optional[dict[str, Any]]) -> list[GateResult]:
+    """Gate results for one FineTuneJob-sourced adapter: `gates.offline` on its held-out
+    evaluation, plus (if required) the FineTuneJob's own verdict."""
+    metrics = metrics or {}
+    adapter = EvalMetrics.model_validate(metrics.get("adapter") or {})
+    base = EvalMetrics.model_validate(metrics["base"]) if metrics.get("base") else None
+    results = evaluate_gates(gates.offline, adapter, base)
+    if gates.require_offline_pass:
+        # A Succeeded FineTuneJob without gates of its own reports no verdict: that is a pass.
+        passed = 0.0 if metrics.get("passed") is False else 1.0
+        results.append(GateResult(metric="fineTuneJobGatesPassed", comparison=">=", threshold=1.0,
+                                  value=passed, passed=passed == 1.0, margin=passed - 1.0))
+    return results
+
+
+def offline_failures(results: dict[str, list[GateResult]]) -> str:
+    """`adapter a: f1 0.410 < 0.5 (off by 0.090)` for every failing adapter."""
+    return "; ".join(f"adapter {name}: {describe_failures(rs)}" for name, rs in results.items()
+                     if any(not r.passed for r in rs))

@@ -1,0 +1,571 @@
+"""The AdapterDeployment rollout state machine, one idempotent tick at a time.
+
+Every tick reads the object and its children fresh, moves `status.candidate.step` along
+Resolving -> OfflineGate -> Canary -> OnlineGate -> Promoting -> Done, and writes the status back
+with the resourceVersion it read (a concurrent writer makes the write fail and the next tick
+redo the work). All state lives in the status and in deterministically named children, so an
+operator restart resumes where it stopped: the canary, the evaluation Job and the stable
+Deployment are created-or-adopted by name, and the stable pod template changes in one write.
+
+The offline gate of FineTuneJob-sourced adapters is computed here from the FineTuneJob status;
+adapters given by `uri` are gated on their run's `eval/report.json` by the evaluation Job (the
+operator reads no S3): inside the canary's evaluation, or in an offline-only Job for `Direct`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+from pydantic import ValidationError
+
+from ragtune.api.adapterdeployment import AdapterDeploymentPhase as Phase
+from ragtune.api.adapterdeployment import (
+    AdapterDeploymentSpec,
+    AdapterDeploymentStatus,
+    Candidate,
+    GateReport,
+    OnlineGateResult,
+    ResolvedAdapter,
+    RolloutRecord,
+    StrategyType,
+)
+from ragtune.api.common import Condition
+from ragtune.api.keys import ANNOTATION_ROLLED_AT
+from ragtune.api.pods import (
+    CandidateRef,
+    FetchResult,
+    OnlineEvalConfig,
+    OnlineEvalResult,
+)
+from ragtune.runtime.conditions import now, set_condition
+from ragtune.runtime.kube import KubeError
+
+from . import render
+from .resolve import (
+    NotReady,
+    ResolveError,
+    changed_adapters,
+    offline_failures,
+    offline_gate,
+    resolve,
+)
+
+log = logging.getLogger("ragtune.adapterdeployment")
+
+CRASH_RESTARTS = 2
+"""Restarts of a server container that count as crash-looping."""
+FATAL_WAITING = {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                 "CreateContainerConfigError", "CreateContainerError"}
+
+
+@dataclass
+class Outcome:
+    """What a tick did, for events and metrics."""
+
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    finished: Optional[str] = None
+    """`Promoted`, `RolledBack` or `Failed` when a rollout ended this tick."""
+    reason: str = ""
+    """Why it ended."""
+    seconds: float = 0.0
+    """How long the rollout that ended took."""
+    online_gate: Optional[bool] = None
+    """The online gate's verdict, when it came in this tick."""
+
+
+def _parse_time(stamp: Optional[str]) -> Optional[float]:
+    if not stamp:
+        return None
+    return datetime.strptime(stamp.replace("Z", "+00:00")[:19], "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=timezone.utc).timestamp()
+
+
+def _same(live: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """The live Deployment has the desired pod template and replica count."""
+    return (render.live_template_hash(live) == render.live_template_hash(desired)
+            and live["spec"].get("replicas") == desired["spec"].get("replicas"))
+
+
+def pod_failure(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
+    """(reason, message) when a server pod cannot become ready: its fetch init container failed
+    (the termination message says why), or a container crash-loops / cannot start."""
+    for pod in pods:
+        st = pod.get("status") or {}
+        name = pod["metadata"]["name"]
+        for cs in st.get("initContainerStatuses") or []:
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                term = state.get("terminated")
+                if term and term.get("exitCode", 0) != 0:
+                    message = term.get("message") or ""
+                    try:
+                        result = FetchResult.model_validate_json(message)
+                        return result.reason, f"pod {name}: adapter fetch failed: {result.message}"
+                    except ValidationError:
+                        return "InitContainerFailed", f"pod {name}: init container {cs['name']} exited " \
+                                                      f"{term.get('exitCode')}: {message.strip()[-300:]}"
+        for cs in st.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            if waiting.get("reason") in FATAL_WAITING or cs.get("restartCount", 0) >= CRASH_RESTARTS:
+                detail = (last.get("message") or waiting.get("message") or "").strip()[-300:]
+                return "CrashLoop", (f"pod {name}: container {cs['name']} "
+                                     f"{waiting.get('reason') or 'restarting'} after {cs.get('restartCount', 0)} "
+                                     f"restart(s), last exit {last.get('exitCode')}: {detail}").rstrip(": ")
+        if st.get("phase") == "Failed":
+            return "PodFailed", f"pod {name} failed: {st.get('message') or st.get('reason') or ''}"
+    return None
+
+
+def deployment_ready(dep: dict[str, Any]) -> bool:
+    """Rolled out completely: every replica updated, available, and no old replica left."""
+    spec, st = dep.get("spec") or {}, dep.get("status") or {}
+    want = spec.get("replicas", 1)
+    return (st.get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
+            and st.get("updatedReplicas", 0) >= want and st.get("readyReplicas", 0) >= want
+            and st.get("availableReplicas", 0) >= want and st.get("replicas", 0) == want)
+
+
+def job_result(pods: list[dict[str, Any]]) -> Optional[OnlineEvalResult]:
+    """The evaluation Job's verdict from its pod's termination message (None while running)."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated")
+            if not term:
+                continue
+            message = term.get("message") or ""
+            try:
+                return OnlineEvalResult.model_validate_json(message)
+            except ValidationError:
+                return OnlineEvalResult(outcome="Error", reason="EvaluatorFailed",
+                                        message=f"exit {term.get('exitCode')}: {message.strip()[-300:]}")
+    return None
+
+
+class Reconciler:
+    """One tick for one AdapterDeployment. `kube` is a `ragtune.runtime.kube.Kube`-like client."""
+
+    def __init__(self, kube, operator_image: str, clock: Callable[[], float] = time.time):
+        self.kube = kube
+        self.operator_image = operator_image
+        self.clock = clock
+
+    # --- entry point -----------------------------------------------------------------------
+
+    def tick(self, namespace: str, name: str) -> Outcome:
+        body = self.kube.get("AdapterDeployment", namespace, name)
+        out = Outcome()
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return out
+        old = body.get("status") or {}
+        try:
+            spec = AdapterDeploymentSpec.model_validate(body["spec"])
+            status = AdapterDeploymentStatus.model_validate(old)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            message = f"spec.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+            self._write(body, old, {**old, "phase": "Failed", "message": message,
+                                    "observedGeneration": body["metadata"].get("generation")})
+            return out
+        state = _Tick(self, body, spec, status, out)
+        state.run()
+        self._write(body, old, state.status.to_wire())
+        for type_, reason, message in out.events:
+            try:
+                self.kube.event(body, type_, reason, message)
+            except KubeError as err:  # events are best effort
+                log.debug("event not recorded: %s", err)
+        return out
+
+    def _write(self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        if new == old:
+            return
+        patch = {k: None for k in old if k not in new}
+        patch.update(new)
+        meta = body["metadata"]
+        self.kube.merge_patch("AdapterDeployment", meta["namespace"], meta["name"],
+                              {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch},
+                              sub="status")
+
+
+class _Tick:
+    def __init__(self, rec: Reconciler, body: dict[str, Any], spec: AdapterDeploymentSpec,
+                 status: AdapterDeploymentStatus, out: Outcome):
+        self.rec, self.kube, self.body, self.spec, self.out = rec, rec.kube, body, spec, out
+        self.status = status.model_copy(deep=True)
+        meta = body["metadata"]
+        self.ns, self.name, self.generation = meta["namespace"], meta["name"], meta.get("generation", 1)
+        self.owner = render.Owner(self.name, self.ns, meta["uid"])
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.out.events.append((type_, reason, message))
+
+    def cond(self, type_: str, ok: bool | str, reason: str, message: str = "") -> None:
+        conditions = [c.to_wire() for c in self.status.conditions]
+        self.status.conditions = [Condition.model_validate(c) for c in
+                                  set_condition(conditions, type_, ok, reason, message, self.generation)]
+
+    def get_ftj(self, ftj_name: str) -> Optional[dict[str, Any]]:
+        return self.kube.get("FineTuneJob", self.ns, ftj_name)
+
+    def stable_name(self) -> str:
+        ref = self.spec.server.deployment_ref
+        return ref.name if ref else render.stable_name(self.name)
+
+    def pods_of(self, dep: dict[str, Any], desired: dict[str, Any]) -> list[dict[str, Any]]:
+        """Live pods of `dep` that run the desired template (old pods' crashes are not ours)."""
+        pods = self.kube.list("Pod", self.ns, dep["spec"]["selector"]["matchLabels"])
+        want = render.live_template_hash(desired)
+        pods = [p for p in pods if (p["metadata"].get("annotations") or {}).get(render.ANNOTATION_TEMPLATE) == want]
+        return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+    # --- the state machine ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        cand = self.status.candidate
+        if cand is not None and cand.generation != self.generation and cand.step != "Promoting":
+            # A newer spec: abort this rollout cleanly before starting the next (never interleave).
+            self.finish("RolledBack", "Superseded", f"generation {self.generation} replaced the spec mid-rollout")
+            cand = None
+        if cand is None:
+            if self.status.observed_generation == self.generation and self.status.phase is not None:
+                self.watch_stable()
+                return
+            cand = Candidate(generation=self.generation, step="Resolving", started_at=now())
+            self.status.candidate = cand
+            self.status.gates = GateReport()
+            self.status.phase = Phase("Pending")
+            self.cond("Progressing", True, "RolloutStarted", f"rolling out generation {self.generation}")
+            self.event("Normal", "RolloutStarted", f"rollout of generation {self.generation} started")
+        step = {"Resolving": self.resolving, "OfflineGate": self.after_offline_gate, "Canary": self.canary,
+                "OnlineGate": self.online_gate, "Promoting": self.promoting}.get(cand.step)
+        if step:
+            step(cand)
+
+    def resolving(self, cand: Candidate) -> None:
+        try:
+            res = resolve(self.spec, self.get_ftj)
+        except NotReady as exc:
+            self.status.phase, self.status.message = Phase.PENDING, str(exc)
+            self.cond("Progressing", True, "WaitingForFineTuneJob", str(exc))
+            return
+        except ResolveError as exc:
+            self.finish("Failed", exc.reason, str(exc))
+            return
+        cand.adapters = res.adapters
+        cand.changed = changed_adapters(res.adapters, self.status.serving)
+        removed = sorted({a.name for a in self.status.serving} - {a.name for a in res.adapters})
+        cand.step = "OfflineGate"
+        self.status.phase = Phase("Gating")
+        results = {n: offline_gate(self.spec.gates, res.metrics.get(n)) for n in cand.changed if n in res.metrics}
+        self.status.gates = GateReport(offline=results)
+        failures = offline_failures(results)
+        if failures:
+            self.finish("RolledBack", "OfflineGateFailed", failures)
+            return
+        if not cand.changed and not removed and self.stable_up_to_date(res.adapters):
+            self.finish(None, "UpToDate", "the adapter set is already serving")
+            return
+        use_canary = self.use_canary(cand)
+        if use_canary and not self.eval_set(res.eval_sets, cand.changed):
+            self.finish("Failed", "EvalSetMissing", "the online gate needs evaluation data: set "
+                        "spec.gates.online.evalSetUri (the FineTuneJobs name no dataset.eval)")
+            return
+        if results:
+            self.event("Normal", "OfflineGatePassed", f"adapters {', '.join(results)} passed the offline gate")
+        if removed:
+            self.event("Normal", "AdaptersRemoved", f"removing {', '.join(removed)}")
+        # Continue in the same tick: each step is idempotent and re-reads what it needs.
+        self.after_offline_gate(cand)
+
+    def use_canary(self, cand: Candidate) -> bool:
+        return bool(self.spec.strategy.type == StrategyType.CANARY and self.spec.gates.online.enabled
+                    and cand.changed)
+
+    def report_gated(self, cand: Candidate) -> list[str]:
+        """Changed adapters given by `uri`: their offline gate runs on the run's eval/report.json,
+        in the evaluation Job (the operator reads no S3)."""
+        gates = self.spec.gates
+        if not gates.require_offline_pass and not any(gates.offline.model_dump().values()):
+            return []
+        return [a.name for a in cand.adapters if a.name in cand.changed and a.source == "uri"]
+
+    def after_offline_gate(self, cand: Candidate) -> None:
+        """OfflineGate (report-gated adapters, Direct strategy) -> Canary or Promoting."""
+        if self.use_canary(cand):
+            cand.step = "Canary"
+            self.status.message = "starting the canary"
+            self.canary(cand)
+            return
+        if self.report_gated(cand):
+            cand.step = "OfflineGate"
+            verdict = self.job_verdict(cand, online=False)
+            if verdict is None:
+                return
+        cand.step = "Promoting"
+        self.status.message = "rolling the stable server"
+        self.promoting(cand)
+
+    def eval_set(self, from_jobs: dict[str, str], changed: list[str]) -> Optional[str]:
+        if self.spec.gates.online.eval_set_uri:
+            return self.spec.gates.online.eval_set_uri
+        return next((from_jobs[n] for n in changed if n in from_jobs), None)
+
+    def stable_up_to_date(self, adapters: list[ResolvedAdapter]) -> bool:
+        dep = self.kube.get("Deployment", self.ns, self.stable_name())
+        return dep is not None and _same(dep, self.desired_stable(adapters, dep))
+
+    # --- canary ---
+
+    def canary(self, cand: Candidate) -> None:
+        self.status.phase = Phase("Gating")
+        desired = render.deployment(self.spec, cand.adapters, self.owner, canary=True,
+                                    operator_image=self.rec.operator_image)
+        dep = self.kube.get("Deployment", self.ns, desired["metadata"]["name"])
+        if dep is None:
+            self.kube.create(render.service(self.spec, self.owner, canary=True))
+            self.kube.create(desired)
+            self.event("Normal", "CanaryCreated", f"canary {desired['metadata']['name']} with "
+                       f"{', '.join(render.short_set(cand.adapters))}")
+            self.status.message = "canary starting"
+            return
+        if not _same(dep, desired):
+            # A canary left from an aborted rollout: adopt it with this rollout's set (one write).
+            desired["metadata"]["resourceVersion"] = dep["metadata"]["resourceVersion"]
+            self.kube.replace(desired)
+            return
+        if self.timed_out(dep, "canary", cand):
+            return
+        failure = pod_failure(self.pods_of(dep, desired))
+        if failure:
+            self.rollback(cand, *failure)
+            return
+        if deployment_ready(dep):
+            cand.step = "OnlineGate"
+            self.status.message = "canary ready, evaluating"
+            self.event("Normal", "CanaryReady", f"canary ready; online evaluation on "
+                       f"{self.spec.gates.online.samples} samples")
+            self.online_gate(cand)
+        else:
+            self.status.message = "waiting for the canary to become ready"
+
+    def timed_out(self, dep: dict[str, Any], what: str, cand: Candidate) -> bool:
+        started = _parse_time(dep["metadata"].get("creationTimestamp"))
+        limit = self.spec.gates.online.timeout_seconds
+        if started is not None and self.rec.clock() - started > limit:
+            self.rollback(cand, "CanaryTimeout", f"{what} not done within gates.online.timeoutSeconds={limit}")
+            return True
+        return False
+
+    def online_gate(self, cand: Candidate) -> None:
+        canary = self.kube.get("Deployment", self.ns, render.canary_name(self.name))
+        if canary is None:  # deleted under us: start the canary again
+            cand.step = "Canary"
+            return
+        if self.timed_out(canary, "canary evaluation", cand):
+            return
+        desired = render.deployment(self.spec, cand.adapters, self.owner, canary=True,
+                                    operator_image=self.rec.operator_image)
+        failure = pod_failure(self.pods_of(canary, desired))
+        if failure:
+            self.rollback(cand, *failure)
+            return
+        if self.job_verdict(cand, online=True) is None:
+            return
+        cand.step = "Promoting"
+        self.promoting(cand)
+
+    def job_verdict(self, cand: Candidate, online: bool) -> Optional[bool]:
+        """Run (create-or-adopt) the evaluation Job and read its verdict: True when it passed,
+        None while it runs or after a failure (which ends the rollout)."""
+        job_name = render.eval_job_name(self.name, cand.generation)
+        job = self.kube.get("Job", self.ns, job_name)
+        if job is None:
+            config = self.eval_config(cand, online)
+            if config is None:
+                return None
+            self.kube.create(render.eval_job(self.spec, self.owner, cand.generation, config.to_wire(),
+                                             self.rec.operator_image))
+            self.status.message = "online evaluation running" if online else "offline gate on the run reports"
+            return None
+        result = job_result(self.kube.list("Pod", self.ns, {"job-name": job_name}))
+        if result is None:
+            if any(c.get("type") == "Failed" and c.get("status") == "True"
+                   for c in (job.get("status") or {}).get("conditions") or []):
+                self.rollback(cand, "EvaluatorFailed", f"evaluation Job {job_name} failed without a result")
+            return None
+        gates = self.status.gates or GateReport()
+        gates.online = [OnlineGateResult.model_validate(r.to_wire()) for r in result.results]
+        gates.offline.update(result.offline)
+        self.status.gates = gates
+        if online:
+            self.out.online_gate = result.outcome == "Passed"
+        if result.outcome != "Passed":
+            self.rollback(cand, {"GateFailed": "OnlineGateFailed"}.get(result.reason, result.reason), result.message)
+            return None
+        self.event("Normal", "OnlineGatePassed" if online else "OfflineGatePassed", result.message)
+        return True
+
+    def eval_config(self, cand: Candidate, online: bool = True) -> Optional[OnlineEvalConfig]:
+        try:
+            res = resolve(self.spec, self.get_ftj)
+        except (NotReady, ResolveError) as exc:
+            self.rollback(cand, "ResolveFailed", str(exc))
+            return None
+        port = self.spec.server.port
+        serving = {a.name for a in self.status.serving}
+        stable = self.kube.get("Deployment", self.ns, self.stable_name())
+        stable_url = None
+        if stable is not None and serving and not self.spec.server.deployment_ref:
+            stable_url = render.service_url(render.stable_name(self.name), self.ns, port)
+        by_name = {a.name: a for a in cand.adapters}
+        gated = set(self.report_gated(cand))
+        return OnlineEvalConfig(
+            canary_url=render.service_url(render.canary_name(self.name), self.ns, port) if online else None,
+            stable_url=stable_url if online else None,
+            candidates=[CandidateRef(name=n, uri=by_name[n].uri, sha256=by_name[n].sha256, serving=n in serving,
+                                     offline=n in gated) for n in cand.changed if online or n in gated],
+            eval_set_uri=self.eval_set(res.eval_sets, cand.changed) if online else None,
+            gate=self.spec.gates.online, offline=self.spec.gates, s3=self.spec.s3, seed=cand.generation,
+        )
+
+    # --- promotion ---
+
+    def desired_stable(self, adapters: list[ResolvedAdapter], current: Optional[dict[str, Any]]) -> dict[str, Any]:
+        if self.spec.server.deployment_ref:
+            assert current is not None
+            desired = json.loads(json.dumps(current))
+            desired["spec"]["template"] = render.patch_existing_template(
+                current["spec"]["template"], self.spec, adapters, self.rec.operator_image)
+            return desired
+        desired = render.deployment(self.spec, adapters, self.owner, canary=False, operator_image=self.rec.operator_image)
+        if current is not None:
+            desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        return desired
+
+    def promoting(self, cand: Candidate) -> None:
+        self.status.phase = Phase("RollingOut")
+        name = self.stable_name()
+        dep = self.kube.get("Deployment", self.ns, name)
+        if dep is None and self.spec.server.deployment_ref:
+            self.finish("Failed", "DeploymentNotFound", f"spec.server.deploymentRef: Deployment {name} not found")
+            return
+        desired = self.desired_stable(cand.adapters, dep)
+        if dep is None:
+            self.kube.create(render.service(self.spec, self.owner, canary=False))
+        if dep is None or not _same(dep, desired):
+            desired["metadata"].setdefault("annotations", {})[ANNOTATION_ROLLED_AT] = str(int(self.rec.clock()))
+            # The whole pod template in one write: the stable server is never half-updated.
+            (self.kube.create if dep is None else self.kube.replace)(desired)
+            self.event("Normal", "Promoting", f"rolling {name} to {', '.join(render.short_set(cand.adapters))}")
+            self.status.message = f"rolling {name}"
+            return
+        failure = pod_failure(self.pods_of(dep, desired))
+        rolled_at = float((dep["metadata"].get("annotations") or {}).get(ANNOTATION_ROLLED_AT) or self.rec.clock())
+        if failure is None and self.rec.clock() - rolled_at > self.spec.server.startup_timeout_seconds + 60:
+            failure = ("RolloutTimeout", f"{name} did not become ready within "
+                                         f"spec.server.startupTimeoutSeconds={self.spec.server.startup_timeout_seconds}")
+        if failure:
+            self.revert_stable(dep)
+            self.rollback(cand, *failure)
+            return
+        if not deployment_ready(dep):
+            self.status.message = f"waiting for {name} to roll out"
+            return
+        self.promoted(cand)
+
+    def revert_stable(self, dep: dict[str, Any]) -> None:
+        """Put the previous adapter set back on the stable Deployment (or remove a stable
+        Deployment this rollout created: nothing served before)."""
+        if self.status.serving:
+            desired = self.desired_stable(self.status.serving, dep)
+            desired["metadata"].setdefault("annotations", {})[ANNOTATION_ROLLED_AT] = str(int(self.rec.clock()))
+            self.kube.replace(desired)
+        elif self.spec.server.deployment_ref:
+            restored = json.loads(json.dumps(dep))
+            restored["spec"]["template"] = render.restore_existing_template(dep["spec"]["template"])
+            self.kube.replace(restored)
+        else:
+            self.kube.delete("Deployment", self.ns, dep["metadata"]["name"])
+            self.kube.delete("Service", self.ns, dep["metadata"]["name"])
+
+    def promoted(self, cand: Candidate) -> None:
+        since = {a.name: a.since for a in self.status.serving}
+        old = {a.name: a.sha256 for a in self.status.serving}
+        stamp = now()
+        self.status.serving = [
+            a.model_copy(update={"since": since[a.name] if old.get(a.name) == a.sha256 else stamp})
+            for a in cand.adapters
+        ]
+        self.finish("Promoted", "Promoted", f"serving {', '.join(render.short_set(cand.adapters))}")
+
+    # --- endings ---
+
+    def rollback(self, cand: Candidate, reason: str, message: str) -> None:
+        self.finish("RolledBack", reason, message)
+
+    def finish(self, outcome: Optional[str], reason: str, message: str) -> None:
+        """End the rollout: remove the canary and evaluation Job, record history, set the phase.
+        `outcome` None: nothing to roll (the set already serves)."""
+        cand = self.status.candidate
+        self.kube.delete("Deployment", self.ns, render.canary_name(self.name))
+        self.kube.delete("Service", self.ns, render.canary_name(self.name))
+        if cand is not None:
+            self.kube.delete("Job", self.ns, render.eval_job_name(self.name, cand.generation))
+        if outcome is not None and cand is not None:
+            record = RolloutRecord(generation=cand.generation, adapters=render.short_set(cand.adapters),
+                                   outcome=outcome, reason=None if outcome == "Promoted" else f"{reason}: {message}"[:1024],
+                                   started_at=cand.started_at, finished_at=now())
+            self.status.history = ([record] + self.status.history)[: self.spec.history_limit]
+            self.out.finished, self.out.reason = outcome, reason
+            started = _parse_time(cand.started_at)
+            self.out.seconds = self.rec.clock() - started if started else 0.0
+        self.status.candidate = None
+        self.status.observed_generation = cand.generation if cand else self.generation
+        self.status.message = message if outcome != "Promoted" else f"serving {len(self.status.serving)} adapter(s)"
+        if outcome == "Promoted" or outcome is None:
+            self.status.phase = Phase("Ready")
+            self.cond("Progressing", False, reason, message)
+            self.event("Normal", reason, message)
+        else:
+            self.status.phase = Phase(outcome)  # RolledBack or Failed: what serves is untouched
+            self.cond("Progressing", False, reason, message)
+            self.event("Warning", reason, message)
+        self.refresh_serving_fields()
+        self.watch_stable(keep_phase=outcome not in ("Promoted", None))
+
+    def refresh_serving_fields(self) -> None:
+        self.status.serving_adapters = ",".join(a.name for a in self.status.serving) or None
+        if self.status.serving:
+            self.status.deployment_name = self.stable_name()
+            if not self.spec.server.deployment_ref:
+                self.status.endpoint = render.service_url(render.stable_name(self.name), self.ns, self.spec.server.port)
+
+    def watch_stable(self, keep_phase: bool = True) -> None:
+        """Between rollouts: report the stable server's health; recreate it if someone deleted it."""
+        if not self.status.serving:
+            self.cond("Ready", False, "NothingServing", "no adapter set has been promoted yet")
+            return
+        dep = self.kube.get("Deployment", self.ns, self.stable_name())
+        if dep is None and not self.spec.server.deployment_ref:
+            self.kube.create(render.service(self.spec, self.owner, canary=False))
+            self.kube.create(self.desired_stable(self.status.serving, None))
+            self.event("Warning", "StableRecreated", f"{self.stable_name()} was missing; recreated it")
+            dep = None
+        ready = dep is not None and (dep.get("status") or {}).get("readyReplicas", 0) >= 1
+        if ready:
+            self.cond("Ready", True, "Serving", f"serving {self.status.serving_adapters}")
+            self.cond("Degraded", False, "Serving")
+            if self.status.phase == "Degraded" or not keep_phase and self.status.phase != "Ready":
+                self.status.phase = Phase("Ready")
+        else:
+            self.cond("Ready", False, "ServerNotReady", f"{self.stable_name()} has no ready replica")
+            self.cond("Degraded", True, "ServerNotReady", f"{self.stable_name()} has no ready replica")
+            if self.status.phase == "Ready":
+                self.status.phase = Phase("Degraded")

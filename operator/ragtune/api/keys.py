@@ -1,0 +1,57 @@
+"""Every name ragtune puts on the wire: API group and version, and every label and annotation key
+on the objects it creates. Declared once here; everything else imports them."""
+
+from __future__ import annotations
+
+API_GROUP = "ragtune.dev"
+API_VERSION = "v1alpha1"
+GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+"""The `apiVersion` of FineTuneJob and AdapterDeployment."""
+FINETUNEJOBS = "finetunejobs"
+ADAPTERDEPLOYMENTS = "adapterdeployments"
+
+# --- Well-known Kubernetes labels (recommended labels) -------------------------------------
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+MANAGED_BY = "ragtune"
+"""Value of `app.kubernetes.io/managed-by` on every child object."""
+
+# --- ragtune's labels and annotations ----------------------------------------------------------
+
+LABEL_FINETUNEJOB = f"{API_GROUP}/finetunejob"
+"""On a trainer Job and its pods: the owning FineTuneJob (a label value: truncated + hashed)."""
+LABEL_GENERATION = f"{API_GROUP}/generation"
+"""On a trainer Job: the FineTuneJob generation it runs."""
+LABEL_RUN_ID = f"{API_GROUP}/run-id"
+"""On a trainer Job: its run folder (stable across the retries of one generation)."""
+ANNOTATION_SPEC_HASH = f"{API_GROUP}/spec-hash"
+"""On a trainer Job: hash of the spec it was rendered from."""
+ANNOTATION_FINETUNEJOB = f"{API_GROUP}/finetunejob-name"
+"""On a trainer Job: the owning FineTuneJob's full name (the label may be truncated)."""
+
+LABEL_ADAPTERDEPLOYMENT = f"{API_GROUP}/adapterdeployment"
+"""On serving Deployments, Services, evaluation Jobs and their pods: the owning AdapterDeployment."""
+LABEL_TRACK = f"{API_GROUP}/track"
+"""`stable`, `canary` or `eval`."""
+ANNOTATION_ADAPTER_SET = f"{API_GROUP}/adapter-set"
+"""On a serving Deployment: digest of the adapter set it serves."""
+ANNOTATION_ADAPTERS = f"{API_GROUP}/adapters"
+"""On a serving Deployment: the adapters it serves (name=sha256, comma separated)."""
+ANNOTATION_ORIGINAL_TEMPLATE = f"{API_GROUP}/original-template"
+"""On a referenced (user-owned) Deployment: its pod template before ragtune changed it."""
+ANNOTATION_TEMPLATE_HASH = f"{API_GROUP}/template-hash"
+"""On a serving Deployment: hash of the template ragtune rendered."""
+ANNOTATION_ROLLED_AT = f"{API_GROUP}/rolled-at"
+"""On a serving Deployment's pod template: when ragtune last rolled it."""
+
+LABEL_LOCAL_RUNNER = f"{API_GROUP}/local-runner"
+"""On the local platform's node: the pod runner runs its pods (see localplatform/)."""
+
+# --- kopf's state on our objects ----------------------------------------------------------------
+
+FINALIZER = f"{API_GROUP}/finalizer"
+KOPF_ANNOTATION_PREFIX = API_GROUP
+"""kopf's progress and last-handled-configuration annotations live under this prefix."""

@@ -1,0 +1,207 @@
+"""Contracts between the operator and the pods it runs (trainer, adapter fetcher, evaluator).
+
+The operator passes configuration through environment variables and reads each pod's outcome
+from its termination message (JSON, at most 4 KiB), so it never needs S3 access nor Secret
+contents. Long-running pods also print progress lines on stdout, which the operator samples
+from the pod log at a bounded rate.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional
+
+from pydantic import Field
+
+from .adapterdeployment import GatesSpec, OnlineGate, OnlineGateResult
+from .base import ApiModel
+from .common import EvalMetrics, GateResult, S3Config
+
+# --- Images ---------------------------------------------------------------------------
+
+OPERATOR_IMAGE = "ghcr.io/ragtune/ragtune-operator"
+"""Slim image (no torch): the operator, the adapter fetcher and the online evaluator."""
+TRAINER_IMAGE = "ghcr.io/ragtune/ragtune-trainer"
+"""CUDA image with torch: the trainer."""
+
+# --- Environment ----------------------------------------------------------------------
+
+ENV_OBJECT = "RAGTUNE_OBJECT"
+"""JSON of the owning object: apiVersion, kind, metadata {name, namespace, uid, generation} and
+the full spec (wire form, camelCase)."""
+ENV_RUN_ID = "RAGTUNE_RUN_ID"
+"""Artifact folder of the run: stable across retries of one generation, so a retry resumes."""
+ENV_TERMINATION_PATH = "RAGTUNE_TERMINATION_MESSAGE_PATH"
+"""Where to write the result (default `/dev/termination-log`)."""
+DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096
+
+EXIT_RETRYABLE = 1
+"""Trainer exit code for failures a retry may fix (S3 unreachable, preempted): the
+Job retries up to `spec.backoffLimit`, resuming from the newest checkpoint."""
+EXIT_PERMANENT = 2
+"""Trainer exit code for failures a retry cannot fix (InvalidDataset, InvalidSpec, BaseModelNotFound,
+GateFailed, NaNLoss, S3AccessDenied, S3ObjectNotFound, OutOfMemory: the same spec on the same
+resources hits the same wall):
+the Job's podFailurePolicy fails the whole Job at once."""
+OOM_REMEDIES = ("raise spec.resources.memory, lower training.batchSize or training.maxSeqLength, "
+                "or enable training.gradientCheckpointing")
+"""What an OutOfMemory failure tells the user to change (trainer and operator say the same)."""
+
+PROGRESS_PREFIX = "RAGTUNE_PROGRESS "
+"""A stdout line `RAGTUNE_PROGRESS {json TrainingProgress}` reports progress."""
+
+
+def run_id(uid: str, generation: int) -> str:
+    """Run folder for one generation of one object (a re-created object never resumes an old run)."""
+    return f"{uid[:8]}-g{generation}"
+
+
+def run_prefix(output_uri: str, namespace: str, name: str, rid: str) -> str:
+    """`<output.uri>/<namespace>/<name>/<runId>/` (docs/architecture.md, Artifacts in S3)."""
+    return f"{output_uri.rstrip('/')}/{namespace}/{name}/{rid}/"
+
+
+# --- Artifact layout under the run prefix ---------------------------------------------
+
+ADAPTER_DIR = "adapter/"
+CHECKPOINTS_DIR = "checkpoints/"
+REPORT_JSON = "eval/report.json"
+REPORT_HTML = "eval/report.html"
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = "ragtune.dev/manifest/v1"
+
+
+class ManifestFile(ApiModel):
+    path: str
+    """Path relative to the run prefix, e.g. `adapter/adapter_model.safetensors`."""
+    sha256: str
+    size: int
+
+
+class Manifest(ApiModel):
+    """`manifest.json`, written last: a run without it is incomplete and never deployed."""
+
+    schema_: Literal["ragtune.dev/manifest/v1"] = Field(MANIFEST_SCHEMA, alias="schema")
+    run_id: str
+    base_model: dict[str, Optional[str]]
+    """`{id, revision}` the adapter was trained on."""
+    files: list[ManifestFile]
+    """Every adapter, tokenizer and report file with its digest."""
+    datasets: list[dict[str, Optional[str]]] = Field(default_factory=list)
+    """`{uri, etag}` of every dataset object read."""
+    image: Optional[str] = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    """Library versions (torch, transformers, peft, trl, ...)."""
+    evaluation_passed: Optional[bool] = None
+    created_at: str
+    job: dict[str, Any] = Field(default_factory=dict)
+    """`{namespace, name, uid, generation}` of the FineTuneJob."""
+
+
+# --- Termination messages -------------------------------------------------------------
+
+
+class TrainerResult(ApiModel):
+    """What the trainer writes to its termination message."""
+
+    outcome: Literal["Succeeded", "Failed"]
+    reason: str
+    """CamelCase reason, e.g. `Completed`, `GateFailed`, `S3Unreachable`, `InvalidDataset`,
+    `BaseModelNotFound`, `OutOfMemory`, `NaNLoss`, `Preempted`."""
+    message: str = ""
+    """One line for humans."""
+    run_id: Optional[str] = None
+    adapter_uri: Optional[str] = None
+    """Run prefix holding `manifest.json`."""
+    manifest_sha256: Optional[str] = None
+    adapter_size_bytes: Optional[int] = None
+    report_uri: Optional[str] = None
+    base: Optional[EvalMetrics] = None
+    adapter: Optional[EvalMetrics] = None
+    passed: Optional[bool] = None
+    gates: list[GateResult] = Field(default_factory=list)
+    steps: Optional[int] = None
+    train_seconds: Optional[float] = None
+
+
+def encode_termination_message(result: ApiModel) -> str:
+    """Compact JSON within the kubelet's 4 KiB limit (drops gate details first, then the message)."""
+    data = result.to_wire()
+    text = json.dumps(data, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and "gates" in data:
+        data["gates"] = [g for g in data["gates"] if not g.get("passed")][:5]
+        text = json.dumps(data, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        data["message"] = data.get("message", "")[:200]
+        text = json.dumps(data, separators=(",", ":"))
+    return text
+
+
+# --- Adapter fetcher (init container of the serving pods) -----------------------------------
+
+
+class FetchedAdapter(ApiModel):
+    name: str
+    sha256: str
+    files: int
+    bytes: int
+
+
+class FetchResult(ApiModel):
+    """Termination message of the fetch init container."""
+
+    outcome: Literal["Succeeded", "Failed"]
+    reason: str
+    """`Fetched`, or why not: `ManifestMissing`, `DigestMismatch`, `ChecksumMismatch`,
+    `BaseModelMismatch`, `IncompleteAdapter`, `UnsupportedAdapter`, `InvalidManifest`, or a
+    storage reason (`S3Unreachable`, `S3AccessDenied`, `S3ObjectNotFound`, `S3Error`)."""
+    message: str = ""
+    adapter: Optional[str] = None
+    """The adapter that failed."""
+    adapters: list[FetchedAdapter] = Field(default_factory=list)
+
+
+# --- Online evaluator (the canary evaluation Job) -----------------------------------------
+
+EVAL_CONFIG_ENV = "RAGTUNE_EVAL_CONFIG"
+"""JSON `OnlineEvalConfig` for the evaluation Job."""
+
+
+class CandidateRef(ApiModel):
+    name: str
+    """Adapter id on the canary."""
+    uri: str
+    """Run prefix (its `adapter/` tokenizer files give the chat template)."""
+    sha256: Optional[str] = None
+    """Pinned sha256 of the run's manifest.json (needed for `offline`)."""
+    serving: bool = False
+    """An adapter of this name serves on the stable server now (the regression baseline)."""
+    offline: bool = False
+    """Apply the offline gate to the run's `eval/report.json` (adapters given by `uri`: the
+    operator has no FineTuneJob status to read their evaluation from)."""
+
+
+class OnlineEvalConfig(ApiModel):
+    canary_url: Optional[str] = None
+    """Empty: offline checks only (the `Direct` strategy)."""
+    stable_url: Optional[str] = None
+    candidates: list[CandidateRef]
+    eval_set_uri: Optional[str] = None
+    gate: OnlineGate = Field(default_factory=OnlineGate)
+    offline: GatesSpec = Field(default_factory=GatesSpec)
+    s3: S3Config = Field(default_factory=S3Config)
+    seed: int = 0
+
+
+class OnlineEvalResult(ApiModel):
+    """Termination message of the evaluation Job."""
+
+    outcome: Literal["Passed", "Failed", "Error"]
+    reason: str
+    """`Passed`, `GateFailed`, `NoAdapterEffect`, `Regression`, or an error reason
+    (`CanaryUnreachable`, `InvalidEvalSet`, `S3...`)."""
+    message: str = ""
+    results: list[OnlineGateResult] = Field(default_factory=list)
+    offline: dict[str, list[GateResult]] = Field(default_factory=dict)
+    """Offline gate results of the adapters checked against their run's report."""

@@ -1,0 +1,271 @@
+"""FineTuneJob -> batch/v1 Job (pure functions; no Kubernetes calls).
+
+Runs and generations: a run is one training Job with its own artifact folder (`runId`). A new
+generation starts a new run only when the spec changed in a way that matters for what gets
+trained (anything but the run-control fields below). Changing `suspend`, `backoffLimit` or
+`activeDeadlineSeconds` patches the current run's Job instead: suspending and resuming must
+continue the same run (it resumes from its checkpoints), and a longer deadline or more retries
+should not throw away hours of training. `specHash` (an annotation on the Job) records which
+spec a Job trains, so the controller can tell after a restart which Job is current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.api.keys import (
+    ANNOTATION_FINETUNEJOB,
+    ANNOTATION_SPEC_HASH,
+    GROUP_VERSION,
+    LABEL_FINETUNEJOB,
+    LABEL_GENERATION,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_RUN_ID,
+    MANAGED_BY,
+)
+from ragtune.api.pods import (
+    DEFAULT_TERMINATION_PATH,
+    ENV_OBJECT,
+    ENV_RUN_ID,
+    ENV_TERMINATION_PATH,
+    EXIT_PERMANENT,
+)
+
+KIND = "FineTuneJob"
+CONTAINER = "trainer"
+RUN_USER = 65532
+TERMINATION_GRACE_SECONDS = 120
+"""Time for the trainer to write a last checkpoint to S3 after SIGTERM (suspend, eviction)."""
+
+TRAINER_APP = "ragtune-trainer"
+
+RUN_CONTROL_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds")
+"""Spec fields applied to the running Job in place instead of starting a new run."""
+
+MAX_NAME = 63
+
+
+def _short_hash(text: str, n: int = 6) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def label_value(name: str) -> str:
+    """A FineTuneJob name as a label value (<= 63 chars; long names keep a hash suffix to stay unique)."""
+    if len(name) <= MAX_NAME:
+        return name
+    return f"{name[:MAX_NAME - 7].rstrip('-.')}-{_short_hash(name)}"
+
+
+def job_name(ftj_name: str, run_id: str) -> str:
+    """Deterministic Job name `<name>-<runId>`, shortened with a hash to fit 63 characters (the Job
+    controller copies it into a pod label)."""
+    full = f"{ftj_name}-{run_id}"
+    if len(full) <= MAX_NAME:
+        return full
+    keep = MAX_NAME - len(run_id) - 8
+    return f"{ftj_name[:keep].rstrip('-.')}-{_short_hash(ftj_name)}-{run_id}"
+
+
+def spec_hash(spec: FineTuneJobSpec) -> str:
+    """Digest of everything in the spec that changes what a run trains. Values equal to their
+    defaults are left out, so an operator upgrade that adds a defaulted field does not restart
+    every running training."""
+    wire = spec.model_dump(by_alias=True, exclude_defaults=True, exclude_none=True, mode="json")
+    for key in RUN_CONTROL_FIELDS:
+        wire.pop(key, None)
+    canonical = json.dumps(wire, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def owner_reference(meta: dict) -> dict:
+    return {
+        "apiVersion": GROUP_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def object_config(meta: dict, generation: int, spec: FineTuneJobSpec) -> str:
+    """`RAGTUNE_OBJECT`: the object the trainer works for, as the trainer's only configuration."""
+    return json.dumps(
+        {
+            "apiVersion": GROUP_VERSION,
+            "kind": KIND,
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+                "generation": generation,
+            },
+            "spec": spec.to_wire(),
+        },
+        separators=(",", ":"),
+    )
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def trainer_env(meta: dict, generation: int, spec: FineTuneJobSpec, run_id: str) -> list[dict]:
+    env: list[dict[str, Any]] = [
+        {"name": ENV_OBJECT, "value": object_config(meta, generation, spec)},
+        {"name": ENV_RUN_ID, "value": run_id},
+        {"name": ENV_TERMINATION_PATH, "value": DEFAULT_TERMINATION_PATH},
+        {"name": "AWS_REGION", "value": spec.s3.region},
+        # The root filesystem is read-only: point every cache at the writable volumes.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/cache"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if spec.s3.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": spec.s3.endpoint})
+    ref = spec.s3.credentials_secret_ref
+    if ref is not None:
+        env.append(_secret_env("AWS_ACCESS_KEY_ID", ref.name, ref.access_key_id_key))
+        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", ref.name, ref.secret_access_key_key))
+        if ref.session_token_key:
+            env.append(_secret_env("AWS_SESSION_TOKEN", ref.name, ref.session_token_key))
+    token = spec.base_model.token_secret_ref
+    if token is not None:
+        env.append(_secret_env("HF_TOKEN", token.name, token.key))
+    return env
+
+
+def labels_for(meta: dict, generation: int, run_id: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: TRAINER_APP,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_FINETUNEJOB: label_value(meta["name"]),
+        LABEL_GENERATION: str(generation),
+        LABEL_RUN_ID: run_id,
+    }
+
+
+def render_job(
+    meta: dict,
+    spec: FineTuneJobSpec,
+    run_id: str,
+    default_image: str,
+    generation: Optional[int] = None,
+) -> dict:
+    """The batch/v1 Job running the trainer for one run of a FineTuneJob.
+
+    `meta` is the FineTuneJob's metadata (name, namespace, uid, generation)."""
+    generation = int(generation if generation is not None else meta.get("generation") or 1)
+    res = spec.resources
+    labels = labels_for(meta, generation, run_id)
+    annotations = {ANNOTATION_SPEC_HASH: spec_hash(spec), ANNOTATION_FINETUNEJOB: meta["name"]}
+
+    resources: dict[str, dict[str, Any]] = {
+        "requests": {"cpu": res.cpu, "memory": res.memory},
+        "limits": {"memory": res.memory},
+    }
+    if res.gpus > 0:
+        resources["limits"][res.gpu_resource_name] = res.gpus
+
+    container = {
+        "name": CONTAINER,
+        "image": res.image or default_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["ragtune", "train", "--in-cluster"],
+        "env": trainer_env(meta, generation, spec, run_id),
+        "resources": resources,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": RUN_USER,
+            "runAsGroup": RUN_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "terminationMessagePath": DEFAULT_TERMINATION_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_USER,
+            "runAsGroup": RUN_USER,
+            "fsGroup": RUN_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
+        ],
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in res.tolerations]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if res.service_account_name:
+        pod_spec["serviceAccountName"] = res.service_account_name
+
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "suspend": spec.suspend,
+        # A replacement pod starts only once the previous one is gone: two trainers never
+        # write to the same run folder.
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]},
+                }
+            ]
+        },
+        "template": {"metadata": {"labels": dict(labels), "annotations": dict(annotations)}, "spec": pod_spec},
+    }
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(meta["name"], run_id),
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(meta)],
+        },
+        "spec": job_spec,
+    }
+
+
+def run_control_patch(job_spec: dict, spec: FineTuneJobSpec) -> dict:
+    """The patch that brings a Job's mutable run-control fields in line with the spec ({} if none)."""
+    patch: dict[str, Any] = {}
+    if bool(job_spec.get("suspend")) != spec.suspend:
+        patch["suspend"] = spec.suspend
+    if job_spec.get("activeDeadlineSeconds") != spec.active_deadline_seconds and spec.active_deadline_seconds:
+        patch["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if job_spec.get("backoffLimit") != spec.backoff_limit:
+        patch["backoffLimit"] = spec.backoff_limit
+    return patch

@@ -1,0 +1,76 @@
+"""`ragtune operator run`: the composition root of the operator process — kopf with ragtune's
+settings and the handlers of both controllers (`ragtune.finetunejob.controller`,
+`ragtune.adapterdeployment.controller`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register_handlers() -> None:
+    """Import kopf's startup settings and every controller module: importing registers handlers."""
+    from ragtune.runtime import kopf_setup  # noqa: F401
+    from ragtune.adapterdeployment import controller as _ad  # noqa: F401
+    from ragtune.finetunejob import controller as _ftj  # noqa: F401
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # Heavy imports only when the command runs (the CLI must stay cheap).
+    import dataclasses
+
+    import kopf
+
+    from .runtime.settings import ConfigError, OperatorConfig, set_config
+
+    try:
+        config = OperatorConfig.from_env()
+    except ConfigError as exc:
+        raise SystemExit(f"ragtune operator run: {exc}")
+    namespaces = tuple(args.namespace or ()) or config.namespaces
+    if args.all_namespaces:
+        namespaces = ()
+    config = dataclasses.replace(
+        config,
+        namespaces=namespaces,
+        metrics_port=config.metrics_port if args.metrics_port is None else args.metrics_port,
+        log_format=args.log_format or config.log_format,
+    )
+    set_config(config)
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL,
+        log_prefix=config.log_format != "json",
+    )
+
+    register_handlers()
+
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        standalone=True,
+        liveness_endpoint=args.liveness or None,
+    )
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    operator = subparsers.add_parser("operator", help="run the ragtune operator")
+    sub = operator.add_subparsers(dest="operator_command", metavar="COMMAND", required=True)
+    run = sub.add_parser(
+        "run",
+        help="reconcile FineTuneJobs and AdapterDeployments (kopf), serve metrics and a liveness probe",
+        description="Configuration comes from RAGTUNE_* environment variables "
+                    "(see ragtune.runtime.settings); flags override them.",
+    )
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", metavar="NS",
+                       help="serve this namespace (repeatable; default: RAGTUNE_WATCH_NAMESPACES, else all)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace (cluster mode)")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="Prometheus metrics port (default: RAGTUNE_METRICS_PORT or 8080; 0 disables)")
+    run.add_argument("--liveness", default="http://0.0.0.0:8081/healthz",
+                     help="kopf liveness endpoint URL (empty disables; default: %(default)s)")
+    run.add_argument("--log-format", choices=("json", "text"), default=None,
+                     help="log format (default: RAGTUNE_LOG_FORMAT or json)")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=_cmd_run)

@@ -1,0 +1,45 @@
+"""`ragtune adapters fetch` and `ragtune eval online`: the entry points of the pods the
+AdapterDeployment controller runs (operator image, no torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .fetch import main
+
+    return main(args)
+
+
+def _online(args: argparse.Namespace) -> int:
+    from .online_eval import main
+
+    return main(args)
+
+
+def _group(sub, name: str, help: str):
+    parser = sub.add_parser(name, help=help)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
+def add_commands(sub) -> None:
+    adapters = _group(sub, "adapters", "adapter artifacts (the serving pods' init container)")
+    fetch = adapters.add_parser(
+        "fetch", help="download adapters from S3, verify every sha256 against the manifest, place them for TGI")
+    fetch.add_argument("--adapter", action="append", required=True, metavar="NAME=URI#SHA256",
+                       help="adapter id, run prefix and the sha256 of its manifest.json (repeatable)")
+    fetch.add_argument("--dest", default="/data/adapters", help="folder that gets one sub-folder per adapter")
+    fetch.add_argument("--expect-base-model", metavar="ID@REVISION",
+                       help="fail unless every manifest names this base model")
+    fetch.add_argument("--allowed-target-module", action="append", metavar="MODULE",
+                       help="LoRA target modules the server supports (repeatable; default: any)")
+    fetch.add_argument("--max-rank", type=int, default=128, help="largest LoRA rank the server supports")
+    fetch.add_argument("--base-model-uri", help="also download base weights from this s3:// prefix")
+    fetch.add_argument("--base-dest", default="/data/base", help="where the base weights go")
+    fetch.set_defaults(func=_fetch)
+
+    evaluation = _group(sub, "eval", "evaluation")
+    online = evaluation.add_parser("online", help="canary evaluation through the TGI API (the evaluation Job)")
+    online.add_argument("--config", help="JSON config file (default: $RAGTUNE_EVAL_CONFIG)")
+    online.set_defaults(func=_online)

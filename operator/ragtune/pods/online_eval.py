@@ -1,0 +1,254 @@
+"""`ragtune eval online`: the canary evaluation Job.
+
+Reads rag records from S3, asks the canary for answers with each candidate adapter and with the
+base model (no adapter id), and the stable server with the adapter of the same name that serves
+now (if any); scores them with `ragtune.rag.metrics.score`; applies the online gate
+(thresholds, maximum regression against what serves now, proof that the adapter is applied:
+TGI silently serves the base model for an unknown adapter id); writes an `OnlineEvalResult`
+JSON termination message. Configuration comes as JSON in `RAGTUNE_EVAL_CONFIG`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from typing import Any, Callable, Optional
+
+from pydantic import ValidationError
+
+from ragtune.api.adapterdeployment import OnlineGate, OnlineGateResult
+from ragtune.api.common import GateResult
+from ragtune.api.gates import describe_failures, evaluate_gates
+from ragtune.api.pods import (
+    EVAL_CONFIG_ENV,
+    CandidateRef,
+    OnlineEvalConfig,
+    OnlineEvalResult,
+)
+from ragtune.rag.prompt import DEFAULT_REFUSAL, FALLBACK_CHAT_TEMPLATE, build_messages
+from ragtune.rag.records import RagRecord
+
+log = logging.getLogger("ragtune.online_eval")
+
+
+Generate = Callable[[str, str, Optional[str]], str]
+"""(base_url, prompt, adapter id or None) -> answer."""
+
+
+def load_records(storage, uri: str) -> list[dict[str, Any]]:
+    """JSONL rag records from an object or a prefix of `.jsonl` objects; errors name file and line."""
+    uris = [uri] if not uri.endswith("/") and storage.exists(uri) else \
+        [o.uri for o in storage.list(uri) if o.uri.endswith((".jsonl", ".json"))]
+    if not uris:
+        raise ValueError(f"{uri}: no evaluation records found")
+    records = []
+    for u in uris:
+        for lineno, line in enumerate(storage.get_bytes(u).decode().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{u}:{lineno}: not JSON: {exc.msg}") from None
+            for key in ("question", "contexts", "answer"):
+                if key not in record:
+                    raise ValueError(f"{u}:{lineno}: rag record lacks field {key!r}")
+            records.append(record)
+    return records
+
+
+def sample(records: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    if len(records) <= n:
+        return list(records)
+    return random.Random(seed).sample(records, n)
+
+
+def messages_for(record: dict[str, Any], refusal: str = DEFAULT_REFUSAL) -> list[dict[str, str]]:
+    """System + user turns for a rag record, exactly as in training (`ragtune.rag.prompt`)."""
+    return build_messages(RagRecord.from_dict({"id": "", **record}), refusal=refusal)
+
+
+def chat_template(storage, run_uri: str) -> tuple[str, dict[str, str]]:
+    """The adapter's chat template (as saved with its tokenizer) and its special tokens."""
+    base = run_uri.rstrip("/") + "/adapter/"
+    specials: dict[str, str] = {}
+    template = None
+    if storage.exists(base + "tokenizer_config.json"):
+        config = json.loads(storage.get_bytes(base + "tokenizer_config.json"))
+        template = config.get("chat_template")
+        for key in ("bos_token", "eos_token"):
+            if isinstance(config.get(key), str):
+                specials[key] = config[key]
+    if not template and storage.exists(base + "chat_template.jinja"):
+        template = storage.get_bytes(base + "chat_template.jinja").decode()
+    return template or FALLBACK_CHAT_TEMPLATE, specials
+
+
+def render_prompt(template: str, specials: dict[str, str], messages: list[dict[str, str]]) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    # The environment transformers' apply_chat_template uses, so prompts match training.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(template)
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=True, **specials)
+    except ValueError:  # templates without a system role: merge it into the first user turn
+        merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+        return compiled.render(messages=merged + messages[2:], add_generation_prompt=True, **specials)
+
+
+def gate_candidate(name: str, gate: OnlineGate, items: list[dict[str, Any]], candidate: list[str],
+                   base: list[str], baseline: Optional[list[str]]) -> OnlineGateResult:
+    from ragtune.rag.metrics import score
+
+    cand_m, base_m = score(items, candidate), score(items, base)
+    baseline_m = score(items, baseline) if baseline is not None else None
+    results = evaluate_gates(gate.thresholds, cand_m, base_m)
+    if baseline_m is not None:
+        for metric in ("f1", "refusalRate"):
+            was = baseline_m.to_wire().get(metric)
+            now = cand_m.to_wire().get(metric)
+            if was is None:
+                continue
+            threshold = round(was - gate.max_regression, 6)
+            results.append(GateResult(metric=f"{metric}VsServing", comparison=">=", threshold=threshold,
+                                      value=now, passed=now is not None and now >= threshold,
+                                      margin=None if now is None else round(now - threshold, 6)))
+    differs = sum(c.strip() != b.strip() for c, b in zip(candidate, base)) / max(len(items), 1)
+    if gate.require_adapter_effect:
+        need = round(1 / max(len(items), 1), 6)
+        results.append(GateResult(metric="differsFromBase", comparison=">=", threshold=need,
+                                  value=round(differs, 6), passed=differs >= need, margin=round(differs - need, 6)))
+    return OnlineGateResult(adapter=name, candidate=cand_m, base=base_m, baseline=baseline_m,
+                            differs_from_base=round(differs, 6), gates=results,
+                            passed=all(r.passed for r in results))
+
+
+def run_report(storage, cand: CandidateRef) -> dict[str, Any]:
+    """The run's `eval/report.json`, verified: manifest digest as pinned, report digest as listed."""
+    from ragtune.api.pods import MANIFEST, REPORT_JSON, Manifest
+    from ragtune.storage import sha256_bytes
+
+    base = cand.uri.rstrip("/") + "/"
+    raw = storage.get_bytes(base + MANIFEST)
+    if cand.sha256 and sha256_bytes(raw) != cand.sha256:
+        raise ValueError(f"adapter {cand.name}: {base}{MANIFEST} does not match the pinned sha256")
+    listed = {f.path: f.sha256 for f in Manifest.model_validate_json(raw).files}
+    if REPORT_JSON not in listed:
+        raise ValueError(f"adapter {cand.name}: the run's manifest lists no {REPORT_JSON} for the offline gate")
+    report = storage.get_bytes(base + REPORT_JSON)
+    if sha256_bytes(report) != listed[REPORT_JSON]:
+        raise ValueError(f"adapter {cand.name}: {base}{REPORT_JSON} does not match its sha256 in the manifest")
+    data = json.loads(report)
+    return {**(data.get("metrics") or {}), "passed": data.get("passed")}
+
+
+def offline_check(config: OnlineEvalConfig, storage) -> dict[str, list[GateResult]]:
+    from ragtune.adapterdeployment.resolve import offline_gate
+
+    return {c.name: offline_gate(config.offline, run_report(storage, c)) for c in config.candidates if c.offline}
+
+
+def evaluate(config: OnlineEvalConfig, storage, generate: Generate) -> OnlineEvalResult:
+    from ragtune.adapterdeployment.resolve import offline_failures
+
+    try:
+        offline = offline_check(config, storage)
+    except (ValueError, ValidationError) as exc:
+        return OnlineEvalResult(outcome="Error", reason="OfflineReportInvalid", message=str(exc)[:500])
+    failures = offline_failures(offline)
+    if failures:
+        return OnlineEvalResult(outcome="Failed", reason="OfflineGateFailed", message=failures, offline=offline)
+    if not config.canary_url:
+        return OnlineEvalResult(outcome="Passed", reason="Passed", offline=offline,
+                                message=f"{len(offline)} adapter(s) passed the offline gate on their run's report")
+    if not config.eval_set_uri:
+        return OnlineEvalResult(outcome="Error", reason="InvalidEvalSet", message="no evaluation set configured")
+    try:
+        items = sample(load_records(storage, config.eval_set_uri), config.gate.samples, config.seed)
+    except ValueError as exc:
+        return OnlineEvalResult(outcome="Error", reason="InvalidEvalSet", message=str(exc))
+    budget = config.gate.max_new_tokens
+    results = []
+    base_cache: dict[str, list[str]] = {}
+    for cand in config.candidates:
+        template, specials = chat_template(storage, cand.uri)
+        prompts = [render_prompt(template, specials, messages_for(r)) for r in items]
+        key = template
+        try:
+            if key not in base_cache:
+                base_cache[key] = [generate(config.canary_url, p, None) for p in prompts]
+            answers = [generate(config.canary_url, p, cand.name) for p in prompts]
+        except Exception as exc:
+            return OnlineEvalResult(outcome="Error", reason="CanaryUnreachable",
+                                    message=f"querying the canary at {config.canary_url}: {type(exc).__name__}: {exc}")
+        baseline = None
+        if cand.serving and config.stable_url:
+            try:
+                baseline = [generate(config.stable_url, p, cand.name) for p in prompts]
+            except Exception as exc:
+                return OnlineEvalResult(outcome="Error", reason="StableUnreachable",
+                                        message=f"querying the stable server at {config.stable_url}: {exc}")
+        log.info("adapter %s: %d items answered (budget %d tokens)", cand.name, len(items), budget)
+        results.append(gate_candidate(cand.name, config.gate, items, answers, base_cache[key], baseline))
+    failed = [r for r in results if not r.passed]
+    if not failed:
+        return OnlineEvalResult(outcome="Passed", reason="Passed", offline=offline,
+                                message=f"{len(results)} adapter(s) passed on {len(items)} items", results=results)
+    first = failed[0]
+    metrics = {g.metric for g in first.gates if not g.passed}
+    reason = ("NoAdapterEffect" if metrics == {"differsFromBase"} else
+              "Regression" if metrics and all(m.endswith("VsServing") for m in metrics) else "GateFailed")
+    message = "; ".join(f"adapter {r.adapter}: {describe_failures(r.gates)}" for r in failed)
+    return OnlineEvalResult(outcome="Failed", reason=reason, message=message, results=results, offline=offline)
+
+
+def _fit(result: OnlineEvalResult) -> OnlineEvalResult:
+    """Keep the termination message within 4 KiB: drop base/baseline metrics, then passed gates."""
+    from ragtune.api.pods import TERMINATION_MESSAGE_LIMIT
+
+    def size(r: OnlineEvalResult) -> int:
+        return len(json.dumps(r.to_wire(), separators=(",", ":")).encode())
+
+    if size(result) <= TERMINATION_MESSAGE_LIMIT:
+        return result
+    slim = result.model_copy(deep=True)
+    for r in slim.results:
+        r.base = r.baseline = None
+    for r in slim.results:
+        if size(slim) <= TERMINATION_MESSAGE_LIMIT:
+            break
+        r.gates = [g for g in r.gates if not g.passed]
+    return slim
+
+
+def main(args) -> int:
+    from ragtune.adapterdeployment.backends import TGI
+    from ragtune.storage import Storage
+
+    from .fetch import write_termination_message
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    raw = os.environ.get(EVAL_CONFIG_ENV) if args.config is None else open(args.config).read()
+    try:
+        config = OnlineEvalConfig.model_validate_json(raw or "")
+    except ValidationError as exc:
+        result = OnlineEvalResult(outcome="Error", reason="InvalidConfig",
+                                  message=f"{EVAL_CONFIG_ENV}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    else:
+        storage = Storage(config.s3)
+        max_new = config.gate.max_new_tokens
+
+        def generate(url: str, prompt: str, adapter: Optional[str]) -> str:
+            return TGI.generate(url, prompt, adapter=adapter, max_new_tokens=max_new)
+
+        result = evaluate(config, storage, generate)
+    write_termination_message(_fit(result))
+    print(json.dumps({"outcome": result.outcome, "reason": result.reason, "message": result.message}))
+    return 0 if result.outcome == "Passed" else 1

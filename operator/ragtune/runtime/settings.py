@@ -1,0 +1,95 @@
+"""Operator configuration, read from the environment (the Helm chart sets these variables).
+
+| variable | default | meaning |
+|---|---|---|
+| `RAGTUNE_TRAINER_IMAGE` | `ghcr.io/ragtune/ragtune-trainer:<version>` | trainer image (a FineTuneJob may override it) |
+| `RAGTUNE_OPERATOR_IMAGE` | `ghcr.io/ragtune/ragtune-operator:<version>` | image of the operator's helper pods |
+| `RAGTUNE_WATCH_NAMESPACES` | empty = all namespaces | comma-separated namespaces to serve |
+| `RAGTUNE_METRICS_PORT` | `8080` | Prometheus metrics port, `0` disables |
+| `RAGTUNE_LOG_FORMAT` | `json` | `json` (one object per line, with the object's namespace/name) or `text` |
+| `RAGTUNE_PROGRESS_INTERVAL_SECONDS` | `15` | how often the progress of one running job is sampled |
+| `RAGTUNE_PROGRESS_READS_PER_SECOND` | `5` | cap on pod-log reads per second over all jobs |
+| `RAGTUNE_API_WORKERS` | `8` | concurrent Kubernetes API calls made by the controllers |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Mapping, Optional
+
+from ragtune.api.pods import OPERATOR_IMAGE, TRAINER_IMAGE
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ragtune")
+    except metadata.PackageNotFoundError:
+        return "latest"
+
+
+def _number(env: Mapping[str, str], name: str, default: float, kind: type = float, minimum: float = 0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    trainer_image: str
+    operator_image: str
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to serve; empty means every namespace (cluster mode)."""
+    metrics_port: int = 8080
+    log_format: str = "json"
+    progress_interval: float = 15.0
+    progress_reads_per_second: float = 5.0
+    api_workers: int = 8
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "OperatorConfig":
+        env = os.environ if env is None else env
+        version = _version()
+        log_format = env.get("RAGTUNE_LOG_FORMAT", "json").strip().lower() or "json"
+        if log_format not in ("json", "text"):
+            raise ConfigError(f"RAGTUNE_LOG_FORMAT={log_format!r} must be 'json' or 'text'")
+        namespaces = tuple(n.strip() for n in env.get("RAGTUNE_WATCH_NAMESPACES", "").split(",") if n.strip())
+        return cls(
+            trainer_image=env.get("RAGTUNE_TRAINER_IMAGE", "").strip() or f"{TRAINER_IMAGE}:{version}",
+            operator_image=env.get("RAGTUNE_OPERATOR_IMAGE", "").strip() or f"{OPERATOR_IMAGE}:{version}",
+            namespaces=namespaces,
+            metrics_port=int(_number(env, "RAGTUNE_METRICS_PORT", 8080, int)),
+            log_format=log_format,
+            progress_interval=_number(env, "RAGTUNE_PROGRESS_INTERVAL_SECONDS", 15.0, float, 1),
+            progress_reads_per_second=_number(env, "RAGTUNE_PROGRESS_READS_PER_SECOND", 5.0, float, 0.1),
+            api_workers=int(_number(env, "RAGTUNE_API_WORKERS", 8, int, 1)),
+        )
+
+
+_config: Optional[OperatorConfig] = None
+
+
+def get_config() -> OperatorConfig:
+    """The running operator's configuration (read from the environment on first use)."""
+    global _config
+    if _config is None:
+        _config = OperatorConfig.from_env()
+    return _config
+
+
+def set_config(config: OperatorConfig) -> None:
+    """Install the configuration (the CLI does this after applying its flags)."""
+    global _config
+    _config = config

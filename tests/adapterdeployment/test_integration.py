@@ -1,0 +1,317 @@
+"""AdapterDeployment end to end on the local platform: the real kube-apiserver, controller-manager
+(Deployments, ReplicaSets, Jobs, garbage collection), MinIO, the pod runner running the fetch
+init container, the TGI stand-in and the online evaluation Job as processes, and the operator
+as a `kopf run` process.
+
+FineTuneJobs here are created with a Succeeded status written directly (the AdapterDeployment
+controller only reads them); training itself is covered by the trainer and operator tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+from ragtune.runtime.kube import Kube
+from ragtune_local.testdoubles.tiny_models import (
+    TINY_BASE_ID,
+    TINY_BASE_REVISION,
+    make_adapter,
+    make_base,
+    publish_run,
+    s3_put,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.platform]
+
+REPO = Path(__file__).resolve().parents[2]
+RECORDS = [
+    {"id": f"q{i}", "question": q, "answer": a, "contexts": [{"id": "1", "text": c}],
+     "answerable": a != "I cannot answer this from the provided context."}
+    for i, (q, c, a) in enumerate([
+        ("What is the capital of France?", "The capital of France is Paris.", "Paris [1]"),
+        ("Who wrote Hamlet?", "Hamlet was written by Shakespeare.", "Shakespeare [1]"),
+        ("What colour is the sky?", "On a clear day the sky is blue.", "Blue [1]"),
+        ("How tall is the tower?", "The tower is made of iron.", "I cannot answer this from the provided context."),
+    ])
+]
+
+
+# eval/report.json of a run, as the trainer writes it (the offline gate of `uri` adapters reads it)
+REPORT = {"passed": True, "metrics": {"base": {"samples": 4, "f1": 0.1}, "adapter": {"samples": 4, "f1": 0.6}}}
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving-models")
+    base = make_base(root / "base")
+    return {
+        "base": base,
+        "good": make_adapter(base, root / "good", seed=1),
+        "good2": make_adapter(base, root / "good2", seed=3),
+        "noop": make_adapter(base, root / "noop", scale=0.0),  # LoRA B = 0: outputs equal the base model's
+        "misfit": make_adapter(make_base(root / "other", hidden=48), root / "misfit"),  # tensors do not fit
+    }
+
+
+class Operator:
+    """`kopf run` of the AdapterDeployment controller as a separate process (restartable)."""
+
+    def __init__(self, kubeconfig: str, log: Path):
+        self.kubeconfig, self.log, self.proc = kubeconfig, log, None
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "RAGTUNE_METRICS_PORT": "0",
+               "RAGTUNE_LOG_FORMAT": "text"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--liveness=",
+             "-m", "ragtune.runtime.kopf_setup", "-m", "ragtune.adapterdeployment.controller"],
+            cwd=REPO, env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def operator(platform, tmp_path_factory):
+    platform.install_crds()
+    op = Operator(platform.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def kube(platform) -> Kube:
+    return Kube(platform.api_client())
+
+
+@pytest.fixture
+def store(platform, namespace):
+    """Publishes adapter runs and the eval set into a bucket of this test."""
+    bucket = platform.bucket(f"serving-{namespace}")
+    s3 = platform.s3_client()
+    s3.put_object(Bucket=bucket, Key="eval/records.jsonl", Body="\n".join(json.dumps(r) for r in RECORDS).encode())
+
+    def publish(run: str, adapter: Path, **kw) -> dict[str, str]:
+        kw.setdefault("report", REPORT)
+        digest = publish_run(s3_put(s3, bucket, f"runs/{run}"), adapter, run_id=run, **kw)
+        return {"uri": f"s3://{bucket}/runs/{run}/", "sha256": digest}
+    publish.eval_uri = f"s3://{bucket}/eval/records.jsonl"
+    return publish
+
+
+def ad_body(platform, namespace: str, tiny, adapters: list[dict], store, **spec: Any) -> dict:
+    body = {
+        "apiVersion": "ragtune.dev/v1alpha1", "kind": "AdapterDeployment",
+        "metadata": {"name": "chat", "namespace": namespace},
+        "spec": {
+            "baseModel": {"id": TINY_BASE_ID, "revision": TINY_BASE_REVISION, "uri": tiny["base"].as_uri()},
+            "server": {"gpus": 0, "cpu": "100m", "memory": "1Gi", "startupTimeoutSeconds": 120},
+            "adapters": adapters,
+            "gates": {"online": {"evalSetUri": store.eval_uri, "samples": 4, "maxNewTokens": 8,
+                                 "timeoutSeconds": 240}},
+            "s3": {"endpoint": platform.s3_endpoint, "credentialsSecretRef": {"name": "s3-credentials"}},
+        },
+    }
+    for key, value in spec.items():
+        body["spec"][key] = {**body["spec"].get(key, {}), **value} if isinstance(value, dict) else value
+    return body
+
+
+def wait_status(kube: Kube, namespace: str, check: Callable[[dict], bool], timeout: float = 240,
+                name: str = "chat") -> dict:
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        obj = kube.get("AdapterDeployment", namespace, name)
+        status = (obj or {}).get("status") or {}
+        if check(status):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; last status: {json.dumps(status, indent=1)[:3000]}")
+
+
+def finished(generation: int) -> Callable[[dict], bool]:
+    return lambda s: s.get("observedGeneration") == generation and not s.get("candidate") and s.get("phase")
+
+
+def events(kube: Kube, namespace: str) -> list[str]:
+    items = kube.request("GET", f"/api/v1/namespaces/{namespace}/events").get("items", [])
+    # resourceVersion orders writes; event timestamps only have second resolution
+    return [e["reason"] for e in sorted(items, key=lambda e: int(e["metadata"]["resourceVersion"]))
+            if e["involvedObject"].get("kind") == "AdapterDeployment"]
+
+
+def generate(kube: Kube, namespace: str, deployment: str, adapter: Optional[str]) -> str:
+    """Ask a pod of `deployment` directly (pod IPs are on 127.0.0.0/8 on the local platform)."""
+    dep = kube.get("Deployment", namespace, deployment)
+    pods = [p for p in kube.list("Pod", namespace, dep["spec"]["selector"]["matchLabels"])
+            if p.get("status", {}).get("podIP") and not p["metadata"].get("deletionTimestamp")]
+    body = {"inputs": "Question: What is the capital of France? Answer:",
+            "parameters": {"max_new_tokens": 8, **({"adapter_id": adapter} if adapter else {})}}
+    req = urllib.request.Request(f"http://{pods[0]['status']['podIP']}:8080/generate", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())["generated_text"]
+
+
+def apply(platform, body: dict) -> None:
+    platform.apply(body)
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+def test_canary_promote_then_failed_online_gate_keeps_serving(platform, namespace, operator, kube, tiny, store):
+    good = store("good", tiny["good"])
+    apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **good}], store))
+    status = wait_status(kube, namespace, finished(1))
+    assert status["phase"] == "Ready", status
+    assert [(a["name"], a["sha256"]) for a in status["serving"]] == [("support", good["sha256"])]
+    assert status["history"][0]["outcome"] == "Promoted"
+    online = status["gates"]["online"][0]
+    assert online["adapter"] == "support" and online["passed"] and online["differsFromBase"] > 0
+    assert status["endpoint"] == f"http://chat-tgi.{namespace}.svc:8080"
+    assert kube.get("Deployment", namespace, "chat-tgi-canary") is None
+    assert kube.get("Job", namespace, "chat-eval-g1") is None
+    assert generate(kube, namespace, "chat-tgi", "support") != generate(kube, namespace, "chat-tgi", None)
+    assert events(kube, namespace) == ["RolloutStarted", "CanaryCreated", "CanaryReady", "OnlineGatePassed",
+                                       "Promoting", "Promoted"]
+    assert status["gates"]["offline"]["support"][0]["metric"] == "fineTuneJobGatesPassed"
+    stable_pods = {p["metadata"]["uid"] for p in kube.list("Pod", namespace, {"ragtune.dev/track": "stable"})}
+
+    # A second adapter that does nothing (LoRA B = 0): TGI would serve the base model for it.
+    noop = store("noop", tiny["noop"])
+    apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **good}, {"name": "legal", **noop}],
+                            store))
+    status = wait_status(kube, namespace, finished(2))
+    assert status["phase"] == "RolledBack", status
+    assert status["history"][0]["reason"].startswith("NoAdapterEffect")
+    assert "differsFromBase 0.000" in status["message"]
+    assert [a["name"] for a in status["serving"]] == ["support"]
+    assert {p["metadata"]["uid"] for p in kube.list("Pod", namespace, {"ragtune.dev/track": "stable"})} == stable_pods
+    assert kube.get("Deployment", namespace, "chat-tgi-canary") is None
+    ready = {c["type"]: c["status"] for c in status["conditions"]}
+    assert ready["Ready"] == "True"
+
+
+def test_checksum_mismatch_fails_the_canary_with_the_fetchers_reason(platform, namespace, operator, kube, tiny, store):
+    bad = store("bad", tiny["good"], tamper="adapter_model.safetensors")
+    apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **bad}], store))
+    status = wait_status(kube, namespace, finished(1))
+    assert status["phase"] == "RolledBack" and status["history"][0]["reason"].startswith("ChecksumMismatch")
+    assert "adapter/adapter_model.safetensors" in status["message"]
+    assert kube.get("Deployment", namespace, "chat-tgi") is None
+    assert kube.get("Deployment", namespace, "chat-tgi-canary") is None
+
+
+def test_adapter_for_another_base_model_never_serves(platform, namespace, operator, kube, tiny, store):
+    other = store("other", tiny["good"], base_id="meta-llama/Llama-3.2-1B")
+    apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **other}], store))
+    status = wait_status(kube, namespace, finished(1))
+    assert status["history"][0]["reason"].startswith("BaseModelMismatch"), status
+    assert "meta-llama/Llama-3.2-1B" in status["message"]
+
+
+def test_crash_looping_canary_is_rolled_back(platform, namespace, operator, kube, tiny, store):
+    misfit = store("misfit", tiny["misfit"])
+    apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **misfit}], store))
+    status = wait_status(kube, namespace, finished(1))
+    assert status["phase"] == "RolledBack" and status["history"][0]["reason"].startswith("CrashLoop"), status
+    assert kube.get("Deployment", namespace, "chat-tgi-canary") is None
+
+
+def test_direct_strategy_with_finetunejob_and_offline_gate(platform, namespace, operator, kube, tiny, store):
+    good = store("ftj-good", tiny["good"])
+
+    def finetunejob(name: str, run: dict, f1: float) -> None:
+        platform.apply({"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
+                        "metadata": {"name": name, "namespace": namespace},
+                        "spec": {"baseModel": {"id": TINY_BASE_ID, "revision": TINY_BASE_REVISION},
+                                 "dataset": {"train": store.eval_uri}, "output": {"uri": "s3://unused/runs"},
+                                 "suspend": True}})
+        kube.merge_patch("FineTuneJob", namespace, name, {"status": {
+            "phase": "Succeeded", "adapter": run,
+            "metrics": {"base": {"samples": 4, "f1": 0.1}, "adapter": {"samples": 4, "f1": f1}, "passed": True}}},
+            sub="status")
+
+    finetunejob("ftj-good", good, 0.6)
+    finetunejob("ftj-weak", store("ftj-weak", tiny["good2"]), 0.2)
+    body = ad_body(platform, namespace, tiny, [{"name": "support", "fineTuneJobRef": {"name": "ftj-good"}}], store,
+                   strategy={"type": "Direct"}, gates={"offline": {"minF1": 0.5}})
+    apply(platform, body)
+    status = wait_status(kube, namespace, finished(1))
+    assert status["phase"] == "Ready" and "Canary" not in " ".join(events(kube, namespace))
+    assert status["serving"][0]["source"] == "FineTuneJob/ftj-good"
+    template = kube.get("Deployment", namespace, "chat-tgi")["spec"]["template"]
+
+    body["spec"]["adapters"] = [{"name": "support", "fineTuneJobRef": {"name": "ftj-weak"}}]
+    apply(platform, body)
+    status = wait_status(kube, namespace, finished(2))
+    assert status["phase"] == "RolledBack" and "f1 0.200 < 0.5 (off by 0.300)" in status["message"]
+    assert kube.get("Deployment", namespace, "chat-tgi")["spec"]["template"] == template
+
+
+def test_operator_restart_mid_rollout_resumes_with_one_canary(platform, namespace, operator, kube, tiny, store):
+    good = store("good", tiny["good"])
+    apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **good}], store))
+    wait_status(kube, namespace, lambda s: (s.get("candidate") or {}).get("step") in ("Canary", "OnlineGate"))
+    canaries = {kube.get("Deployment", namespace, "chat-tgi-canary")["metadata"]["uid"]}
+    operator.stop()
+    time.sleep(3)
+    operator.start()
+
+    def watch_canary(status: dict) -> bool:
+        canary = kube.get("Deployment", namespace, "chat-tgi-canary")
+        if canary:
+            canaries.add(canary["metadata"]["uid"])
+        return finished(1)(status)
+    status = wait_status(kube, namespace, watch_canary)
+    assert status["phase"] == "Ready", status
+    assert len(canaries) == 1  # the canary that existed at the restart was adopted, never recreated
+    assert [r["outcome"] for r in status["history"]] == ["Promoted"]
+
+
+def test_delete_removes_what_it_created_and_restores_a_referenced_deployment(platform, namespace, operator, kube,
+                                                                              tiny, store):
+    good = store("good", tiny["good"])
+    user = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "user-tgi", "namespace": namespace},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "user-tgi"}},
+                     "template": {"metadata": {"labels": {"app": "user-tgi"}}, "spec": {"containers": [{
+                         "name": "tgi", "image": "ghcr.io/huggingface/text-generation-inference:3.3.6",
+                         "env": [{"name": "MODEL_ID", "value": str(tiny["base"])}, {"name": "PORT", "value": "8080"}],
+                         "readinessProbe": {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 2}}]}}}}
+    apply(platform, user)
+    original = kube.get("Deployment", namespace, "user-tgi")["spec"]["template"]
+    apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **good}], store,
+                            server={"deploymentRef": {"name": "user-tgi"}}, strategy={"type": "Direct"}))
+    status = wait_status(kube, namespace, finished(1))
+    assert status["phase"] == "Ready", status
+    patched = kube.get("Deployment", namespace, "user-tgi")["spec"]["template"]
+    env = {e["name"]: e.get("value") for e in patched["spec"]["containers"][0]["env"]}
+    assert env["LORA_ADAPTERS"] == "support=/data/adapters/support"
+    assert generate(kube, namespace, "user-tgi", "support") != generate(kube, namespace, "user-tgi", None)
+
+    platform.kubectl("-n", namespace, "delete", "adapterdeployment", "chat", "--wait=true", timeout=60)
+    restored = kube.get("Deployment", namespace, "user-tgi")
+    assert restored is not None and restored["spec"]["template"] == original

@@ -1,0 +1,149 @@
+"""`ragtune adapters fetch` (the init container): digests, manifest checks, TGI constraints.
+
+Runs against local `file://` runs (fast) and, with the local platform, against real S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import build_parser
+from ragtune.cli import main as cli_main
+from ragtune.pods.fetch import FetchError, FetchResult, check_adapter_config
+from ragtune_local.testdoubles.tiny_models import (
+    TINY_BASE_ID,
+    TINY_BASE_REVISION,
+    fake_adapter,
+    file_put,
+    publish_run,
+    s3_put,
+)
+
+EXPECT = f"{TINY_BASE_ID}@{TINY_BASE_REVISION}"
+
+
+@pytest.fixture
+def termination(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "termination-log"
+    monkeypatch.setenv("RAGTUNE_TERMINATION_MESSAGE_PATH", str(path))
+    return path
+
+
+def run_fetch(dest: Path, *adapters: str, extra: tuple[str, ...] = ()) -> int:
+    argv = ["adapters", "fetch", "--dest", str(dest), "--expect-base-model", EXPECT,
+            "--allowed-target-module", "q_proj", "--allowed-target-module", "v_proj", *extra]
+    for a in adapters:
+        argv += ["--adapter", a]
+    return cli_main(argv)
+
+
+def local_run(tmp_path: Path, name: str, **kw) -> tuple[str, str]:
+    run = tmp_path / "runs" / name
+    adapter = fake_adapter(tmp_path / "src" / name, **{k: v for k, v in kw.items() if k in ("r", "target_modules")})
+    digest = publish_run(file_put(run), adapter, **{k: v for k, v in kw.items() if k not in ("r", "target_modules")})
+    return run.as_uri() + "/", digest
+
+
+def result(path: Path) -> FetchResult:
+    return FetchResult.model_validate_json(path.read_text())
+
+
+def test_fetch_places_verified_adapters(tmp_path, termination):
+    uri1, d1 = local_run(tmp_path, "a")
+    uri2, d2 = local_run(tmp_path, "b")
+    dest = tmp_path / "data" / "adapters"
+    assert run_fetch(dest, f"support={uri1}#{d1}", f"legal={uri2}#{d2}") == 0
+    for name in ("support", "legal"):
+        assert (dest / name / "adapter_config.json").is_file()
+        assert (dest / name / "adapter_model.safetensors").read_bytes() == bytes(range(256)) * 8
+    res = result(termination)
+    assert res.outcome == "Succeeded" and [a.name for a in res.adapters] == ["support", "legal"]
+    assert not list(dest.glob(".*partial"))
+
+
+def test_tampered_file_fails_with_checksum_mismatch_and_nothing_placed(tmp_path, termination, capsys):
+    uri, digest = local_run(tmp_path, "a", tamper="adapter_model.safetensors")
+    dest = tmp_path / "adapters"
+    assert run_fetch(dest, f"support={uri}#{digest}") == 1
+    res = result(termination)
+    assert res.reason == "ChecksumMismatch" and res.adapter == "support"
+    assert "adapter/adapter_model.safetensors" in res.message
+    assert not (dest / "support").exists()
+    assert "ChecksumMismatch" in capsys.readouterr().err
+
+
+def test_pinned_digest_must_match_the_manifest(tmp_path, termination):
+    uri, digest = local_run(tmp_path, "a")
+    assert run_fetch(tmp_path / "d", f"support={uri}#{'0' * 64}") == 1
+    res = result(termination)
+    assert res.reason == "DigestMismatch" and digest in res.message
+
+
+def test_run_without_manifest_is_incomplete(tmp_path, termination):
+    uri, digest = local_run(tmp_path, "a", omit_manifest=True)
+    assert run_fetch(tmp_path / "d", f"support={uri}#{digest}") == 1
+    assert result(termination).reason == "ManifestMissing"
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path, termination):
+    uri, digest = local_run(tmp_path, "a", base_id="meta-llama/Llama-3.2-1B")
+    assert run_fetch(tmp_path / "d", f"support={uri}#{digest}") == 1
+    res = result(termination)
+    assert res.reason == "BaseModelMismatch"
+    assert "meta-llama/Llama-3.2-1B" in res.message and TINY_BASE_ID in res.message
+
+
+def test_unsupported_target_modules_and_rank(tmp_path, termination):
+    uri, digest = local_run(tmp_path, "a", target_modules=("q_proj", "lm_head"))
+    assert run_fetch(tmp_path / "d", f"support={uri}#{digest}") == 1
+    res = result(termination)
+    assert res.reason == "UnsupportedAdapter" and "lm_head" in res.message
+    uri, digest = local_run(tmp_path, "b", r=256)
+    assert run_fetch(tmp_path / "d", f"support={uri}#{digest}") == 1
+    assert "rank 256" in result(termination).message
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"peft_type": "IA3"}, "IA3"),
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+])
+def test_adapter_config_checks(config, needle):
+    base = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}
+    with pytest.raises(FetchError, match=needle):
+        check_adapter_config("x", {**base, **config}, {"q_proj"}, 128)
+
+
+def test_bad_adapter_argument_names_the_flag(tmp_path, termination):
+    assert run_fetch(tmp_path / "d", "support=s3://bucket/run") == 1
+    res = result(termination)
+    assert res.reason == "InvalidArguments" and "--adapter" in res.message
+
+
+def test_cli_help_lists_the_command():
+    parser = build_parser()
+    args = parser.parse_args(["adapters", "fetch", "--adapter", "a=s3://b/r#" + "0" * 64])
+    assert args.dest == "/data/adapters"
+
+
+@pytest.mark.platform
+def test_fetch_from_s3_and_mismatch(platform, tmp_path, termination, monkeypatch):
+    bucket = platform.bucket("fetch-test")
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=platform.s3_endpoint, aws_access_key_id=platform.s3_access_key,
+                      aws_secret_access_key=platform.s3_secret_key, region_name="us-east-1")
+    adapter = fake_adapter(tmp_path / "src")
+    good = publish_run(s3_put(s3, bucket, "runs/good"), adapter)
+    bad = publish_run(s3_put(s3, bucket, "runs/bad"), adapter, tamper="adapter_config.json")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", platform.s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", platform.s3_access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", platform.s3_secret_key)
+    dest = tmp_path / "adapters"
+    assert run_fetch(dest, f"good=s3://{bucket}/runs/good/#{good}") == 0
+    assert json.loads((dest / "good" / "adapter_config.json").read_text())["r"] == 8
+    assert run_fetch(dest, f"bad=s3://{bucket}/runs/bad/#{bad}") == 1
+    res = result(termination)
+    assert res.reason == "ChecksumMismatch" and "adapter/adapter_config.json" in res.message

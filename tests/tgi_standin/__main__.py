@@ -1,7 +1,0 @@
-"""`python -m tests.tgi_standin` (what the local pod runner runs for the TGI image)."""
-
-import sys
-
-from .server import main
-
-sys.exit(main())
