@@ -108,6 +108,12 @@ def test_failure_kinds(platform, namespace, operator, name, scenario, spec, phas
         assert status["attempts"] == 2
     if reason == "InvalidDataset":
         assert status["attempts"] == 1  # exit code 2: no retry despite backoffLimit 3
+    if phase == "Failed":  # the end of a failing run announces no retry that does not happen (issue 15)
+        retries = [e["message"] for e in events(platform, namespace, name) if e["reason"] == "Retrying"]
+        assert len(retries) == status["attempts"] - 1, retries
+        assert [r.split(" (")[0] for r in retries] == [f"attempt {i} of {spec.get('backoffLimit', 0) + 1} ended"
+                                                       for i in range(1, status["attempts"])], retries
+        assert [r for _, r in _reasons(platform, namespace, name)].count(reason) == 1
 
 
 def test_deadline_exceeded(platform, namespace, operator):

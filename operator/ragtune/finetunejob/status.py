@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ragtune.api.finetunejob import Phase
 from ragtune.api.gates import describe_failures
 from ragtune.api.keys import GROUP_VERSION
-from ragtune.api.pods import OOM_REMEDIES, TrainerResult
+from ragtune.api.pods import EXIT_PERMANENT, OOM_REMEDIES, TrainerResult
 from ragtune.runtime.conditions import get_condition, set_condition
 
 from .render import (
@@ -391,10 +391,16 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
         msg = f"{of}: waiting for pod {current.name} to start"
         return Assessment(Phase.PENDING.value, "Pending", msg, ("Unknown", "Pending", msg),
                           ("False", "Pending", msg), suspended=False)
+    if any(p.phase == "Succeeded" for p in pods):
+        return _assess_complete(job, pods)  # the Job controller has not marked it Complete yet
     previous = _newest([p for p in pods if p.phase == "Failed" or p.deleting])
+    ending = _ending(job, pods, previous)
+    if ending is not None:
+        # No retry follows: say now what the Job's end condition will say (never "Retrying").
+        return _assess_failed(job, pods, ending)
     if previous is not None:
         reason, message = describe_pod_failure(previous)
-        msg = (f"attempt {max(attempt - 1, 1)} ended ({reason}: {message}); "
+        msg = (f"{of} ended ({reason}: {message}); "
                "the Job retries, resuming from the newest checkpoint")
         return Assessment(Phase.PENDING.value, "Retrying", _one_line(msg, 400), ("Unknown", "Retrying", msg),
                           ("False", reason, message), suspended=False)
@@ -405,6 +411,21 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
     msg = f"waiting for the Job controller to create the training pod of Job {job.name}"
     return Assessment(Phase.PENDING.value, "Pending", msg, ("Unknown", "Pending", msg), ("False", "Pending", msg),
                       suspended=False)
+
+
+def _failures(job: JobView, pods: list[PodView]) -> int:
+    # A failed pod may not be counted in `failed` yet (uncountedTerminatedPods).
+    return max(job.failed, sum(1 for p in pods if p.phase == "Failed"))
+
+
+def _ending(job: JobView, pods: list[PodView], last: Optional[PodView]) -> Optional[Cond]:
+    """The end condition the Job will get for a failure that leaves no retry, before it has it:
+    a permanent exit (the podFailurePolicy fails the Job) or an exhausted backoffLimit."""
+    if last is not None and last.exit_code == EXIT_PERMANENT:
+        return Cond("Failed", "True", "PodFailurePolicy", f"pod {last.name} exited {EXIT_PERMANENT}")
+    if _failures(job, pods) > job.backoff_limit:
+        return Cond("Failed", "True", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    return None
 
 
 def _assess_complete(job: JobView, pods: list[PodView]) -> Assessment:
@@ -436,7 +457,7 @@ def _assess_failed(job: JobView, pods: list[PodView], failed: Cond) -> Assessmen
         # An OOM kill (exit 137, which no podFailurePolicy can tell from other kills) is the run's
         # reason: retrying the same spec hits the same wall, as the trainer's own OutOfMemory exit says.
         reason = "OutOfMemory" if last_reason == "OutOfMemory" else "BackoffLimitExceeded"
-        msg = (f"{job.failed or 1} attempt(s) failed, spec.backoffLimit is {job.backoff_limit}; "
+        msg = (f"{_failures(job, pods) or 1} attempt(s) failed, spec.backoffLimit is {job.backoff_limit}; "
                f"last: {last_reason}: {last_msg}")
     elif last is not None:
         reason, msg = describe_pod_failure(last)
