@@ -34,12 +34,18 @@ def _outcome() -> EvalOutcome:
         {"id": "a1", "question": EVIL, "contexts": [{"id": "1", "text": "ctx " + EVIL}], "answerable": True,
          "reference": "Paris [1]", "base": "London", "adapter": "Paris [1]"},
         {"id": "u1", "question": "Who?", "contexts": [{"id": "1", "text": "Cats purr."}], "answerable": False,
+         "construction": "offTopic",
          "reference": "I cannot answer this from the provided context.", "base": "Bob",
          "adapter": "I cannot answer this from the provided context."},
+        {"id": "u2", "question": "How tall is the tower?", "contexts": [{"id": "1", "text": "The tower is red."}],
+         "answerable": False, "construction": "nearMiss",
+         "reference": "I cannot answer this from the provided context.", "base": "Bob", "adapter": "400 m [1]"},
     ]
     return EvalOutcome(
-        base=EvalMetrics(samples=2, f1=0.0, refusal_rate=0.0, false_refusal_rate=0.0, mean_answer_words=1.0),
-        adapter=EvalMetrics(samples=2, f1=1.0, refusal_rate=1.0, false_refusal_rate=0.5, mean_answer_words=5.0),
+        base=EvalMetrics(samples=3, f1=0.0, refusal_rate=0.0, false_refusal_rate=0.0, mean_answer_words=1.0,
+                         refusal_by_construction={"offTopic": 0.0, "nearMiss": 0.0}),
+        adapter=EvalMetrics(samples=3, f1=1.0, refusal_rate=0.5, false_refusal_rate=0.5, mean_answer_words=5.0,
+                            refusal_by_construction={"offTopic": 1.0, "nearMiss": 0.0}),
         samples=samples, seconds=1.5,
     )
 
@@ -61,8 +67,13 @@ def test_report_json_and_html(tmp_path):
 
     report = json.loads(paths[0].read_text())
     assert report["passed"] is False  # false refusals 0.5 > 0.2
-    assert {g["metric"]: g["passed"] for g in report["gates"]} == {"refusalRate": True, "falseRefusalRate": False}
-    assert report["metrics"]["adapter"]["refusalRate"] == 1.0 and report["metrics"]["base"]["f1"] == 0.0
+    # minRefusalRate applies to the hardest construction: near miss, 0.0
+    assert {g["metric"]: g["passed"] for g in report["gates"]} == {"refusalRate.nearMiss": False,
+                                                                  "falseRefusalRate": False}
+    assert report["metrics"]["adapter"]["refusalRate"] == 0.5 and report["metrics"]["base"]["f1"] == 0.0
+    assert report["refusalByConstruction"] == [
+        {"construction": "nearMiss", "items": 1, "baseRefusalRate": 0.0, "adapterRefusalRate": 0.0},
+        {"construction": "offTopic", "items": 1, "baseRefusalRate": 0.0, "adapterRefusalRate": 1.0}]
     assert report["samples"][0]["question"] == EVIL
     assert report["lossHistory"][3]["loss"] is None  # NaN is not JSON
     assert report["spec"]["baseModel"] == {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "abc123"}
@@ -76,6 +87,8 @@ def test_report_json_and_html(tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
     assert "gates failed" in page and "FAIL" in page
     assert "Paris [1]" in page and "Cats purr." in page
+    # the hardest unanswerable case (near miss answered with a citation) is the first one shown
+    assert page.index("400 m [1]") < page.index("Cats purr.") and "near miss (on-topic" in page
 
 
 def test_report_without_loss_history_or_gates(tmp_path):

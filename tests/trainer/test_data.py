@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pytest
 
@@ -91,13 +92,15 @@ def test_tokenize_masks_everything_but_the_answer_and_end_of_turn(tiny_tokenizer
     assert t["completion_mask"][: -len(answer)] == [0] * (len(t["input_ids"]) - len(answer))
 
 
-def test_raft_is_deterministic_mixes_distractors_and_refusals(records):
-    raft = RaftConfig(distractors=2, unanswerable_fraction=0.5)
+def test_random_off_topic_recipe_is_deterministic_and_keeps_the_old_construction(records):
+    raft = RaftConfig(distractors=2, unanswerable_fraction=0.5, distractor_strategy="random",
+                      unanswerable_mix={"offTopic": 1, "nearMiss": 0, "answerRemoved": 0})
     answerable = [r for r in records if r.answerable]
     a = D.build_raft(answerable, raft, seed=3)
     assert a == D.build_raft(answerable, raft, seed=3) and a != D.build_raft(answerable, raft, seed=4)
     refused = [x for x in a if not x.answerable]
     assert len(refused) == round(len(answerable) * 0.5)
+    assert {x.construction for x in refused} == {"offTopic"} and {x.construction for x in a if x.answerable} == {"answerable"}
     for item, src in zip(a, answerable):
         assert len({c.id for c in item.contexts}) == len(item.contexts)
         src_texts = {c.text for c in src.contexts}
@@ -110,6 +113,117 @@ def test_raft_is_deterministic_mixes_distractors_and_refusals(records):
         else:
             gold = {c.text for c in src.contexts if c.id in src.supporting_context_ids}
             assert item.answer == raft.refusal and not gold & {c.text for c in item.contexts}
+
+
+# Four records about two subjects: a retriever would return the other record's passage on the
+# same subject, never the off-topic ones.
+def _topical_records():
+    def rec(rid, question, text, answer):
+        return RagRecord(rid, question, [Context("1", text)], f"{answer} [1]", True, ["1"])
+
+    return [
+        rec("tower-height", "How tall is the Velmar tower in Ostrava?",
+            "The Velmar tower in Ostrava is 312 metres tall. It was finished in 1931.", "312 metres"),
+        rec("tower-architect", "Who designed the Velmar tower in Ostrava?",
+            "The Velmar tower in Ostrava was designed by Ida Kron. Its lift was added later.", "Ida Kron"),
+        rec("plum-export", "Which country buys most plums from Draland?",
+            "Draland sells most of its plums to Norvia. Plum trees cover the hills.", "Norvia"),
+        rec("plum-harvest", "When are plums harvested in Draland?",
+            "Plums in Draland are harvested in late August. Farmers dry many of them.", "late August"),
+    ]
+
+
+def test_similar_distractors_are_the_nearest_other_passages_never_gold_or_duplicates():
+    records = _topical_records()
+    # an exact duplicate of tower-height's passage in another record must never be its distractor
+    records.append(RagRecord("dup", "Is the Velmar tower old?", [Context("1", records[0].contexts[0].text + "  ")],
+                             "yes [1]", True, ["1"]))
+    raft = RaftConfig(distractors=1, unanswerable_fraction=0)
+    items = {r.id: r for r in D.build_raft(records, raft, seed=0)}
+    def distractor(item, source):
+        (d,) = [c.text for c in item.contexts if c.text != source.contexts[0].text]
+        return d
+    assert distractor(items["tower-height"], records[0]) == records[1].contexts[0].text
+    assert distractor(items["plum-export"], records[2]) == records[3].contexts[0].text
+    assert distractor(items["plum-harvest"], records[3]) == records[2].contexts[0].text
+    assert D.build_raft(records, raft, seed=0) == D.build_raft(records, raft, seed=0)
+
+
+def test_near_miss_replaces_gold_with_on_topic_passages_without_the_answer():
+    records = _topical_records()
+    raft = RaftConfig(distractors=0, unanswerable_fraction=0.9,
+                      unanswerable_mix={"nearMiss": 1, "answerRemoved": 0, "offTopic": 0})
+    stats = Counter()
+    items = {r.id: r for r in D.build_raft(records, raft, seed=0, stats=stats)}
+    item = items["tower-height"]
+    assert item.construction == "nearMiss" and not item.answerable and item.answer == raft.refusal
+    assert [c.text for c in item.contexts] == [records[1].contexts[0].text]  # on topic, same count, no answer
+    assert stats["nearMiss"] == 4
+
+
+def test_answer_removed_deletes_the_answer_sentence_and_falls_back_when_not_located():
+    records = _topical_records() + [RagRecord("yn", "Is the Velmar tower in Ostrava?",
+                                              [Context("1", "The Velmar tower stands in Ostrava.")], "yes [1]", True, ["1"])]
+    raft = RaftConfig(distractors=1, unanswerable_fraction=0.9,
+                      unanswerable_mix={"nearMiss": 0, "answerRemoved": 1, "offTopic": 0})
+    stats = Counter()
+    items = {r.id: r for r in D.build_raft(records, raft, seed=0, stats=stats)}
+    item = items["tower-height"]
+    assert item.construction == "answerRemoved"
+    texts = [c.text for c in item.contexts]
+    assert "It was finished in 1931." in texts and not any("312" in t for t in texts)
+    assert len(texts) == 2  # the rest of the gold passage + one distractor
+    assert items["yn"].construction == "nearMiss" and stats["answerRemovedNotLocated"] == 1
+
+
+def test_unanswerable_items_that_still_hold_the_answer_are_dropped_and_counted():
+    records = _topical_records()
+    # a non-gold context of the record itself states the answer: removing the gold is not enough
+    records[0] = RagRecord("tower-height", records[0].question,
+                           [records[0].contexts[0], Context("2", "Guides say: 312 metres of steel.")],
+                           "312 metres [1]", True, ["1"])
+    raft = RaftConfig(distractors=1, unanswerable_fraction=0.9,
+                      unanswerable_mix={"nearMiss": 1, "answerRemoved": 0, "offTopic": 0})
+    stats = Counter()
+    items = D.build_raft(records, raft, seed=0, stats=stats)
+    assert "tower-height" not in {i.id for i in items} and stats["dropped.nearMiss.answerStillPresent"] == 1
+    # candidate passages holding the answer are skipped, not used
+    assert all("Norvia" not in c.text for i in items if i.id == "plum-export" for c in i.contexts)
+
+
+def test_user_labelled_unanswerables_pass_through_and_the_mix_follows_the_weights(records):
+    raft = RaftConfig(distractors=1, unanswerable_fraction=0.6,
+                      unanswerable_mix={"nearMiss": 0.5, "answerRemoved": 0.25, "offTopic": 0.25})
+    stats = Counter()
+    items = D.build_raft(records, raft, seed=1, stats=stats)
+    users = [r for r in records if not r.answerable]
+    assert users and stats["userLabelled"] == len(users)
+    by_id = {i.id: i for i in items}
+    for r in users:
+        assert by_id[r.id].construction == "userLabelled" and {c.text for c in r.contexts} <= {c.text for c in by_id[r.id].contexts}
+    n = round(sum(r.answerable for r in records) * 0.6)
+    built = stats["nearMiss"] + stats["answerRemoved"] + stats["offTopic"] + sum(v for k, v in stats.items() if k.startswith("dropped."))
+    assert built == n and stats["nearMiss"] > stats["offTopic"] > 0
+    assert stats["answerRemoved"] + stats["answerRemovedNotLocated"] > 0
+
+
+def test_evaluation_construction_is_hard_whatever_the_recipe():
+    easy = RaftConfig(distractors=3, unanswerable_fraction=0.3, distractor_strategy="random",
+                      unanswerable_mix={"offTopic": 1, "nearMiss": 0, "answerRemoved": 0})
+    hard = D.evaluation_raft(easy)
+    assert hard.distractor_strategy.value == "similar" and hard.distractors == 3 and hard.unanswerable_fraction == 0.3
+    assert hard.unanswerable_mix.near_miss == hard.unanswerable_mix.answer_removed == hard.unanswerable_mix.off_topic > 0
+
+
+def test_raft_config_stays_backward_compatible_and_rejects_an_empty_mix():
+    from pydantic import ValidationError
+
+    raft = RaftConfig.model_validate({"distractors": 2, "unanswerableFraction": 0.25})
+    assert raft.distractors == 2 and raft.distractor_strategy.value == "similar"
+    with pytest.raises(ValidationError, match="at least one of nearMiss"):
+        RaftConfig.model_validate({"unanswerableMix": {"nearMiss": 0, "answerRemoved": 0, "offTopic": 0}})
+    with pytest.raises(ValidationError, match="distractorStrategy"):
+        RaftConfig.model_validate({"distractorStrategy": "nearest"})
 
 
 def test_raft_drops_distractors_until_the_item_fits():

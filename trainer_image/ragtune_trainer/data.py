@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from ragtune.api.finetunejob import DatasetFormat, RaftConfig
+from ragtune.api.finetunejob import DatasetFormat, DistractorStrategy, RaftConfig, UnanswerableMix
 from ragtune.rag.metrics import parse_citations
 from ragtune.rag.prompt import DEFAULT_REFUSAL, apply_template, build_messages
 from ragtune.rag.records import Context, RagRecord
@@ -320,37 +320,121 @@ def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     return ([x for i, x in enumerate(items) if i not in eval_idx], [x for i, x in enumerate(items) if i in eval_idx])
 
 
+# The held-out split is built the hard way whatever the recipe (RaftConfig docstring).
+EVAL_MIX = UnanswerableMix(near_miss=1, answer_removed=1, off_topic=1)
+
+
+def evaluation_raft(raft: RaftConfig) -> RaftConfig:
+    """The construction of the held-out split: the recipe's counts and refusal, with similar
+    distractors and equal parts of every unanswerable construction."""
+    return raft.model_copy(update={"distractor_strategy": DistractorStrategy.SIMILAR, "unanswerable_mix": EVAL_MIX})
+
+
+def _allocate(n: int, weights: dict[str, float], rng: random.Random) -> list[str]:
+    """`n` construction labels in proportion to `weights` (largest remainder), shuffled."""
+    total = sum(weights.values())
+    exact = {k: n * w / total for k, w in weights.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (counts[k] - exact[k], k))[: n - sum(counts.values())]:
+        counts[k] += 1
+    labels = [k for k in weights for _ in range(counts[k])]
+    rng.shuffle(labels)
+    return labels
+
+
 def build_raft(
     records: list[RagRecord],
     raft: RaftConfig,
     seed: int,
     *,
     fits: Optional[Callable[[RagRecord], bool]] = None,
+    stats: Optional[Counter] = None,
 ) -> list[RagRecord]:
-    """RAFT items: each record gets `raft.distractors` contexts drawn from other records (order
-    shuffled), and `unanswerableFraction` of the answerable ones lose their gold contexts and
-    target `raft.refusal`. Deterministic by seed; `fits` drops distractors until an item fits."""
+    """RAFT items, each labelled with its `construction`:
+    - answerable records get `raft.distractors` contexts of other records (the BM25-nearest to
+      the question for `similar`, random ones for `random`);
+    - `unanswerableFraction` of them become refusals, built per `raft.unanswerableMix`
+      (nearMiss / answerRemoved / offTopic, see UnanswerableMix);
+    - records marked `answerable: false` pass through (`userLabelled`), with distractors.
+    Gold passages and exact duplicates of an item's own contexts are never distractors. A
+    constructed refusal whose contexts still contain the answer string is dropped. Deterministic
+    by seed; `fits` drops distractors until an item fits. `stats` counts what happened
+    (items per construction, fallbacks, drops)."""
+    from .hard_negatives import PassageIndex, answer_key, contains_answer, remove_answer_sentences
+
+    stats = stats if stats is not None else Counter()
     rng = random.Random(seed)
     answerable = [i for i, r in enumerate(records) if r.answerable]
     n_refuse = round(len(answerable) * raft.unanswerable_fraction)
-    to_refuse = set(rng.sample(answerable, n_refuse)) if n_refuse else set()
-    pool = [(i, c) for i, r in enumerate(records) for c in r.contexts]
+    to_refuse = sorted(rng.sample(answerable, n_refuse)) if n_refuse else []
+    mix = raft.unanswerable_mix
+    weights = {k: w for k, w in (("nearMiss", mix.near_miss), ("answerRemoved", mix.answer_removed),
+                                 ("offTopic", mix.off_topic)) if w > 0}
+    kinds = dict(zip(to_refuse, _allocate(n_refuse, weights, rng)))
+    index = PassageIndex([c.text for c in r.contexts] for r in records)
+    similar = raft.distractor_strategy == DistractorStrategy.SIMILAR
     out = []
     for i, rec in enumerate(records):
-        refuse = i in to_refuse or not rec.answerable
+        kind = kinds.get(i, "answerable" if rec.answerable else "userLabelled")
         gold = set(rec.supporting_context_ids) or {c.id for c in rec.contexts}
-        own = [c for c in rec.contexts if not (i in to_refuse and c.id in gold)]
+        key = answer_key(rec.answer) if rec.answerable else None
+        own = list(rec.contexts)
+        if kind == "answerRemoved":
+            own, deleted = [], 0
+            for c in rec.contexts:
+                if c.id in gold and key:
+                    text, n = remove_answer_sentences(c.text, key)
+                    deleted += n
+                    if text:
+                        own.append(Context(c.id, text))
+                else:
+                    own.append(c)
+            if not deleted:  # answer not found in a gold passage (or yes/no): build a near miss
+                stats["answerRemovedNotLocated"] += 1
+                kind, own = "nearMiss", list(rec.contexts)
+        if kind in ("nearMiss", "offTopic"):
+            own = [c for c in rec.contexts if c.id not in gold]
+        refuse = kind != "answerable"
+        wanted = raft.distractors
+        if kind == "nearMiss":  # the gold passages' places are taken by their nearest neighbours
+            wanted += len(rec.contexts) - len(own)
+        elif refuse and not own:
+            wanted += 1  # never an empty prompt
+        excluded = {index.key(c.text) for c in rec.contexts}
+
+        def usable(p) -> bool:
+            if i in p.owners or index.key(p.text) in excluded:
+                return False
+            if refuse and contains_answer(p.text, key):
+                stats["answerBearingSkipped"] += 1
+                return False
+            return True
+
+        if kind == "nearMiss" or (similar and kind != "offTopic"):
+            picked = []
+            for j in index.ranked(rec.question):
+                if len(picked) == wanted:
+                    break
+                if usable(index.passages[j]):
+                    picked.append(j)
+            if len(picked) < wanted:  # too few passages share a word with the question
+                stats["similarShort"] += 1
+                rest = [j for j in range(len(index.passages)) if j not in picked and usable(index.passages[j])]
+                picked += rng.sample(rest, min(wanted - len(picked), len(rest)))
+        else:
+            candidates = [j for j, p in enumerate(index.passages) if usable(p)]
+            picked = rng.sample(candidates, min(wanted, len(candidates)))
         used_ids = {c.id for c in rec.contexts}
-        own_texts = {c.text for c in rec.contexts}
-        candidates = [c for j, c in pool if j != i and c.text not in own_texts]
-        wanted = raft.distractors + (1 if refuse and not own else 0)  # never an empty prompt
         distractors = []
-        for c in rng.sample(candidates, min(wanted, len(candidates))):
+        for j in picked:
             new_id = _fresh_id(used_ids)
             used_ids.add(new_id)
-            distractors.append(Context(new_id, c.text))
+            distractors.append(Context(new_id, index.passages[j].text))
         contexts = own + distractors
         rng.shuffle(contexts)
+        if refuse and rec.answerable and any(contains_answer(c.text, key) for c in contexts):
+            stats[f"dropped.{kind}.answerStillPresent"] += 1
+            continue
         item = RagRecord(
             id=rec.id,
             question=rec.question,
@@ -358,10 +442,13 @@ def build_raft(
             answer=raft.refusal if refuse else rec.answer,
             answerable=not refuse,
             supporting_context_ids=[] if refuse else list(rec.supporting_context_ids),
+            construction=kind,
         )
-        while fits is not None and not fits(item) and any(c in distractors for c in item.contexts):
+        while fits is not None and not fits(item) and len(item.contexts) > 1 \
+                and any(c in distractors for c in item.contexts):
             drop = next(c for c in reversed(item.contexts) if c in distractors)
             item.contexts.remove(drop)
+        stats[kind] += 1
         out.append(_renumber(item))
     return out
 

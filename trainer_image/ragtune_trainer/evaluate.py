@@ -14,11 +14,9 @@ from typing import Any, Callable, Optional
 
 from ragtune.api.common import EvalMetrics
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.rag.metrics import score
-
-from ragtune.rag.records import RagRecord
-
+from ragtune.rag.metrics import construction_of, score
 from ragtune.rag.prompt import render_prompt
+from ragtune.rag.records import RagRecord
 
 Progress = Callable[[int, int], None]
 """`progress(done, total)`: items generated so far over both passes (base, then adapter)."""
@@ -34,7 +32,8 @@ class EvalOutcome:
     base: EvalMetrics
     adapter: EvalMetrics
     samples: list[dict[str, Any]] = field(default_factory=list)
-    """Per item: id, question, contexts, answerable, reference, base, adapter (answers)."""
+    """Per item: id, question, contexts, answerable, construction (how the item was built),
+    reference, base, adapter (answers)."""
     seconds: float = 0.0
 
 
@@ -137,6 +136,7 @@ def evaluate_run(
             "question": r.question,
             "contexts": [{"id": c.id, "text": c.text} for c in r.contexts],
             "answerable": r.answerable,
+            "construction": construction_of(r),
             "reference": r.answer,
             "base": b,
             "adapter": a,

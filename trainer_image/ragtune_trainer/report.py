@@ -9,13 +9,16 @@ import html
 import io
 import json
 import math
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from ragtune.api.common import EvalMetrics, GateResult
-from ragtune.api.contract import REPORT_HTML, REPORT_JSON
+from ragtune.api.pods import REPORT_HTML, REPORT_JSON
 from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.rag.metrics import is_refusal
+from ragtune.rag.prompt import DEFAULT_REFUSAL
 
 from .evaluate import EvalOutcome
 
@@ -36,6 +39,13 @@ RATE_METRICS = {
     "groundingScore": "Grounding",
 }
 ALL_METRICS = RATE_METRICS | {"meanAnswerWords": "Mean answer words"}
+# Hardest first: how the report orders constructions and picks its unanswerable examples.
+CONSTRUCTION_LABELS = {
+    "nearMiss": "near miss (on-topic passages, answer absent)",
+    "answerRemoved": "answer removed (answer sentences deleted)",
+    "userLabelled": "user-labelled (answerable: false)",
+    "offTopic": "off-topic (passages about something else)",
+}
 
 
 def _finite(value: Any) -> Any:
@@ -63,14 +73,28 @@ def _spec_summary(spec: FineTuneJobSpec) -> dict[str, Any]:
     }
 
 
+def construction_summary(samples: list[dict], base: EvalMetrics, adapter: EvalMetrics) -> list[dict[str, Any]]:
+    """Per unanswerable construction (hardest first): items evaluated, base and adapter refusal."""
+    counts = Counter(s.get("construction") for s in samples if not s.get("answerable", True))
+    b = base.refusal_by_construction.to_wire() if base.refusal_by_construction else {}
+    a = adapter.refusal_by_construction.to_wire() if adapter.refusal_by_construction else {}
+    return [{"construction": k, "items": counts[k], "baseRefusalRate": b.get(k), "adapterRefusalRate": a.get(k)}
+            for k in CONSTRUCTION_LABELS if counts.get(k)]
+
+
 def build_report(
-    outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec, gates: list[GateResult]
+    outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec, gates: list[GateResult],
+    construction: Optional[dict[str, dict[str, int]]] = None,
 ) -> dict[str, Any]:
+    """`construction`: the RAFT construction counts of the train and eval splits
+    (`build_raft(stats=...)`), reported as they are."""
     return _finite({
         "schema": REPORT_SCHEMA,
         "createdAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "passed": all(g.passed for g in gates),
         "metrics": {"base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire()},
+        "refusalByConstruction": construction_summary(outcome.samples, outcome.base, outcome.adapter),
+        "construction": construction or {},
         "gates": [g.to_wire() for g in gates],
         "evalSeconds": outcome.seconds,
         "spec": _spec_summary(spec),
@@ -81,12 +105,12 @@ def build_report(
 
 def write_report(
     out_dir: Path, outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec,
-    gates: list[GateResult],
+    gates: list[GateResult], construction: Optional[dict[str, dict[str, int]]] = None,
 ) -> list[Path]:
     """Write `report.json` and `report.html` into `out_dir` (the run's `eval/` folder)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = build_report(outcome, loss_history, spec, gates)
+    report = build_report(outcome, loss_history, spec, gates, construction)
     json_path = out_dir / PurePosixPath(REPORT_JSON).name
     html_path = out_dir / PurePosixPath(REPORT_HTML).name
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
@@ -209,20 +233,34 @@ def _gates_table(gates: list[dict]) -> str:
             + "".join(rows) + "</table>")
 
 
-def pick_examples(samples: list[dict], per_kind: int = EXAMPLES_PER_KIND) -> list[dict]:
-    """A few answerable and unanswerable items, preferring those where base and adapter differ."""
-    chosen = []
-    for answerable in (True, False):
-        kind = [s for s in samples if bool(s.get("answerable", True)) == answerable]
-        kind.sort(key=lambda s: s.get("base") == s.get("adapter"))  # stable: differing ones first
-        chosen.extend(kind[:per_kind])
-    return chosen
+def _construction_table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p class=muted>No unanswerable items evaluated.</p>"
+    body = "".join(f"<tr><td>{_e(CONSTRUCTION_LABELS[r['construction']])}</td><td class=num>{r['items']}</td>"
+                   f"<td class=num>{_fmt(r['baseRefusalRate'])}</td><td class=num>{_fmt(r['adapterRefusalRate'])}</td></tr>"
+                   for r in rows)
+    return ("<table><tr><th>construction (hardest first)</th><th>items</th><th>base refusal</th>"
+            "<th>adapter refusal</th></tr>" + body + "</table>")
+
+
+def pick_examples(samples: list[dict], per_kind: int = EXAMPLES_PER_KIND, refusal: str = DEFAULT_REFUSAL) -> list[dict]:
+    """A few answerable and unanswerable items. Answerable: those where base and adapter differ
+    first. Unanswerable: the hardest cases first - the adapter answered instead of refusing, on
+    the hardest construction."""
+    rank = {k: n for n, k in enumerate(CONSTRUCTION_LABELS)}
+    answerable = [s for s in samples if s.get("answerable", True)]
+    answerable.sort(key=lambda s: s.get("base") == s.get("adapter"))  # stable: differing ones first
+    unanswerable = [s for s in samples if not s.get("answerable", True)]
+    unanswerable.sort(key=lambda s: (is_refusal(s.get("adapter") or "", refusal),
+                                     rank.get(s.get("construction"), len(rank))))
+    return answerable[:per_kind] + unanswerable[:per_kind]
 
 
 def _example(sample: dict) -> str:
     contexts = "".join(f"<div class=ctx>[{_e(c.get('id'))}] {_e(c.get('text'))}</div>"
                        for c in sample.get("contexts", []))
-    kind = "answerable" if sample.get("answerable", True) else "unanswerable (should refuse)"
+    kind = "answerable" if sample.get("answerable", True) else \
+        f"unanswerable, {sample.get('construction') or 'userLabelled'} (should refuse)"
     return (f"<div class=example><div><b>{_e(sample.get('question'))}</b> "
             f"<span class=muted>({_e(sample.get('id'))}, {kind})</span></div>{contexts}"
             f"<div class=answers><div><b>reference</b>\n{_e(sample.get('reference'))}</div>"
@@ -242,7 +280,9 @@ def render_html(report: dict, outcome: EvalOutcome) -> str:
     passed = report["passed"]
     badge = f'<span class="badge {"pass" if passed else "fail"}">{"gates passed" if passed else "gates failed"}</span>'
     base, adapter = report["metrics"]["base"], report["metrics"]["adapter"]
-    examples = "".join(_example(s) for s in pick_examples(report["samples"])) or "<p class=muted>No samples.</p>"
+    refusal = spec["dataset"].get("raft", {}).get("refusal", DEFAULT_REFUSAL)
+    examples = "".join(_example(s) for s in pick_examples(report["samples"], refusal=refusal)) \
+        or "<p class=muted>No samples.</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">
@@ -255,8 +295,9 @@ from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation t
 <h2>Gates</h2>{_gates_table(report['gates'])}
 <h2>Base vs adapter</h2>{_metrics_table(base, adapter)}
 {_img(metrics_plot(outcome.base, outcome.adapter), "base vs adapter metrics", "No metrics measured.")}
+<h2>Refusal by construction</h2>{_construction_table(report['refusalByConstruction'])}
 <h2>Training loss</h2>
 {_img(loss_plot(report['lossHistory']), "loss curve", "No loss history recorded.")}
-<h2>Examples</h2>{examples}
+<h2>Examples (unanswerable: hardest cases first)</h2>{examples}
 </body></html>
 """
