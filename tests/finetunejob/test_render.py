@@ -65,6 +65,15 @@ def test_pod_contract_env_and_secret_refs():
     assert container(job)["image"] == IMAGE
 
 
+def test_trainer_is_told_the_image_it_runs():
+    """`manifest.image` comes from RAGTUNE_IMAGE: it must name the container's own image."""
+    assert env_of(render())["RAGTUNE_IMAGE"]["value"] == container(render())["image"] == IMAGE
+    custom = spec()
+    custom.resources.image = "registry.example/trainer:custom"
+    job = render(custom)
+    assert env_of(job)["RAGTUNE_IMAGE"]["value"] == container(job)["image"] == "registry.example/trainer:custom"
+
+
 def test_custom_secret_keys_session_token_and_hf_token():
     s = spec(**{"s3.credentialsSecretRef": {"name": "creds", "accessKeyIdKey": "id", "secretAccessKeyKey": "key",
                                             "sessionTokenKey": "token"},

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ragtune import workloads
 from ragtune.api.adapterdeployment import AdapterDeploymentSpec, ResolvedAdapter
 from ragtune.api.common import S3Config
 from ragtune.api.keys import ANNOTATION_ADAPTER_SET as ANNOTATION_DIGEST
@@ -48,8 +49,7 @@ class Owner:
     uid: str
 
     def reference(self) -> dict[str, Any]:
-        return {"apiVersion": GROUP_VERSION, "kind": "AdapterDeployment", "name": self.name,
-                "uid": self.uid, "controller": True, "blockOwnerDeletion": True}
+        return workloads.owner_reference("AdapterDeployment", self.name, self.uid)
 
 
 def stable_name(ad_name: str) -> str:
@@ -108,31 +108,8 @@ def _selector(owner: Owner, track: str) -> dict[str, str]:
     return {LABEL_AD: owner.name, LABEL_TRACK: track}
 
 
-RESTRICTED_CONTAINER = {
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "runAsNonRoot": True,
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def s3_env(s3: S3Config) -> list[dict[str, Any]]:
-    """S3 endpoint/region and credentials via secretKeyRef: the operator never reads the Secret."""
-    env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": s3.region}]
-    if s3.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3.endpoint})
-    ref = s3.credentials_secret_ref
-    if ref:
-        env.append({"name": "AWS_ACCESS_KEY_ID",
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}}})
-        env.append({"name": "AWS_SECRET_ACCESS_KEY",
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}}})
-        if ref.session_token_key:
-            env.append({"name": "AWS_SESSION_TOKEN",
-                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.session_token_key}}})
-    return env
+SERVER_USER = 1000
+"""TGI's image runs as UID 1000; the fetcher and evaluator run as the same user (shared /data)."""
 
 
 def model_location(spec: AdapterDeploymentSpec) -> tuple[str, bool]:
@@ -163,10 +140,10 @@ def fetch_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter]
         "image": operator_image,
         "command": ["ragtune"],
         "args": args,
-        "env": s3_env(spec.s3) + [{"name": ENV_TERMINATION_PATH, "value": "/dev/termination-log"}],
+        "env": workloads.s3_env(spec.s3) + [{"name": ENV_TERMINATION_PATH, "value": "/dev/termination-log"}],
         "volumeMounts": [{"name": DATA_VOLUME, "mountPath": "/data"}],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-        "securityContext": {**RESTRICTED_CONTAINER, "readOnlyRootFilesystem": True},
+        "securityContext": workloads.restricted_container(read_only_root=True),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
@@ -208,7 +185,7 @@ def server_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter
         "readinessProbe": {**probe, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2},
         "livenessProbe": {**probe, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
         # TGI writes caches under HOME and /tmp: the root filesystem stays writable.
-        "securityContext": dict(RESTRICTED_CONTAINER),
+        "securityContext": workloads.restricted_container(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
@@ -224,7 +201,7 @@ def pod_template(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], o
             {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": server.shm_size}},
         ],
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": dict(POD_SECURITY),
+        "securityContext": workloads.restricted_pod(SERVER_USER),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
     }
@@ -395,18 +372,18 @@ def eval_job(spec: AdapterDeploymentSpec, owner: Owner, generation: int, config:
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "securityContext": dict(POD_SECURITY),
+                    "securityContext": workloads.restricted_pod(SERVER_USER),
                     "containers": [{
                         "name": "online-eval",
                         "image": operator_image,
                         "command": ["ragtune"],
                         "args": ["eval", "online"],
-                        "env": s3_env(spec.s3) + [
+                        "env": workloads.s3_env(spec.s3) + [
                             {"name": EVAL_CONFIG_ENV, "value": json.dumps(config, separators=(",", ":"))},
                             {"name": ENV_TERMINATION_PATH, "value": "/dev/termination-log"},
                         ],
                         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-                        "securityContext": {**RESTRICTED_CONTAINER, "readOnlyRootFilesystem": True},
+                        "securityContext": workloads.restricted_container(read_only_root=True),
                         "terminationMessagePolicy": "FallbackToLogsOnError",
                     }],
                 },

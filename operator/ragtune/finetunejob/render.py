@@ -15,6 +15,7 @@ import hashlib
 import json
 from typing import Any, Optional
 
+from ragtune import workloads
 from ragtune.api.finetunejob import FineTuneJobSpec
 from ragtune.api.keys import (
     ANNOTATION_FINETUNEJOB,
@@ -29,6 +30,7 @@ from ragtune.api.keys import (
 )
 from ragtune.api.pods import (
     DEFAULT_TERMINATION_PATH,
+    ENV_IMAGE,
     ENV_OBJECT,
     ENV_RUN_ID,
     ENV_TERMINATION_PATH,
@@ -82,14 +84,7 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
 
 
 def owner_reference(meta: dict) -> dict:
-    return {
-        "apiVersion": GROUP_VERSION,
-        "kind": KIND,
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return workloads.owner_reference(KIND, meta["name"], meta["uid"])
 
 
 def object_config(meta: dict, generation: int, spec: FineTuneJobSpec) -> str:
@@ -110,34 +105,23 @@ def object_config(meta: dict, generation: int, spec: FineTuneJobSpec) -> str:
     )
 
 
-def _secret_env(name: str, secret: str, key: str) -> dict:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-
-
-def trainer_env(meta: dict, generation: int, spec: FineTuneJobSpec, run_id: str) -> list[dict]:
+def trainer_env(meta: dict, generation: int, spec: FineTuneJobSpec, run_id: str, image: str) -> list[dict]:
     env: list[dict[str, Any]] = [
+        {"name": ENV_IMAGE, "value": image},
         {"name": ENV_OBJECT, "value": object_config(meta, generation, spec)},
         {"name": ENV_RUN_ID, "value": run_id},
         {"name": ENV_TERMINATION_PATH, "value": DEFAULT_TERMINATION_PATH},
-        {"name": "AWS_REGION", "value": spec.s3.region},
         # The root filesystem is read-only: point every cache at the writable volumes.
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/cache"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *workloads.s3_env(spec.s3),
     ]
-    if spec.s3.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": spec.s3.endpoint})
-    ref = spec.s3.credentials_secret_ref
-    if ref is not None:
-        env.append(_secret_env("AWS_ACCESS_KEY_ID", ref.name, ref.access_key_id_key))
-        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", ref.name, ref.secret_access_key_key))
-        if ref.session_token_key:
-            env.append(_secret_env("AWS_SESSION_TOKEN", ref.name, ref.session_token_key))
     token = spec.base_model.token_secret_ref
     if token is not None:
-        env.append(_secret_env("HF_TOKEN", token.name, token.key))
+        env.append(workloads.secret_env("HF_TOKEN", token.name, token.key))
     return env
 
 
@@ -173,22 +157,15 @@ def render_job(
     if res.gpus > 0:
         resources["limits"][res.gpu_resource_name] = res.gpus
 
+    image = res.image or default_image
     container = {
         "name": CONTAINER,
-        "image": res.image or default_image,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["ragtune", "train", "--in-cluster"],
-        "env": trainer_env(meta, generation, spec, run_id),
+        "env": trainer_env(meta, generation, spec, run_id, image),
         "resources": resources,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUN_USER,
-            "runAsGroup": RUN_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": workloads.restricted_container(user=RUN_USER, read_only_root=True),
         "volumeMounts": [
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
@@ -203,13 +180,7 @@ def render_job(
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_USER,
-            "runAsGroup": RUN_USER,
-            "fsGroup": RUN_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": workloads.restricted_pod(RUN_USER),
         "containers": [container],
         "volumes": [
             {"name": "tmp", "emptyDir": {}},

@@ -1,0 +1,64 @@
+"""Pure builders of the pod-spec pieces that both controllers render (no Kubernetes calls).
+
+One home for what every pod ragtune starts must get the same way: S3 settings with credentials
+only as `secretKeyRef` (the operator never reads a Secret), owner references, and the
+`restricted` Pod Security Standard's security contexts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ragtune.api.common import S3Config
+from ragtune.api.keys import GROUP_VERSION
+
+RUNTIME_DEFAULT_SECCOMP = {"type": "RuntimeDefault"}
+
+RESTRICTED_CONTAINER: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": RUNTIME_DEFAULT_SECCOMP,
+}
+"""What the `restricted` Pod Security Standard requires of every container."""
+
+
+def restricted_container(*, user: int | None = None, read_only_root: bool = False) -> dict[str, Any]:
+    """A container securityContext meeting `restricted` (fresh dict: callers may extend it)."""
+    ctx: dict[str, Any] = {**RESTRICTED_CONTAINER, "capabilities": {"drop": ["ALL"]},
+                           "seccompProfile": dict(RUNTIME_DEFAULT_SECCOMP)}
+    if read_only_root:
+        ctx["readOnlyRootFilesystem"] = True
+    if user is not None:
+        ctx.update(runAsUser=user, runAsGroup=user)
+    return ctx
+
+
+def restricted_pod(user: int) -> dict[str, Any]:
+    """A pod securityContext meeting `restricted`, files owned by `user`'s group."""
+    return {"runAsNonRoot": True, "runAsUser": user, "runAsGroup": user, "fsGroup": user,
+            "seccompProfile": dict(RUNTIME_DEFAULT_SECCOMP)}
+
+
+def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
+    """The controller reference of a child object: garbage-collected with its owner."""
+    return {"apiVersion": GROUP_VERSION, "kind": kind, "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def s3_env(s3: S3Config) -> list[dict[str, Any]]:
+    """S3 endpoint/region, and credentials as secretKeyRef (read by the kubelet, not the operator)."""
+    env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": s3.region}]
+    if s3.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3.endpoint})
+    ref = s3.credentials_secret_ref
+    if ref is not None:
+        env.append(secret_env("AWS_ACCESS_KEY_ID", ref.name, ref.access_key_id_key))
+        env.append(secret_env("AWS_SECRET_ACCESS_KEY", ref.name, ref.secret_access_key_key))
+        if ref.session_token_key:
+            env.append(secret_env("AWS_SESSION_TOKEN", ref.name, ref.session_token_key))
+    return env
