@@ -34,8 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.controllers.kube import KubeClient
-from ragtune.controllers.render import render_job
+from ragtune.runtime.kube import Kube
+from ragtune.finetunejob.render import render_job
+
+import benchio  # noqa: E402  (bench/ is sys.path[0])
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 16
@@ -61,7 +63,7 @@ def ftj(i: int, namespace: str) -> dict:
 class JobWatcher(threading.Thread):
     """Records when each Job of a namespace is first seen (a raw watch stream, no polling)."""
 
-    def __init__(self, kube: KubeClient, namespace: str, label: str) -> None:
+    def __init__(self, kube: Kube, namespace: str, label: str) -> None:
         super().__init__(daemon=True)
         self.kube, self.namespace, self.label = kube, namespace, label
         self.seen: dict[str, float] = {}
@@ -69,7 +71,7 @@ class JobWatcher(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        api = self.kube._api  # reuse its TLS/auth configuration
+        api = self.kube.api  # reuse its TLS/auth configuration
         path = f"/apis/batch/v1/namespaces/{self.namespace}/jobs"
         listing = self.kube.request("GET", path, query=[("labelSelector", self.label)])
         rv = listing["metadata"]["resourceVersion"]
@@ -170,7 +172,7 @@ def delete_and_wait(platform, namespace: str, timeout: float = 600) -> None:
     print(f"warning: namespace {namespace} still terminating after {timeout} s", file=sys.stderr)
 
 
-def direct_baseline(platform, kube: KubeClient, n: int, timeout: float) -> float:
+def direct_baseline(platform, kube: Kube, n: int, timeout: float) -> float:
     """Seconds to create the same N Jobs straight from the clients (no operator)."""
     namespace = platform.create_namespace("bench-direct")
     try:
@@ -194,7 +196,7 @@ def direct_baseline(platform, kube: KubeClient, n: int, timeout: float) -> float
         delete_and_wait(platform, namespace)
 
 
-def run_once(platform, kube: KubeClient, n: int, timeout: float, workdir: Path) -> dict:
+def run_once(platform, kube: Kube, n: int, timeout: float, workdir: Path) -> dict:
     baseline = direct_baseline(platform, kube, n, timeout)
     namespace = platform.create_namespace("bench")
     proc, _ = start_operator(platform.kubeconfig, workdir / f"operator-{n}.log")
@@ -240,7 +242,7 @@ def run_once(platform, kube: KubeClient, n: int, timeout: float, workdir: Path) 
         delete_and_wait(platform, namespace)
 
 
-def main() -> int:
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[100, 1000], help="FineTuneJobs per round")
     parser.add_argument("--timeout", type=float, default=300, help="give up on a round after this many seconds")
@@ -256,21 +258,20 @@ def main() -> int:
         biggest = max(args.n)
         # Enough fake GPU capacity (and pod slots: 110 per node) for every pod at once.
         handle.gpu_nodes(math.ceil(biggest / 100) + 1, gpus=100, prefix="bench-gpu")
-        kube = KubeClient(kubeconfig=handle.kubeconfig, workers=CLIENTS)
+        kube = Kube(kubeconfig=handle.kubeconfig, workers=CLIENTS)
         rounds = [run_once(handle, kube, n, args.timeout, workdir) for n in args.n]
         kube.close()
     finally:
         if owned:
             close_platform(handle)
-    print(json.dumps({
+    return {
         "benchmark": "operator_scale",
         "cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "targets": {"n": 1000, "all_jobs_seconds": 60, "operator_peak_rss_mb": 200},
         "rounds": rounds,
-    }, indent=2))
-    return 0
+    }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(benchio.run(main))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+import benchio  # noqa: E402
 from ragtune.runtime.kube import Kube  # noqa: E402
 from ragtune_local.testdoubles.tiny_models import (  # noqa: E402
     TINY_BASE_ID,
@@ -118,7 +119,7 @@ def measure(kube: Kube, platform, namespace: str, body: dict) -> dict:
     }
 
 
-def main() -> int:
+def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategies", nargs="+", default=["Canary", "Direct"])
     args = parser.parse_args()
@@ -174,7 +175,7 @@ def main() -> int:
         if owned:
             close_platform(platform)
     overhead = max(r["operator_overhead_seconds"] for r in results.values())
-    print(json.dumps({
+    return {
         "benchmark": "adapter rollout: adapter available -> serving",
         "standin_direct_start_seconds": round(baseline, 2),
         "strategies": results,
@@ -182,9 +183,8 @@ def main() -> int:
         "operator_overhead_target_seconds": 5.0,
         "operator_overhead_max_seconds": overhead,
         "meets_target": overhead < 5.0,
-    }, indent=2))
-    return 0
+    }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(benchio.run(main))
