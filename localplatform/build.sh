@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the local platform's Go binaries from their published modules, once per version.
 #
-#   localplatform/build.sh [part ...]     parts: kube etcd kwok minio helm (default: all)
+#   localplatform/build.sh [part ...]     parts: kube etcd kwok minio helm vllm (default: all)
 #
 # Binaries land in $RAGTUNE_CACHE/bin/<part>-<version>/ (default ~/.cache/ragtune); Go's
 # module and build caches stay in their usual persistent places, so a second run is a no-op
 # and a rebuild after a version bump only recompiles what changed. Each part logs to
-# $RAGTUNE_CACHE/logs/build-<part>.log; a failure names the part and the log.
+# $RAGTUNE_CACHE/logs/build-<part>.log; a failure names the part and the log. The `vllm` part is the
+# real vLLM's Python virtualenv (localplatform/build_vllm.sh, its own pins, lock and cache entry).
 set -euo pipefail
 
 KUBE_VERSION=v1.36.3        # go.mod says go 1.26.0: matches the toolchain here
@@ -122,7 +123,7 @@ build_minio() {
   GOBIN=$1/out go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
 }
 
-parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(kube etcd kwok minio helm)
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(kube etcd kwok minio helm vllm)
 status=0
 for p in "${parts[@]}"; do
   case $p in
@@ -131,7 +132,8 @@ for p in "${parts[@]}"; do
     kwok)  run_part kwok  "$BIN/kwok-$KWOK_VERSION" build_kwok kwok || status=1 ;;
     helm)  run_part helm  "$BIN/helm-$HELM_VERSION" build_helm helm || status=1 ;;
     minio) run_part minio "$BIN/minio-$MINIO_VERSION" build_minio minio || status=1 ;;
-    *) say "unknown part '$p' (parts: kube etcd kwok minio helm)"; exit 2 ;;
+    vllm)  bash "$(dirname "${BASH_SOURCE[0]}")/build_vllm.sh" || status=1 ;;
+    *) say "unknown part '$p' (parts: kube etcd kwok minio helm vllm)"; exit 2 ;;
   esac
 done
 exit $status

@@ -92,8 +92,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="JSON status; exit 3 when nothing runs")
     status.set_defaults(func=_status)
 
-    build = sub.add_parser("build", help="build the Go binaries (localplatform/build.sh)")
-    build.add_argument("parts", nargs="*", help="kube etcd kwok minio helm (default: all)")
+    build = sub.add_parser("build", help="build the Go binaries and the vLLM venv (localplatform/build.sh)")
+    build.add_argument("parts", nargs="*", help="kube etcd kwok minio helm vllm (default: all)")
     build.set_defaults(func=_build)
 
     gpu = sub.add_parser("gpu-nodes", help="create fake GPU nodes managed by kwok")

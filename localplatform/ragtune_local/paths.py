@@ -5,6 +5,7 @@ Versions are read from `build.sh` so that the script stays the single place that
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 
 BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "build.sh"
 REPO_ROOT = BUILD_SCRIPT.parent.parent
+VLLM_BUILD_SCRIPT = BUILD_SCRIPT.parent / "build_vllm.sh"
+VLLM_CONSTRAINTS = BUILD_SCRIPT.parent / "vllm-constraints.txt"
 
 
 def cache_dir() -> Path:
@@ -59,6 +62,22 @@ PARTS = {
     "minio": Part("minio", ("minio",)),
     "helm": Part("helm", ("helm",)),
 }
+
+
+def vllm_venv() -> Path:
+    """The real vLLM's virtualenv, as build_vllm.sh names it: vllm-venv-<version>-<constraints hash>."""
+    version = re.search(r"^VLLM_VERSION=(\S+)", VLLM_BUILD_SCRIPT.read_text(), flags=re.M).group(1)
+    digest = hashlib.sha256(VLLM_CONSTRAINTS.read_bytes()).hexdigest()[:12]
+    return cache_dir() / f"vllm-venv-{version}-{digest}"
+
+
+def vllm_python() -> Path:
+    """Its interpreter; usable once `vllm_built()` (build_vllm.sh marks a finished venv)."""
+    return vllm_venv() / "bin" / "python"
+
+
+def vllm_built() -> bool:
+    return (vllm_venv() / ".complete").is_file() and os.access(vllm_python(), os.X_OK)
 
 
 def binary(name: str) -> Path:
