@@ -1,7 +1,7 @@
 """The AdapterDeployment rollout state machine, one idempotent tick at a time.
 
 Every tick reads the object and its children fresh, moves `status.candidate.step` along
-Resolving -> OfflineGate -> Canary -> OnlineGate -> Promoting -> Done, and writes the status back
+Resolving -> OfflineGate -> Canary -> OnlineGate -> Promoting (then the candidate is cleared), and writes the status back
 with the resourceVersion it read (a concurrent writer makes the write fail and the next tick
 redo the work). All state lives in the status and in deterministically named children, so an
 operator restart resumes where it stopped: the canary, the evaluation Job and the stable
@@ -59,6 +59,18 @@ log = logging.getLogger("ragtune.adapterdeployment")
 
 CRASH_RESTARTS = 2
 """Restarts of a server container that count as crash-looping."""
+ROLLOUT_POLL_SECONDS = 0.5
+"""A rollout under way looks again this soon (its children's watch events often come sooner)."""
+UNREADY_POLL_SECONDS = 10.0
+"""A stable server that is not ready is re-read this often (its pods' events usually come first;
+this covers the Deployment status lagging behind them)."""
+FINETUNEJOB_WAIT_SECONDS = 60.0
+"""Waiting for a FineTuneJob to succeed: its watch events bring the rollout back; this is the
+safety net."""
+REFERENCED_HEALTH_SECONDS = 30.0
+"""A `deploymentRef` server's pods are not ragtune's and not watched: its health is re-read this often."""
+REFUSED = frozenset({400, 422})
+"""API answers that refuse an object rendered from the spec: permanent until the spec changes."""
 FATAL_WAITING = {"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                  "CreateContainerConfigError", "CreateContainerError"}
 
@@ -76,6 +88,8 @@ class Outcome:
     """How long the rollout that ended took."""
     online_gate: Optional[bool] = None
     """The online gate's verdict, when it came in this tick."""
+    again: Optional[float] = None
+    """Seconds after which to tick again because something is awaited; None: only on a watch event."""
 
 
 def _parse_time(stamp: Optional[str]) -> Optional[float]:
@@ -172,8 +186,14 @@ class Reconciler:
                                     "observedGeneration": body["metadata"].get("generation")})
             return out
         state = _Tick(self, body, spec, status, out)
-        state.run()
+        try:
+            state.run()
+        except KubeError as err:
+            if err.status not in REFUSED:
+                raise
+            state.refused(err)
         self._write(body, old, state.status.to_wire())
+        out.again = state.again()
         for type_, reason, message in out.events:
             try:
                 self.kube.event(body, type_, reason, message)
@@ -200,8 +220,33 @@ class _Tick:
         meta = body["metadata"]
         self.ns, self.name, self.generation = meta["namespace"], meta["name"], meta.get("generation", 1)
         self.owner = render.Owner(self.name, self.ns, meta["uid"])
+        self.waiting_for_ftj = False
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def again(self) -> Optional[float]:
+        if self.status.candidate is not None:
+            return FINETUNEJOB_WAIT_SECONDS if self.waiting_for_ftj else ROLLOUT_POLL_SECONDS
+        if not self.status.serving:
+            return None
+        ready = next((c for c in self.status.conditions if c.type == "Ready"), None)
+        if ready is None or ready.status != "True":
+            return UNREADY_POLL_SECONDS
+        return REFERENCED_HEALTH_SECONDS if self.spec.server.deployment_ref else None
+
+    def refused(self, err: KubeError) -> None:
+        """The API server refused an object rendered from this spec (a name it cannot take, an
+        empty image or env var name, ...): retrying cannot help, so the rollout ends Failed with the
+        API server's message, which names the field."""
+        message = f"the API server refused an object rendered from this spec: {err.message}"[:1024]
+        try:
+            self.finish("Failed", "RejectedByAPIServer", message)
+        except KubeError:  # the clean-up was refused too: still say what is wrong
+            self.status.candidate = None
+            self.status.observed_generation = self.generation
+            self.status.phase, self.status.message = Phase("Failed"), message
+            self.cond("Progressing", False, "RejectedByAPIServer", message)
+            self.event("Warning", "RejectedByAPIServer", message)
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.out.events.append((type_, reason, message))
@@ -254,6 +299,7 @@ class _Tick:
         except NotReady as exc:
             self.status.phase, self.status.message = Phase.PENDING, str(exc)
             self.cond("Progressing", True, "WaitingForFineTuneJob", str(exc))
+            self.waiting_for_ftj = True
             return
         except ResolveError as exc:
             self.finish("Failed", exc.reason, str(exc))

@@ -284,7 +284,7 @@ class Candidate(ApiModel):
     """The full adapter set the server will serve after promotion."""
     changed: list[str] = Field(default_factory=list)
     """Adapters that are new or changed (and therefore gated)."""
-    step: Literal["Resolving", "OfflineGate", "Canary", "OnlineGate", "Promoting", "Done"] = "Resolving"
+    step: Literal["Resolving", "OfflineGate", "Canary", "OnlineGate", "Promoting"] = "Resolving"
     """Rollout step."""
     started_at: Optional[str] = None
     """When the rollout began."""

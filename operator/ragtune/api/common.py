@@ -356,7 +356,7 @@ class RefusalByConstruction(ApiModel):
 
 
 class EvalMetrics(ApiModel):
-    """RAG generator quality on a held-out set (see DESIGN.md, Evaluation). Rates are in [0, 1]."""
+    """RAG generator quality on a held-out set (docs/architecture.md, The RAG contract). Rates are in [0, 1]."""
 
     samples: int = 0
     """Number of evaluated items."""
