@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -312,6 +313,26 @@ def test_delete_removes_what_it_created_and_restores_a_referenced_deployment(pla
     assert env["LORA_ADAPTERS"] == "support=/data/adapters/support"
     assert generate(kube, namespace, "user-tgi", "support") != generate(kube, namespace, "user-tgi", None)
 
-    platform.kubectl("-n", namespace, "delete", "adapterdeployment", "chat", "--wait=true", timeout=60)
+    # Someone else keeps writing to the Deployment meanwhile (its controller writes its status, a
+    # user or GitOps tool its metadata): the restore must not fail on the resourceVersion it read.
+    stop, writes = threading.Event(), [0]
+
+    def writer() -> None:
+        while not stop.is_set():
+            kube.merge_patch("Deployment", namespace, "user-tgi",
+                             {"metadata": {"annotations": {"example.com/touched": str(writes[0])}}})
+            writes[0] += 1
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        platform.kubectl("-n", namespace, "delete", "adapterdeployment", "chat", "--wait=true", timeout=60)
+    finally:
+        stop.set()
+        thread.join(10)
+    took = time.monotonic() - started
+    assert writes[0] > 10 and took < 15, f"the delete took {took:.1f} s with {writes[0]} concurrent writes"
     restored = kube.get("Deployment", namespace, "user-tgi")
     assert restored is not None and restored["spec"]["template"] == original
