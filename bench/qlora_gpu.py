@@ -158,7 +158,8 @@ def run_ragtune(model_dir: Path, rows, args, device: str, out: Path) -> dict:
     from transformers import AutoTokenizer
 
     from ragtune.api.finetunejob import FineTuneJobSpec
-    from ragtune_trainer import train as T
+    from ragtune_trainer import base_model as B
+    from ragtune_trainer import sft as S
 
     spec = FineTuneJobSpec.model_validate({
         "baseModel": {"id": "random-llama", "uri": model_dir.as_uri()},
@@ -169,16 +170,16 @@ def run_ragtune(model_dir: Path, rows, args, device: str, out: Path) -> dict:
                      "checkpointIntervalSteps": args.steps + 1},
         "resources": {"gpus": 1 if device == "cuda" else 0},
     })
-    plan = T.detect_plan(spec)
+    plan = B.detect_plan(spec)
     if device == "cpu":  # the smoke run: the CPU plan, but with the GPU plan's checkpointing
         plan.gradient_checkpointing = True
     torch.manual_seed(SEED)
-    model = T.load_model(str(model_dir), "main", spec, plan)
-    sampling = T.sampling_strategy(plan, T.random_batch_padding([r["length"] for r in rows], args.batch_size, SEED))
-    config = T.build_sft_config(spec, plan, out / "ragtune", args.steps, has_eval=False, sampling=sampling)
+    model = B.load_model(str(model_dir), "main", spec, plan)
+    sampling = S.sampling_strategy(plan, S.random_batch_padding([r["length"] for r in rows], args.batch_size, SEED))
+    config = S.build_sft_config(spec, plan, out / "ragtune", args.steps, has_eval=False, sampling=sampling)
     config.save_strategy = "no"
     data = Dataset.from_list([{k: r[k] for k in ("input_ids", "labels", "length")} for r in rows])
-    trainer = counting(T.make_trainer_class())(model=model, args=config, train_dataset=data,
+    trainer = counting(S.make_trainer_class())(model=model, args=config, train_dataset=data,
                                                processing_class=AutoTokenizer.from_pretrained(model_dir))
     result = _timed("ragtune", trainer, device, config)
     # checkpointing is switched on on the model (load_model), not through the SFTConfig

@@ -41,16 +41,17 @@ def build_data(tokenizer, n_train: int, n_eval: int):
     examples = lambda recs: [D.Example(build_messages(r)[:2], r.answer, r) for r in recs]
     conversational = [{"prompt": build_messages(r)[:2], "completion": [build_messages(r, with_answer=True)[2]]}
                       for r in train]
-    from ragtune_trainer.train import _rows
+    from ragtune_trainer.rows import Tokenised
 
-    return conversational, _rows(tokenizer, examples(train)), _rows(tokenizer, examples(held))
+    tokenised = Tokenised(tokenizer)
+    return conversational, [tokenised(e) for e in examples(train)], [tokenised(e) for e in examples(held)]
 
 
 def eval_loss(model, rows) -> float:
     """Answer-only cross-entropy per answer token on held-out rows (identical for every run)."""
     import torch
 
-    from ragtune_trainer.train import answer_only_loss
+    from ragtune_trainer.sft import answer_only_loss
 
     model.eval()
     total, count = 0.0, 0
@@ -105,7 +106,8 @@ def run_ragtune(model_dir, tokenizer, train_rows, eval_rows, steps, batch, lr, o
     from datasets import Dataset
 
     from ragtune.api.finetunejob import FineTuneJobSpec
-    from ragtune_trainer import train as T
+    from ragtune_trainer import base_model as B
+    from ragtune_trainer import sft as S
 
     spec = FineTuneJobSpec.model_validate({
         "baseModel": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "uri": Path(model_dir).as_uri()},
@@ -116,13 +118,13 @@ def run_ragtune(model_dir, tokenizer, train_rows, eval_rows, steps, batch, lr, o
                      "lrScheduler": "linear", "warmupRatio": 0, "checkpointIntervalSteps": steps + 1},
         "resources": {"gpus": 0},
     })
-    plan = T.plan_for(spec, cuda=False, bf16_ok=False, flash_attention=False)
+    plan = B.plan_for(spec, cuda=False, bf16_ok=False, flash_attention=False)
     torch.manual_seed(SEED)
-    model = T.load_model(model_dir, "main", spec, plan)
-    sampling = T.sampling_strategy(plan, T.random_batch_padding([r["length"] for r in train_rows], batch, SEED))
-    args = T.build_sft_config(spec, plan, out / "ragtune", steps, has_eval=False, sampling=sampling)
+    model = B.load_model(model_dir, "main", spec, plan)
+    sampling = S.sampling_strategy(plan, S.random_batch_padding([r["length"] for r in train_rows], batch, SEED))
+    args = S.build_sft_config(spec, plan, out / "ragtune", steps, has_eval=False, sampling=sampling)
     args.save_strategy = "no"
-    trainer = counting(T.make_trainer_class())(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+    trainer = counting(S.make_trainer_class())(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                                                processing_class=tokenizer)
     return _timed("ragtune", trainer, eval_rows, args)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.api.contract import EXIT_PERMANENT, PROGRESS_PREFIX
-from ragtune_trainer.cli import out_of_memory
+from ragtune.api.pods import EXIT_PERMANENT, PROGRESS_PREFIX
+from ragtune_trainer.run import out_of_memory
 from ragtune_trainer.synthetic import generate
 
 from .conftest import build_model, build_tokenizer, write_jsonl

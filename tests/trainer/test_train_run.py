@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.api.contract import EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX
+from ragtune.api.pods import EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX
 from ragtune.cli import main
 from ragtune.storage import sha256_bytes, sha256_file
 
@@ -103,12 +103,12 @@ def test_qlora_trains_a_4bit_nf4_base(monkeypatch, tiny_model_dir, train_file, t
     from bitsandbytes.nn import Linear4bit
 
     from ragtune.api.finetunejob import FineTuneJobSpec
-    from ragtune_trainer import train as T
+    from ragtune_trainer import base_model as B
 
     spec = job_spec(tiny_model_dir, train_file.as_uri(), tmp_path / "out", method="qlora", **{"training.maxSteps": 2})
     parsed = FineTuneJobSpec.model_validate(spec)
-    plan = T.plan_for(parsed, cuda=False, bf16_ok=False, flash_attention=False)
-    model = T.load_model(str(tiny_model_dir), "main", parsed, plan)
+    plan = B.plan_for(parsed, cuda=False, bf16_ok=False, flash_attention=False)
+    model = B.load_model(str(tiny_model_dir), "main", parsed, plan)
     base_q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(base_q, Linear4bit) and base_q.weight.quant_type == "nf4"
     assert base_q.weight.quant_state.nested  # double quantisation

@@ -4,11 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.api.contract import EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX, TrainerResult
+from ragtune.api.pods import EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX, TrainerResult
 from ragtune.api.finetunejob import FineTuneJobSpec, TrainingProgress
 from ragtune.storage import Storage
+from ragtune_trainer import base_model as B
 from ragtune_trainer import cli
-from ragtune_trainer import train as T
+from ragtune_trainer import run as R
+from ragtune_trainer import sft as S
 from ragtune_trainer.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, upload_checkpoint
 
 
@@ -20,22 +22,22 @@ def spec(**training) -> FineTuneJobSpec:
 
 
 def test_device_aware_defaults():
-    cpu = T.plan_for(spec(), cuda=False, bf16_ok=False, flash_attention=False)
+    cpu = B.plan_for(spec(), cuda=False, bf16_ok=False, flash_attention=False)
     assert (cpu.device, cpu.dtype, cpu.gradient_checkpointing, cpu.padding_free, cpu.quantize_bits) == \
         ("cpu", "float32", False, False, 4)
-    gpu = T.plan_for(spec(), cuda=True, bf16_ok=True, flash_attention=True)
+    gpu = B.plan_for(spec(), cuda=True, bf16_ok=True, flash_attention=True)
     assert (gpu.dtype, gpu.gradient_checkpointing, gpu.padding_free) == ("bfloat16", True, True)
-    assert not T.plan_for(spec(), cuda=True, bf16_ok=False, flash_attention=False).padding_free
-    forced = T.plan_for(spec(packing=True, gradientCheckpointing=True), cuda=False, bf16_ok=False, flash_attention=False)
+    assert not B.plan_for(spec(), cuda=True, bf16_ok=False, flash_attention=False).padding_free
+    forced = B.plan_for(spec(packing=True, gradientCheckpointing=True), cuda=False, bf16_ok=False, flash_attention=False)
     assert forced.padding_free and forced.gradient_checkpointing
-    with pytest.raises(T.TrainerFailure) as err:
-        T.plan_for(spec(precision="bf16"), cuda=False, bf16_ok=False, flash_attention=False)
+    with pytest.raises(R.TrainerFailure) as err:
+        B.plan_for(spec(precision="bf16"), cuda=False, bf16_ok=False, flash_attention=False)
     assert err.value.reason == "InvalidSpec"
 
 
 def test_planned_steps():
-    assert T.planned_steps(spec(maxSteps=7), 1000) == 7
-    assert T.planned_steps(spec(batchSize=4, gradientAccumulationSteps=2, epochs=2), 17) == 6  # ceil(ceil(17/4)/2)*2
+    assert S.planned_steps(spec(maxSteps=7), 1000) == 7
+    assert S.planned_steps(spec(batchSize=4, gradientAccumulationSteps=2, epochs=2), 17) == 6  # ceil(ceil(17/4)/2)*2
 
 
 def test_answer_only_loss_matches_full_cross_entropy(tiny_model_dir):
@@ -49,7 +51,7 @@ def test_answer_only_loss_matches_full_cross_entropy(tiny_model_dir):
     labels = ids.clone()
     labels[:, :8] = -100
     labels[1, 10:] = -100
-    loss, n = T.answer_only_loss(model, {"input_ids": ids, "labels": labels})
+    loss, n = S.answer_only_loss(model, {"input_ids": ids, "labels": labels})
     logits = model(input_ids=ids).logits[:, :-1]
     expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert n == 6 and torch.allclose(loss, expected, atol=1e-5)
@@ -57,7 +59,7 @@ def test_answer_only_loss_matches_full_cross_entropy(tiny_model_dir):
     flat = {"input_ids": ids.reshape(1, -1), "labels": labels.reshape(1, -1),
             "position_ids": torch.arange(12).repeat(2)[None]}
     flat["labels"][0, 12] = -100
-    loss_pf, n_pf = T.answer_only_loss(model, flat)
+    loss_pf, n_pf = S.answer_only_loss(model, flat)
     assert n_pf == 6 and torch.allclose(loss_pf, expected, atol=1e-5)
 
 
@@ -124,16 +126,16 @@ def test_progress_printer_is_rate_limited_but_reports_stage_changes():
 ])
 def test_exit_codes(reason, code):
     outcome = "Succeeded" if reason == "Completed" else "Failed"
-    assert cli.exit_code(TrainerResult(outcome=outcome, reason=reason)) == code
+    assert R.exit_code(TrainerResult(outcome=outcome, reason=reason)) == code
 
 
 def test_length_grouped_order_is_seeded_near_random_and_low_padding():
     import random
 
     lengths = [random.Random(i).randint(50, 400) for i in range(130)]
-    order = T.length_grouped_order(lengths, batch_size=4, seed=1)
-    assert sorted(order) == list(range(130)) and order == T.length_grouped_order(lengths, 4, seed=1)
-    assert order != T.length_grouped_order(lengths, 4, seed=2)
+    order = S.length_grouped_order(lengths, batch_size=4, seed=1)
+    assert sorted(order) == list(range(130)) and order == S.length_grouped_order(lengths, 4, seed=1)
+    assert order != S.length_grouped_order(lengths, 4, seed=2)
     batches = [order[i:i + 4] for i in range(0, 128, 4)]
     padded = sum(4 * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
     rand = list(range(130))
@@ -160,10 +162,10 @@ def test_qlora_on_cpu_matches_a_dequantised_reference(tiny_model_dir):
         "baseModel": {"id": "tiny"}, "dataset": {"train": "file:///d.jsonl"}, "output": {"uri": "file:///o"},
         "method": "qlora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
     })
-    plan = T.plan_for(qspec, cuda=False, bf16_ok=False, flash_attention=False)
+    plan = B.plan_for(qspec, cuda=False, bf16_ok=False, flash_attention=False)
     assert plan.quantize_bits == 4
     torch.manual_seed(0)
-    qlora = T.load_model(str(tiny_model_dir), "main", qspec, plan)
+    qlora = B.load_model(str(tiny_model_dir), "main", qspec, plan)
     quantised = {name.removesuffix(".base_layer"): m for name, m in qlora.get_base_model().named_modules()
                  if isinstance(m, bnb.nn.Linear4bit)}
     assert len(quantised) == 2 * 7  # all linear layers of both blocks (the LM head stays unquantised)
@@ -186,7 +188,7 @@ def test_qlora_on_cpu_matches_a_dequantised_reference(tiny_model_dir):
     grads = []
     for model in (qlora, reference):
         model.train()
-        loss, _ = T.answer_only_loss(model, {"input_ids": ids, "labels": labels})
+        loss, _ = S.answer_only_loss(model, {"input_ids": ids, "labels": labels})
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (q_loss, q_grads), (r_loss, r_grads) = grads
@@ -200,14 +202,14 @@ def test_qlora_on_cpu_matches_a_dequantised_reference(tiny_model_dir):
 def test_batches_are_grouped_by_length_only_when_random_ones_would_be_mostly_padding():
     import random
 
-    cpu = T.plan_for(spec(), cuda=False, bf16_ok=False, flash_attention=False)
+    cpu = B.plan_for(spec(), cuda=False, bf16_ok=False, flash_attention=False)
     similar = [random.Random(i).randint(190, 220) for i in range(200)]  # like the synthetic RAG items
     varied = [random.Random(i).choice([120, 900]) for i in range(200)]  # 1 vs 10 retrieved passages
-    similar_padding, varied_padding = T.random_batch_padding(similar, 8, 0), T.random_batch_padding(varied, 8, 0)
+    similar_padding, varied_padding = S.random_batch_padding(similar, 8, 0), S.random_batch_padding(varied, 8, 0)
     assert similar_padding < 0.1 < 0.4 < varied_padding
-    assert T.sampling_strategy(cpu, similar_padding) == "random"
-    assert T.sampling_strategy(cpu, varied_padding) == "group_by_length"
-    packed = T.plan_for(spec(packing=True), cuda=False, bf16_ok=False, flash_attention=False)
-    assert T.sampling_strategy(packed, varied_padding) == "random"  # padding-free rows have no padding
-    config = T.build_sft_config(spec(), cpu, Path("/tmp/unused"), 10, has_eval=False, sampling="group_by_length")
+    assert S.sampling_strategy(cpu, similar_padding) == "random"
+    assert S.sampling_strategy(cpu, varied_padding) == "group_by_length"
+    packed = B.plan_for(spec(packing=True), cuda=False, bf16_ok=False, flash_attention=False)
+    assert S.sampling_strategy(packed, varied_padding) == "random"  # padding-free rows have no padding
+    config = S.build_sft_config(spec(), cpu, Path("/tmp/unused"), 10, has_eval=False, sampling="group_by_length")
     assert config.train_sampling_strategy == "group_by_length"

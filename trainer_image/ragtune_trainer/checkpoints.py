@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ragtune.api.contract import CHECKPOINTS_DIR
+from ragtune.api.pods import CHECKPOINTS_DIR
 from ragtune.storage import Storage, join, sha256_file
 
 COMPLETE_MARKER = "COMPLETE"

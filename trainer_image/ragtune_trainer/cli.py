@@ -15,16 +15,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from ragtune.api import contract
+from ragtune.api import pods as contract
 
 from .models import DEFAULT_DIR
+from .run import TrainerFailure, exit_code, failed, from_failure, oom_failure, out_of_memory
 
 PROGRESS_INTERVAL_S = 10.0
-
-# Failures a retry cannot fix: the Job's podFailurePolicy fails the Job at once on EXIT_PERMANENT.
-# OutOfMemory too: the retry runs the same spec on the same resources and hits the same wall.
-PERMANENT_REASONS = {"InvalidDataset", "InvalidSpec", "BaseModelNotFound", "GateFailed", "NaNLoss",
-                     "S3AccessDenied", "S3ObjectNotFound", "OutOfMemory"}
 
 
 def add_commands(subparsers) -> None:
@@ -147,47 +143,6 @@ class ProgressBar:
         self.bar.close()
 
 
-def exit_code(result) -> int:
-    if result.outcome == "Succeeded":
-        return 0
-    return contract.EXIT_PERMANENT if result.reason in PERMANENT_REASONS else contract.EXIT_RETRYABLE
-
-
-def _failure(reason: str, message: str, run_id: Optional[str] = None):
-    return contract.TrainerResult(outcome="Failed", reason=reason, message=" ".join(message.split())[:1000],
-                                  run_id=run_id)
-
-
-def out_of_memory(exc: BaseException) -> Optional[str]:
-    """What ran out, if `exc` is an allocation failure (GPU: torch.OutOfMemoryError; host: MemoryError
-    or the CPU allocator's RuntimeError "can't allocate memory"); None otherwise."""
-    if isinstance(exc, MemoryError):
-        return "host memory"
-    if not isinstance(exc, RuntimeError):
-        return None
-    text = str(exc).lower()
-    # torch raises OutOfMemoryError for the CPU allocator too: its text tells which memory it was.
-    if "can't allocate memory" in text or "cannot allocate memory" in text or "cpuallocator" in text:
-        return "host memory"
-    torch = sys.modules.get("torch")  # only a run that imported torch can raise its errors
-    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return "GPU memory"
-    if "out of memory" in text:
-        return "GPU memory" if "cuda" in text or "gpu" in text else "memory"
-    return None
-
-
-def _oom_failure(what: str, detail: str, run_id: Optional[str]):
-    message = f"out of {what} ({_headline(detail)}); {contract.OOM_REMEDIES}"
-    print(f"ragtune train: OutOfMemory: {message}", file=sys.stderr, flush=True)
-    return _failure("OutOfMemory", message, run_id)
-
-
-def _headline(text: str, limit: int = 200) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _execute(ctx_factory):
     """Build the context and run; every fault becomes a Failed TrainerResult."""
     result, oom, run_id = _attempt(ctx_factory)
@@ -197,12 +152,12 @@ def _execute(ctx_factory):
     import gc
 
     gc.collect()
-    return _oom_failure(*oom, run_id)
+    return oom_failure(*oom, run_id)
 
 
 def _attempt(ctx_factory):
     """(result, None, run id), or (None, (what ran out, the error), run id) on an allocation failure."""
-    from .train import TrainerFailure, run
+    from .train import run
 
     ctx = None
     try:
@@ -210,20 +165,14 @@ def _attempt(ctx_factory):
         return run(ctx), None, ctx.run_id
     except TrainerFailure as exc:
         run_id = ctx.run_id if ctx else None
-        # The full text (e.g. every bad dataset row) goes to the log; the result keeps the headline.
-        print(f"ragtune train: {exc.reason}: {exc.message}", file=sys.stderr)
-        lines = exc.message.strip().splitlines()
-        headline = lines[-1] if exc.reason == "InvalidDataset" and len(lines) > 1 else exc.message
-        if exc.reason == "InvalidDataset" and len(lines) > 1:
-            headline = f"{lines[0]} ... {headline}"
-        return _failure(exc.reason, headline, run_id), None, run_id
+        return from_failure(exc, run_id), None, run_id
     except Exception as exc:  # a bug must still end as a Failed result, never as a silent exit
         run_id = ctx.run_id if ctx else None
         what = out_of_memory(exc)
         if what is not None:
             return None, (what, f"{type(exc).__name__}: {exc}"), run_id
         traceback.print_exc()
-        return _failure("InternalError", f"{type(exc).__name__}: {exc}", run_id), None, run_id
+        return failed("InternalError", f"{type(exc).__name__}: {exc}", run_id), None, run_id
     finally:
         if ctx is not None:
             ctx.cleanup()
@@ -234,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_in_cluster(args)
     if not args.file:
         raise SystemExit("ragtune train: give -f FILE.yaml (or --in-cluster in the trainer pod)")
-    from .train import RunContext
+    from .run import RunContext
 
     spec, metadata = load_local_job(args.file, args.output, args.set)
     namespace, name = metadata.get("namespace", "default"), metadata.get("name", Path(args.file).stem)
@@ -256,7 +205,7 @@ def _train_in_cluster(args: argparse.Namespace) -> int:
 
     from ragtune.api.finetunejob import FineTuneJobSpec
 
-    from .train import RunContext, TrainerFailure
+    from .run import RunContext
 
     path = os.environ.get(contract.ENV_TERMINATION_PATH, contract.DEFAULT_TERMINATION_PATH)
 

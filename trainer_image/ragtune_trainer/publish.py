@@ -1,0 +1,101 @@
+"""Publishing a run: the adapter folder (what TGI loads), the evaluation report, every file
+uploaded with its digest, and manifest.json LAST, so a reader that finds a manifest finds
+everything it lists."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ragtune.api.common import GateResult
+from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.api.pods import ADAPTER_DIR, MANIFEST, Manifest, ManifestFile
+from ragtune.storage import join, sha256_bytes, sha256_file
+
+from .run import RunContext, TrainerFailure, now
+
+
+@dataclass
+class Published:
+    manifest_sha256: str
+    adapter_size_bytes: int
+    report_uri: Optional[str]
+
+
+def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[dict], gates: list[GateResult],
+                datasets: list[dict], passed: bool) -> Published:
+    """Write the adapter (and the report when there was an evaluation), upload, manifest last."""
+    out = ctx.work_dir / "run"
+    adapter_files = write_adapter(model, tokenizer, ctx.spec, out / ADAPTER_DIR)
+    report_files: list[Path] = []
+    if outcome is not None:
+        from .report import write_report
+
+        report_files = write_report(out / "eval", outcome, log_history, ctx.spec, gates)
+    manifest = publish(ctx, out, adapter_files + report_files, datasets, passed)
+    return Published(
+        manifest_sha256=sha256_bytes(manifest),
+        adapter_size_bytes=sum(p.stat().st_size for p in adapter_files),
+        report_uri=join(ctx.run_uri, "eval/report.html") if report_files else None,
+    )
+
+
+def write_adapter(model, tokenizer, spec: FineTuneJobSpec, out: Path) -> list[Path]:
+    """adapter_config.json + adapter_model.safetensors at top level (what TGI loads) + tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for required in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (out / required).is_file():
+            raise TrainerFailure("InternalError", f"adapter export wrote no {required}")
+    # TGI matches adapters to the served model by id, not by our local download path. (Patched in
+    # the file: set on the model before saving, peft would try to look the id up on the hub.)
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(base_model_name_or_path=spec.base_model.id, revision=spec.base_model.revision)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+def publish(ctx: RunContext, root: Path, files: list[Path], datasets: list[dict], passed: bool) -> bytes:
+    """Upload every file, then manifest.json last. A stale manifest from an earlier attempt is
+    removed first, so readers never pair an old manifest with new files."""
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    storage = ctx.storage
+    storage.delete_prefix(join(ctx.run_uri, MANIFEST))
+    entries = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        storage.upload(path, join(ctx.run_uri, rel))
+        entries.append(ManifestFile(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
+    manifest = Manifest(
+        run_id=ctx.run_id,
+        base_model={"id": ctx.spec.base_model.id, "revision": ctx.spec.base_model.revision,
+                    "uri": ctx.spec.base_model.uri},
+        files=entries,
+        datasets=datasets,
+        image=ctx.image,
+        versions={"torch": torch.__version__, "transformers": transformers.__version__,
+                  "peft": peft.__version__, "trl": trl.__version__, "ragtune": _ragtune_version()},
+        evaluation_passed=passed,
+        created_at=now(),
+        job=ctx.job,
+    )
+    data = json.dumps(manifest.to_wire(), indent=2).encode()
+    storage.put_bytes(join(ctx.run_uri, MANIFEST), data)
+    return data
+
+
+def _ragtune_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ragtune")
+    except PackageNotFoundError:
+        return "unknown"

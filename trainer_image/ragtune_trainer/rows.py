@@ -1,0 +1,108 @@
+"""Training data into training rows: load and validate the files (`data.py`), split off the held-out
+items, build the RAFT items for `rag` data, and tokenise every item once into the row the trainer
+consumes: `{input_ids, labels (-100 off the answer), length}`.
+
+Shapes between file and batch: data.Row (a parsed line with file:line) -> data.Example (prompt +
+completion) -> training row -> batch. The RAFT length check (`fits`) and the rows share one
+tokenisation per item (`Tokenised`), and so do validation and the rows of the other formats."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from ragtune.api.finetunejob import DatasetFormat
+from ragtune.rag.prompt import build_messages
+from ragtune.rag.records import RagRecord
+from ragtune.storage import StorageError
+
+from . import data as D
+from .run import RunContext, TrainerFailure
+
+EVAL_LOSS_ITEMS = 64
+"""Held-out items used for the validation loss (generation-based evaluation uses maxSamples)."""
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    """Training rows: input_ids, labels, length."""
+    eval: list[dict]
+    """Held-out rows for the validation loss (at most EVAL_LOSS_ITEMS)."""
+    eval_records: list[RagRecord]
+    """Held-out RAG records for generation-based evaluation (empty for other formats)."""
+    datasets: list[dict[str, Optional[str]]]
+    """`{uri, etag}` of every file read (for the manifest)."""
+
+
+class Tokenised:
+    """Each example's training row, tokenised on first use and remembered (keyed by the example's
+    text), so checking an item's length and training on it cost one tokenisation."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._rows: dict[str, dict] = {}
+        self.calls = 0
+        """Tokenisations done (what the cache saved is the number of lookups minus this)."""
+
+    def __call__(self, example: D.Example) -> dict:
+        key = json.dumps([example.prompt, example.completion])
+        row = self._rows.get(key)
+        if row is None:
+            self.calls += 1
+            t = D.tokenize(self.tokenizer, example)
+            labels = [tok if m else -100 for tok, m in zip(t["input_ids"], t["completion_mask"])]
+            row = self._rows[key] = {"input_ids": t["input_ids"], "labels": labels, "length": len(labels)}
+        return row
+
+
+def rag_example(record: RagRecord, refusal: str) -> D.Example:
+    return D.Example(build_messages(record, refusal=refusal)[:2], record.answer, record)
+
+
+def load_and_check(uri: str, ctx: RunContext, tokenised: Tokenised) -> tuple[D.LoadedData, list[D.Example]]:
+    spec = ctx.spec
+    try:
+        loaded = D.load_rows(uri, ctx.storage)
+    except StorageError as err:
+        raise TrainerFailure(err.reason, f"dataset: {err}") from err
+    report, examples = D.validate(loaded, spec.dataset.format, tokenizer=tokenised.tokenizer,
+                                  max_seq_length=spec.training.max_seq_length, refusal=spec.dataset.raft.refusal,
+                                  encode=tokenised)
+    if not report.ok:
+        raise TrainerFailure("InvalidDataset", report.render())
+    return loaded, examples
+
+
+def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
+    spec = ctx.spec
+    ds, seed = spec.dataset, spec.training.seed
+    tokenised = Tokenised(tokenizer)
+    train_data, train_ex = load_and_check(ds.train, ctx, tokenised)
+    objects = list(train_data.objects)
+    if ds.eval:
+        eval_data, eval_ex = load_and_check(ds.eval, ctx, tokenised)
+        objects += eval_data.objects
+    else:
+        train_ex, eval_ex = D.split(train_ex, ds.eval_split, seed)
+    eval_records: list[RagRecord] = []
+    if ds.format == DatasetFormat.RAG:
+        max_len = spec.training.max_seq_length
+
+        def fits(record: RagRecord) -> bool:
+            return tokenised(rag_example(record, ds.raft.refusal))["length"] <= max_len
+
+        train_recs = D.build_raft([e.record for e in train_ex], ds.raft, seed, fits=fits)
+        eval_records = D.build_raft([e.record for e in eval_ex], ds.raft, seed + 1, fits=fits)
+        train_ex = [rag_example(r, ds.raft.refusal) for r in train_recs]
+        eval_ex = [rag_example(r, ds.raft.refusal) for r in eval_records]
+    train_rows = [tokenised(ex) for ex in train_ex]
+    if not train_rows:
+        raise TrainerFailure("InvalidDataset", f"{ds.train}: no training records left after the eval split")
+    return PreparedData(
+        train=train_rows,
+        eval=[tokenised(ex) for ex in eval_ex[:EVAL_LOSS_ITEMS]],
+        eval_records=eval_records,
+        datasets=objects,
+    )
