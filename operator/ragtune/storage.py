@@ -1,7 +1,16 @@
 """Object storage for every ragtune pod: `s3://bucket/key` through boto3 and `file:///path` for local
 runs, behind one small interface. Failures become `StorageError` with a CamelCase `reason`
-(`S3Unreachable`, `S3AccessDenied`, `S3ObjectNotFound`, `S3Error`) that ends up in termination
-messages, so an operator sees *why* without reading logs.
+(`S3Unreachable`, `S3AccessDenied`, `S3ObjectNotFound`, `S3AddressForbidden`, `S3Error`) that ends up
+in termination messages, so an operator sees *why* without reading logs.
+
+Every connection the S3 client opens is checked against an `AddressPolicy` (ragtune.addresses):
+the host is resolved, every address is classified, and the socket connects only to an address
+that passed, then its actual peer is checked again before a byte is sent (a DNS answer that
+changes between check and connect cannot slip through). Link-local, unspecified and
+cloud-metadata addresses are always refused; loopback unless `RAGTUNE_S3_ALLOW_LOOPBACK=true`.
+botocore never follows a `Location` header; its S3 region redirects re-send through the same
+client, so they pass the same check. With an HTTP proxy configured, the checked peer is the
+proxy.
 
 Credentials come from the environment the pod gets from the Secret (`AWS_ACCESS_KEY_ID`, ...);
 the endpoint and region from `spec.s3` (or `AWS_ENDPOINT_URL_S3` / `AWS_REGION`)."""
@@ -11,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 from urllib.parse import unquote
 
+from ragtune.addresses import AddressClass, AddressPolicy
 from ragtune.api.common import S3Config
 
 
@@ -26,6 +37,15 @@ class StorageError(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class AddressForbidden(Exception):
+    """A connection the address policy refuses. Not an OSError: urllib3 and botocore must not
+    take it for a flaky network and retry it."""
+
+    def __init__(self, host: str, address: str, kind: AddressClass):
+        super().__init__(f"refused to connect to {host} ({address}): a {kind.value} address")
+        self.host, self.address, self.kind = host, address, kind
 
 
 @dataclass(frozen=True)
@@ -94,8 +114,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 class Storage:
     """get/put/list/exists/etag and prefix transfers for `s3://` and `file://` URIs."""
 
-    def __init__(self, s3: Optional[S3Config] = None):
+    def __init__(self, s3: Optional[S3Config] = None, policy: Optional[AddressPolicy] = None):
         self.s3 = s3 or S3Config()
+        self.policy = policy
+        """Where the S3 client may connect; None: `AddressPolicy.from_env()` when the client is made."""
         self._client = None
 
     # boto3 is imported lazily: file:// runs and the CLI's --help need no S3 stack.
@@ -113,12 +135,14 @@ class Storage:
             )
             # A fresh session per store: boto3's default session caches the first credentials it
             # resolves, so a later change of the environment would be silently ignored.
-            self._client = boto3.session.Session().client(
+            client = boto3.session.Session().client(
                 "s3",
                 endpoint_url=self.s3.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or None,
                 region_name=self.s3.region,
                 config=config,
             )
+            _guard(client, self.policy or AddressPolicy.from_env())
+            self._client = client
         return self._client
 
     def _s3_call(self, uri: str, fn, *args, **kwargs):
@@ -276,6 +300,10 @@ def _map_error(uri: str, exc: Exception) -> StorageError:
     """botocore exception -> StorageError with a reason and one readable line (no secrets)."""
     if isinstance(exc, StorageError):
         return exc
+    refused = _address_forbidden(exc)
+    if refused is not None:
+        return StorageError("S3AddressForbidden", f"{uri}: {refused}; S3 endpoints must not be link-local, "
+                            "cloud-metadata or (unless RAGTUNE_S3_ALLOW_LOOPBACK is set) loopback addresses")
     from botocore import exceptions as bx
 
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
@@ -297,3 +325,102 @@ def _map_error(uri: str, exc: Exception) -> StorageError:
     if isinstance(exc, OSError):
         return StorageError("S3Unreachable", f"{uri}: {type(exc).__name__}: {exc}")
     raise exc
+
+
+# --- Connection guard ------------------------------------------------------------------
+
+
+def _address_forbidden(exc: BaseException) -> Optional[AddressForbidden]:
+    """The AddressForbidden behind an exception (botocore wraps it as HTTPClientError(error=...))."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, AddressForbidden):
+            return exc
+        wrapped = getattr(exc, "kwargs", {}).get("error") if isinstance(getattr(exc, "kwargs", None), dict) else None
+        exc = wrapped or exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def checked_addresses(host: str, port: int, policy: AddressPolicy) -> list[tuple]:
+    """getaddrinfo(host, port) for TCP, refusing the whole host if any address is forbidden (a
+    name that resolves to a metadata address is hostile, whatever else it resolves to)."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for info in infos:
+        kind = policy.refusal(info[4][0])
+        if kind is not None:
+            raise AddressForbidden(host, info[4][0], kind)
+    return infos
+
+
+def connect_checked(host: str, port: int, timeout, policy: AddressPolicy, source_address=None,
+                    socket_options=()) -> socket.socket:
+    """A TCP socket connected to a checked address of `host`, its peer checked again."""
+    last: Optional[OSError] = None
+    for family, socktype, proto, _, sockaddr in checked_addresses(host, port, policy):
+        sock = socket.socket(family, socktype, proto)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            if timeout is None or isinstance(timeout, (int, float)):
+                sock.settimeout(timeout)  # anything else is urllib3's "default" sentinel
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            peer = sock.getpeername()[0]
+            kind = policy.refusal(peer)
+            if kind is not None:
+                raise AddressForbidden(host, peer, kind)
+            return sock
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            last = exc
+    raise last or OSError(f"getaddrinfo({host!r}) returned no addresses")
+
+
+def _guard(client, policy: AddressPolicy) -> None:
+    """Install the address check in a boto3 S3 client: a `before-send` check of every request's
+    host (a refusal there is final, not retried) and connection classes that connect only to
+    checked addresses (proof against DNS answers that change after the first check)."""
+    from urllib.parse import urlsplit
+
+    from botocore import awsrequest
+    from botocore.httpsession import URLLib3Session
+    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+    def new_conn(self):  # urllib3's HTTPConnection._new_conn, through the check
+        try:
+            return connect_checked(self._dns_host, self.port, self.timeout, policy, self.source_address,
+                                   self.socket_options)
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc
+        except socket.timeout as exc:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out. "
+                                            f"(connect timeout={self.timeout})") from exc
+        except OSError as exc:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+
+    http_conn = type("CheckedHTTPConnection", (awsrequest.AWSHTTPConnection,), {"_new_conn": new_conn})
+    https_conn = type("CheckedHTTPSConnection", (awsrequest.AWSHTTPSConnection,), {"_new_conn": new_conn})
+    session = client._endpoint.http_session
+    pools = getattr(session, "_pool_classes_by_scheme", None)
+    if not isinstance(session, URLLib3Session) or not isinstance(pools, dict):
+        # A botocore that moved these internals must fail here, not run unguarded.
+        raise RuntimeError("botocore's HTTP session layout changed: cannot install the S3 address check")
+    # The session's pool managers (and proxy managers made later) share this dict.
+    pools["http"] = type("CheckedHTTPConnectionPool", (awsrequest.AWSHTTPConnectionPool,),
+                         {"ConnectionCls": http_conn})
+    pools["https"] = type("CheckedHTTPSConnectionPool", (awsrequest.AWSHTTPSConnectionPool,),
+                          {"ConnectionCls": https_conn})
+
+    def before_send(request, **_):
+        parts = urlsplit(request.url)
+        try:
+            checked_addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), policy)
+        except socket.gaierror:
+            return None  # the connection attempt reports the resolution failure as usual
+        return None
+
+    client.meta.events.register("before-send.s3", before_send)
