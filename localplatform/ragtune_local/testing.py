@@ -149,7 +149,19 @@ class PlatformHandle:
 
 def _local_handle(local: LocalPlatform) -> PlatformHandle:
     info = local.info()
-    return PlatformHandle(info.kubeconfig, info.s3_endpoint, info.s3_access_key, info.s3_secret_key, local)
+    return _allowing_loopback_s3(
+        PlatformHandle(info.kubeconfig, info.s3_endpoint, info.s3_access_key, info.s3_secret_key, local))
+
+
+def _allowing_loopback_s3(handle: PlatformHandle) -> PlatformHandle:
+    """S3 clients refuse loopback peers unless RAGTUNE_S3_ALLOW_LOOPBACK is set; with the local
+    MinIO on loopback, this process (in-process tests) and the operators it starts (which render
+    the setting into their pods) need it."""
+    from ragtune.addresses import ALLOW_LOOPBACK_ENV, AddressClass, classify_host, url_authority_host
+
+    if handle.s3_endpoint and classify_host(url_authority_host(handle.s3_endpoint))[1] is AddressClass.LOOPBACK:
+        os.environ.setdefault(ALLOW_LOOPBACK_ENV, "true")
+    return handle
 
 
 def _to_stderr(message: str) -> None:
@@ -161,9 +173,9 @@ def open_platform() -> tuple[PlatformHandle, bool]:
     """Returns (handle, owned); `owned` platforms must be closed with `close_platform`."""
     external = os.environ.get("RAGTUNE_TEST_KUBECONFIG")
     if external:
-        return PlatformHandle(external, os.environ.get("RAGTUNE_TEST_S3_ENDPOINT"),
-                              os.environ.get("RAGTUNE_TEST_S3_ACCESS_KEY"),
-                              os.environ.get("RAGTUNE_TEST_S3_SECRET_KEY")), False
+        return _allowing_loopback_s3(PlatformHandle(external, os.environ.get("RAGTUNE_TEST_S3_ENDPOINT"),
+                                                    os.environ.get("RAGTUNE_TEST_S3_ACCESS_KEY"),
+                                                    os.environ.get("RAGTUNE_TEST_S3_SECRET_KEY"))), False
     if os.environ.get("RAGTUNE_TEST_PLATFORM") == "reuse":
         local = LocalPlatform(default_state_dir())
         if not local.is_running():

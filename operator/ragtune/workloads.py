@@ -7,8 +7,9 @@ only as `secretKeyRef` (the operator never reads a Secret), owner references, an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+from ragtune.addresses import ALLOW_LOOPBACK_ENV
 from ragtune.api.common import S3Config
 from ragtune.api.keys import GROUP_VERSION
 
@@ -50,9 +51,16 @@ def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def s3_env(s3: S3Config) -> list[dict[str, Any]]:
-    """S3 endpoint/region, and credentials as secretKeyRef (read by the kubelet, not the operator)."""
+def s3_env(s3: S3Config, allow_loopback: Optional[bool] = None) -> list[dict[str, Any]]:
+    """S3 endpoint/region, credentials as secretKeyRef (read by the kubelet, not the operator), and
+    whether the pod's S3 client may connect to loopback (default: the running operator's setting)."""
+    if allow_loopback is None:
+        from ragtune.runtime.settings import get_config
+
+        allow_loopback = get_config().s3_allow_loopback
     env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": s3.region}]
+    if allow_loopback:
+        env.append({"name": ALLOW_LOOPBACK_ENV, "value": "true"})
     if s3.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3.endpoint})
     ref = s3.credentials_secret_ref

@@ -52,6 +52,7 @@ def test_unreachable_endpoint_is_s3_unreachable(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("RAGTUNE_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("RAGTUNE_S3_ALLOW_LOOPBACK", "true")  # the dead port is on loopback
     s = Storage(S3Config(endpoint=f"http://127.0.0.1:{port}"))
     with pytest.raises(StorageError) as err:
         s.get_bytes("s3://bucket/key.jsonl")

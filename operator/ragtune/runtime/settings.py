@@ -10,6 +10,7 @@
 | `RAGTUNE_PROGRESS_INTERVAL_SECONDS` | `15` | how often the progress of one running job is sampled |
 | `RAGTUNE_PROGRESS_READS_PER_SECOND` | `5` | cap on pod-log reads per second over all jobs |
 | `RAGTUNE_API_WORKERS` | `8` | concurrent Kubernetes API calls made by the controllers |
+| `RAGTUNE_S3_ALLOW_LOOPBACK` | `false` | let the S3 clients of ragtune's pods connect to loopback addresses (set on every pod that talks to S3; the local platform's MinIO is on loopback) |
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Mapping, Optional
 
+from ragtune.addresses import ALLOW_LOOPBACK_ENV
 from ragtune.api.pods import OPERATOR_IMAGE, TRAINER_IMAGE
 
 
@@ -46,6 +48,15 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={raw!r} must be true or false")
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     trainer_image: str
@@ -57,6 +68,8 @@ class OperatorConfig:
     progress_interval: float = 15.0
     progress_reads_per_second: float = 5.0
     api_workers: int = 8
+    s3_allow_loopback: bool = False
+    """Rendered into every pod that talks to S3 (ragtune.addresses.ALLOW_LOOPBACK_ENV)."""
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "OperatorConfig":
@@ -75,6 +88,7 @@ class OperatorConfig:
             progress_interval=_number(env, "RAGTUNE_PROGRESS_INTERVAL_SECONDS", 15.0, float, 1),
             progress_reads_per_second=_number(env, "RAGTUNE_PROGRESS_READS_PER_SECOND", 5.0, float, 0.1),
             api_workers=int(_number(env, "RAGTUNE_API_WORKERS", 8, int, 1)),
+            s3_allow_loopback=_flag(env, ALLOW_LOOPBACK_ENV),
         )
 
 
