@@ -380,6 +380,9 @@ def connect_checked(host: str, port: int, timeout, policy: AddressPolicy, source
     raise last or OSError(f"getaddrinfo({host!r}) returned no addresses")
 
 
+PRECHECK_ID = "ragtune-address-precheck"
+
+
 def _guard(client, policy: AddressPolicy) -> None:
     """Install the address check in a boto3 S3 client: a `before-send` check of every request's
     host (a refusal there is final, not retried) and connection classes that connect only to
@@ -420,7 +423,7 @@ def _guard(client, policy: AddressPolicy) -> None:
         try:
             checked_addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), policy)
         except socket.gaierror:
-            return None  # the connection attempt reports the resolution failure as usual
-        return None
+            pass  # the connection attempt reports the resolution failure as usual
+        return None  # None: botocore goes on and sends the request
 
-    client.meta.events.register("before-send.s3", before_send)
+    client.meta.events.register("before-send.s3", before_send, unique_id=PRECHECK_ID)
