@@ -50,12 +50,18 @@ class AdapterDeploymentController:
         self.kube: Optional[Kube] = None
         self.queue: WorkQueue[Key] = WorkQueue(self.reconcile, workers=8, base_delay=1.0, max_delay=60.0,
                                                name="adapterdeployment")
+        self._started = False
         self.ftj_refs: dict[Key, set[str]] = {}
         """(namespace, FineTuneJob) -> AdapterDeployments whose adapters name it."""
 
     async def start(self) -> None:
         self.kube = Kube(workers=8)
+
+    def _start_workers(self) -> None:
+        # From the first watch handler, not at startup: the workers inherit the handler's context,
+        # which carries kopf's event-posting queue (kopf.event needs it).
         self.queue.start()
+        self._started = True
 
     async def stop(self) -> None:
         await self.queue.stop()
@@ -64,23 +70,28 @@ class AdapterDeploymentController:
 
     @property
     def alive(self) -> bool:
-        return self.kube is None or self.queue.alive
+        return not self._started or self.queue.alive
 
     def enqueue(self, namespace: Optional[str], name: Optional[str]) -> None:
         if namespace and name and self.kube is not None:
+            if not self._started:
+                self._start_workers()
             self.queue.add((namespace, name))
 
     async def reconcile(self, key: Key) -> Optional[float]:
         namespace, name = key
         assert self.kube is not None
         try:
-            out = await self.kube.run(Reconciler(self.kube, get_config().operator_image).tick, namespace, name)
+            reconciler = Reconciler(self.kube, get_config().operator_image, post_events=False)
+            out = await self.kube.run(reconciler.tick, namespace, name)
         except KubeError as err:
             metrics.observe_reconcile(KIND, "error")
             if err.retryable:  # 409: someone wrote the object since we read it; 5xx/no answer: transient
                 raise RetryableError(f"{namespace}/{name}: {err}") from None
             raise
         metrics.observe_reconcile(KIND, "success")
+        for type_, reason, message in out.events:  # one path for both kinds: kopf's event queue
+            kopf.event(out.involved, type=type_, reason=reason, message=message)
         if out.online_gate is not None:
             metrics.observe_gates(KIND, out.online_gate)
         if out.finished:

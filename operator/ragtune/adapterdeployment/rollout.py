@@ -90,6 +90,8 @@ class Outcome:
     """The online gate's verdict, when it came in this tick."""
     again: Optional[float] = None
     """Seconds after which to tick again because something is awaited; None: only on a watch event."""
+    involved: Optional[dict[str, Any]] = None
+    """The AdapterDeployment the events are about (apiVersion, kind, metadata)."""
 
 
 def _parse_time(stamp: Optional[str]) -> Optional[float]:
@@ -163,10 +165,14 @@ def job_result(pods: list[dict[str, Any]]) -> Optional[OnlineEvalResult]:
 class Reconciler:
     """One tick for one AdapterDeployment. `kube` is a `ragtune.runtime.kube.Kube`-like client."""
 
-    def __init__(self, kube, operator_image: str, clock: Callable[[], float] = time.time):
+    def __init__(self, kube, operator_image: str, clock: Callable[[], float] = time.time,
+                 post_events: bool = True):
+        """`post_events` False: the caller posts `Outcome.events` (the operator does, through kopf's
+        event queue like the FineTuneJob controller)."""
         self.kube = kube
         self.operator_image = operator_image
         self.clock = clock
+        self.post_events = post_events
 
     # --- entry point -----------------------------------------------------------------------
 
@@ -175,6 +181,9 @@ class Reconciler:
         out = Outcome()
         if body is None or body["metadata"].get("deletionTimestamp"):
             return out
+        meta = body["metadata"]
+        out.involved = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")}}
         old = body.get("status") or {}
         try:
             spec = AdapterDeploymentSpec.model_validate(body["spec"])
@@ -182,8 +191,11 @@ class Reconciler:
         except ValidationError as exc:
             err = exc.errors()[0]
             message = f"spec.{'.'.join(map(str, err['loc']))}: {err['msg']}"
-            self._write(body, old, {**old, "phase": "Failed", "message": message,
-                                    "observedGeneration": body["metadata"].get("generation")})
+            new = {**old, "phase": "Failed", "message": message, "observedGeneration": meta.get("generation")}
+            if new != old:
+                self._write(body, old, new)
+                out.events.append(("Warning", "InvalidSpec", message))
+                self._post(body, out)
             return out
         state = _Tick(self, body, spec, status, out)
         try:
@@ -194,12 +206,17 @@ class Reconciler:
             state.refused(err)
         self._write(body, old, state.status.to_wire())
         out.again = state.again()
+        self._post(body, out)
+        return out
+
+    def _post(self, body: dict[str, Any], out: Outcome) -> None:
+        if not self.post_events:
+            return
         for type_, reason, message in out.events:
             try:
                 self.kube.event(body, type_, reason, message)
             except KubeError as err:  # events are best effort
                 log.debug("event not recorded: %s", err)
-        return out
 
     def _write(self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
         if new == old:
