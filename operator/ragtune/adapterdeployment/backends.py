@@ -1,11 +1,17 @@
-"""The serving backend behind a small interface: TGI now (adapters fixed at start, selected per
-request), vLLM later (runtime `/v1/load_lora_adapter`). Rendering and the online evaluator only
-use what is here."""
+"""The serving backend behind a small interface: TGI (adapters fixed at start via `LORA_ADAPTERS`,
+selected per request) and vLLM (`vllm serve --enable-lora`, adapters named as models). Rendering
+and the online evaluator only use what is here; `backend_for(spec.server)` picks one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Protocol
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Protocol
+
+if TYPE_CHECKING:
+    from ragtune.api.adapterdeployment import ServerSpec, VllmSettings
 
 
 class ServingBackend(Protocol):
@@ -14,10 +20,15 @@ class ServingBackend(Protocol):
     health_path: str
     max_lora_rank: int
     supported_target_modules: tuple[str, ...]
+    """Empty: read from the base model's weights where the fetcher has them (vLLM)."""
 
     def env(self, *, model_id: str, revision: Optional[str], adapters: dict[str, str], port: int,
             offline: bool, limits: dict[str, Optional[int]]) -> list[dict]:
         """Container environment that makes the server load `model_id` and `adapters` (name -> path)."""
+
+    def args(self, *, model_id: str, served_name: str, revision: Optional[str], adapters: dict[str, str],
+             port: int) -> list[str]:
+        """Container args (the image's ENTRYPOINT runs them); empty for a server configured by env."""
 
     def generate(self, base_url: str, prompt: str, *, adapter: Optional[str], max_new_tokens: int,
                  timeout: float = 120.0) -> str:
@@ -53,6 +64,10 @@ class TgiBackend:
         env += [{"name": k, "value": str(v)} for k, v in limits.items() if v is not None]
         return env
 
+    def args(self, *, model_id: str, served_name: str, revision: Optional[str], adapters: dict[str, str],
+             port: int) -> list[str]:
+        return []
+
     def generate(self, base_url: str, prompt: str, *, adapter: Optional[str], max_new_tokens: int,
                  timeout: float = 120.0) -> str:
         from huggingface_hub import InferenceClient
@@ -63,3 +78,77 @@ class TgiBackend:
 
 
 TGI = TgiBackend()
+
+
+def _default_vllm_settings() -> "VllmSettings":
+    from ragtune.api.adapterdeployment import VllmSettings
+
+    return VllmSettings()
+
+
+@dataclass(frozen=True)
+class VllmBackend:
+    """vLLM's OpenAI-compatible server (`vllm serve`, the image's ENTRYPOINT). The initial adapter
+    set is `--lora-modules name=path`, files verified by the fetch init container like TGI's. An
+    adapter is a model name: unknown names are a 404, not TGI's silent fallback to the base."""
+
+    settings: "VllmSettings" = field(default_factory=_default_vllm_settings)
+    name: str = "vllm"
+    container_name: str = "vllm"
+    health_path: str = "/health"
+    # vLLM applies LoRA to the base model's linear layers, whatever the architecture calls them: the
+    # fetcher reads them from the base weights instead of a fixed list (render passes the folder).
+    supported_target_modules: tuple[str, ...] = ()
+
+    @property
+    def max_lora_rank(self) -> int:
+        return self.settings.max_lora_rank
+
+    def env(self, *, model_id: str, revision: Optional[str], adapters: dict[str, str], port: int,
+            offline: bool, limits: dict[str, Optional[int]]) -> list[dict]:
+        env = [
+            {"name": "HF_HOME", "value": "/data/hf"},
+            # Caches (compiled kernels, torch.compile) on the writable data volume, not in $HOME.
+            {"name": "VLLM_CACHE_ROOT", "value": "/data/cache/vllm"},
+            {"name": "XDG_CACHE_HOME", "value": "/data/cache"},
+            # vLLM reports usage to its maintainers by default: a cluster operator did not ask for that.
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "DO_NOT_TRACK", "value": "1"},
+        ]
+        if offline:
+            env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+        return env
+
+    def args(self, *, model_id: str, served_name: str, revision: Optional[str], adapters: dict[str, str],
+             port: int) -> list[str]:
+        s = self.settings
+        args = [model_id, "--served-model-name", served_name, "--port", str(port),
+                "--enable-lora", "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.capacity),
+                "--max-lora-rank", str(s.max_lora_rank), "--dtype", s.dtype]
+        if revision:
+            args += ["--revision", revision]
+        if s.max_model_len:
+            args += ["--max-model-len", str(s.max_model_len)]
+        if adapters:
+            args += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
+        return args + list(s.extra_args)
+
+    def generate(self, base_url: str, prompt: str, *, adapter: Optional[str], max_new_tokens: int,
+                 timeout: float = 120.0, base_name: Optional[str] = None) -> str:
+        """Greedy `/v1/completions`; the base model is addressed by its served name."""
+        body = {"model": adapter or base_name, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0}
+        req = urllib.request.Request(base_url.rstrip("/") + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())["choices"][0]["text"]
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"vLLM {base_url}: HTTP {exc.code} for model {body['model']!r}: "
+                               f"{exc.read()[:300].decode(errors='replace')}") from None
+
+
+def backend_for(server: "ServerSpec") -> ServingBackend:
+    """The backend `spec.server.backend` names, with its settings."""
+    if server.backend.value == "vllm":
+        return VllmBackend(server.vllm_settings)
+    return TGI

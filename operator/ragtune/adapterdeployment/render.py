@@ -30,7 +30,7 @@ from ragtune.api.keys import ANNOTATION_TEMPLATE_HASH as ANNOTATION_TEMPLATE
 from ragtune.api.keys import LABEL_ADAPTERDEPLOYMENT as LABEL_AD
 from ragtune.api.pods import ENV_TERMINATION_PATH, EVAL_CONFIG_ENV
 
-from .backends import TGI, ServingBackend
+from .backends import TGI, ServingBackend, backend_for
 
 FETCH_CONTAINER = "ragtune-fetch-adapters"
 DATA_VOLUME = "ragtune-data"
@@ -124,13 +124,17 @@ def model_location(spec: AdapterDeploymentSpec) -> tuple[str, bool]:
 
 
 def fetch_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], operator_image: str,
-                    backend: ServingBackend = TGI) -> dict[str, Any]:
-    """The init container: download and verify every adapter (and S3 base weights) before TGI starts."""
+                    backend: Optional[ServingBackend] = None) -> dict[str, Any]:
+    """The init container: download and verify every adapter (and S3 base weights) before the server starts."""
+    backend = backend or backend_for(spec.server)
     args = ["adapters", "fetch", "--dest", ADAPTER_ROOT,
             "--expect-base-model", f"{spec.base_model.id}@{spec.base_model.revision}",
             "--max-rank", str(backend.max_lora_rank)]
     for module in backend.supported_target_modules:
         args += ["--allowed-target-module", module]
+    model_id, local = model_location(spec)
+    if not backend.supported_target_modules and local:
+        args += ["--target-modules-from-base", model_id]
     for a in sorted(adapters, key=lambda a: a.name):
         args += ["--adapter", f"{a.name}={a.uri}#{a.sha256}"]
     if spec.base_model.uri and spec.base_model.uri.startswith("s3://"):
@@ -149,7 +153,8 @@ def fetch_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter]
 
 
 def server_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter],
-                     backend: ServingBackend = TGI) -> dict[str, Any]:
+                     backend: Optional[ServingBackend] = None) -> dict[str, Any]:
+    backend = backend or backend_for(spec.server)
     server = spec.server
     model_id, local = model_location(spec)
     env = backend.env(
@@ -161,6 +166,10 @@ def server_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter
         limits={"MAX_INPUT_TOKENS": server.max_input_tokens, "MAX_TOTAL_TOKENS": server.max_total_tokens,
                 "MAX_CONCURRENT_REQUESTS": server.max_concurrent_requests},
     )
+    args = backend.args(model_id=model_id, served_name=spec.base_model.id,
+                        revision=None if local else spec.base_model.revision,
+                        adapters={a.name: f"{ADAPTER_ROOT}/{a.name}" for a in sorted(adapters, key=lambda a: a.name)},
+                        port=server.port)
     ours = {e["name"] for e in env}
     env += [{"name": k, "value": v} for k, v in sorted(server.env.items()) if k not in ours]
     if spec.base_model.token_secret_ref and not local:
@@ -170,9 +179,10 @@ def server_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter
     if server.gpus:
         limits[server.gpu_resource_name] = str(server.gpus)
     probe = {"httpGet": {"path": backend.health_path, "port": server.port}}
-    return {
+    container = {
         "name": backend.container_name,
-        "image": server.image,
+        "image": server.image_ref,
+        **({"args": args} if args else {}),
         "env": env,
         "ports": [{"name": "http", "containerPort": server.port, "protocol": "TCP"}],
         "volumeMounts": [{"name": DATA_VOLUME, "mountPath": "/data"},
@@ -184,14 +194,15 @@ def server_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter
                          "failureThreshold": server.startup_timeout_seconds},
         "readinessProbe": {**probe, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 2},
         "livenessProbe": {**probe, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
-        # TGI writes caches under HOME and /tmp: the root filesystem stays writable.
+        # TGI and vLLM write caches under HOME and /tmp: the root filesystem stays writable.
         "securityContext": workloads.restricted_container(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    return container
 
 
 def pod_template(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], owner: Owner, track: str,
-                 operator_image: str, backend: ServingBackend = TGI) -> dict[str, Any]:
+                 operator_image: str, backend: Optional[ServingBackend] = None) -> dict[str, Any]:
     server = spec.server
     pod_spec: dict[str, Any] = {
         "initContainers": [fetch_container(spec, adapters, operator_image, backend)],
@@ -220,7 +231,7 @@ def pod_template(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], o
 
 
 def deployment(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], owner: Owner, *,
-               canary: bool, operator_image: str, backend: ServingBackend = TGI) -> dict[str, Any]:
+               canary: bool, operator_image: str, backend: Optional[ServingBackend] = None) -> dict[str, Any]:
     track = "canary" if canary else "stable"
     name = canary_name(owner.name) if canary else stable_name(owner.name)
     replicas = spec.strategy.canary_replicas if canary else spec.server.replicas

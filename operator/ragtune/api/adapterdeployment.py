@@ -6,7 +6,7 @@ from enum import Enum
 import re
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from .keys import GROUP_VERSION
 from .base import ApiModel, cel, k8s_extensions
@@ -28,6 +28,80 @@ from .common import (
 from .finetunejob import Toleration
 
 DEFAULT_TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
+
+
+class ServerBackend(str, Enum):
+    TGI = "tgi"
+    VLLM = "vllm"
+
+
+# Flags ragtune sets on `vllm serve` itself (or that would expose or bypass what it manages).
+RESERVED_VLLM_FLAGS = ("--model", "--host", "--port", "--enable-lora", "--max-loras", "--max-cpu-loras",
+                       "--max-lora-rank", "--dtype", "--max-model-len", "--lora-modules", "--served-model-name",
+                       "--revision", "--download-dir", "--api-key", "--allowed-local-media-path")
+VLLM_ARG = r"^[^ \t\n\r]+$"
+
+
+def _check_vllm_args(args: list[str]) -> list[str]:
+    for i, arg in enumerate(args):
+        if not re.match(VLLM_ARG, arg):
+            raise ValueError(f"extraArgs[{i}] {arg!r} contains whitespace: give each flag and value as its own "
+                             "list item (no shell strings)")
+        flag = arg.split("=", 1)[0]
+        if flag in RESERVED_VLLM_FLAGS:
+            raise ValueError(f"extraArgs[{i}] {flag} is set by ragtune; use the dedicated spec.server.vllm field")
+    return args
+
+
+VllmArgs = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=1024)]],
+    Field(max_length=64, json_schema_extra=k8s_extensions(
+        cel(f"self.all(a, a.matches('{VLLM_ARG}'))",
+            "each extraArgs item is one argv entry without whitespace (no shell strings)"),
+        cel("self.all(a, !(a.split('=')[0] in [" + ", ".join(f"'{f}'" for f in RESERVED_VLLM_FLAGS) + "]))",
+            "extraArgs must not set flags ragtune sets itself (--model, --port, --enable-lora, --max-loras, ...): "
+            "use the dedicated spec.server.vllm fields"),
+    )),
+    AfterValidator(_check_vllm_args),
+]
+
+
+class VllmSettings(ApiModel):
+    """Settings of a vLLM server (`spec.server.backend: vllm`); each becomes a `vllm serve` flag."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s_extensions(
+            cel("!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
+                "maxCpuLoras must be >= maxLoras", field_path=".maxCpuLoras"),
+        )
+    }
+
+    max_loras: int = Field(4, ge=1, le=64)
+    """`--max-loras`: adapters that can be used in one batch."""
+    max_cpu_loras: Optional[int] = Field(None, ge=1, le=256)
+    """`--max-cpu-loras`: adapters the server holds at once (empty: `maxLoras`); the adapter set
+    may not be larger."""
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = 16
+    """`--max-lora-rank` (one of vLLM's supported values); a larger adapter rank is refused."""
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    """`--dtype` of the base weights."""
+    max_model_len: Optional[int] = Field(None, ge=16, le=1048576)
+    """`--max-model-len` (empty: the model's own)."""
+    extra_args: VllmArgs = Field(default_factory=list)
+    """More `vllm serve` arguments, one argv entry per item (e.g. `["--enforce-eager",
+    "--gpu-memory-utilization=0.85"]`); not the flags ragtune sets."""
+
+    @property
+    def capacity(self) -> int:
+        """How many adapters the server holds: `maxCpuLoras`, else `maxLoras`."""
+        return self.max_cpu_loras or self.max_loras
+
+    @model_validator(mode="after")
+    def _cpu_loras_cover_batch(self) -> "VllmSettings":
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"maxCpuLoras ({self.max_cpu_loras}) must be >= maxLoras ({self.max_loras})")
+        return self
 
 
 class LocalObjectRef(ApiModel):
@@ -106,14 +180,34 @@ ServerEnv = Annotated[
 
 
 class ServerSpec(ApiModel):
-    """The TGI server. Either ragtune renders it (`image`, `replicas`, ...) or it patches an
-    existing TGI Deployment named by `deploymentRef`."""
+    """The inference server (TGI or vLLM). Either ragtune renders it (`image`, `replicas`, ...)
+    or it patches an existing TGI Deployment named by `deploymentRef`."""
 
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s_extensions(
+            cel("!has(self.vllm) || self.backend == 'vllm'", "vllm settings need backend: vllm",
+                field_path=".vllm"),
+            cel("!has(self.deploymentRef) || self.backend == 'tgi'",
+                "deploymentRef (an existing Deployment) is supported for backend: tgi only",
+                field_path=".deploymentRef"),
+            cel("self.backend != 'vllm' || (!has(self.maxInputTokens) && !has(self.maxTotalTokens) && "
+                "!has(self.maxConcurrentRequests))",
+                "maxInputTokens, maxTotalTokens and maxConcurrentRequests are TGI settings: for vllm use "
+                "vllm.maxModelLen or vllm.extraArgs"),
+        )
+    }
+
+    backend: ServerBackend = ServerBackend.TGI
+    """`tgi` (adapters fixed at server start: a new set rolls the pods) or `vllm` (adapters
+    loaded with `vllm serve --enable-lora`)."""
+    vllm: Optional[VllmSettings] = None
+    """vLLM settings (backend `vllm` only; empty: the defaults)."""
     deployment_ref: Optional[LocalObjectRef] = None
     """An existing TGI Deployment to manage instead of rendering one (its pod template gets
     the adapter init container and `LORA_ADAPTERS`)."""
-    image: str = Field(DEFAULT_TGI_IMAGE, max_length=512, pattern=IMAGE_REF)
-    """TGI image."""
+    image: Optional[str] = Field(None, max_length=512, pattern=IMAGE_REF)
+    """Server image (empty: the backend's pinned image, `ghcr.io/huggingface/text-generation-inference:3.3.6`
+    or `vllm/vllm-openai:v0.32.0`)."""
     replicas: int = Field(1, ge=0, le=100)
     """Serving replicas."""
     gpus: int = Field(1, ge=0, le=16)
@@ -141,9 +235,31 @@ class ServerSpec(ApiModel):
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Tolerations, e.g. for tainted GPU nodes."""
     env: ServerEnv = Field(default_factory=dict)
-    """Extra TGI environment variables. Not for secrets (names like `*_TOKEN`, `*_SECRET`,
+    """Extra server environment variables. Not for secrets (names like `*_TOKEN`, `*_SECRET`,
     `*_PASSWORD`, `*_KEY` are refused) and not for what ragtune sets itself (`MODEL_ID`,
     `LORA_ADAPTERS`, `PORT`, ..., `AWS_*`, `RAGTUNE_*`): use the dedicated fields."""
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> "ServerSpec":
+        if self.vllm is not None and self.backend != ServerBackend.VLLM:
+            raise ValueError("vllm settings need backend: vllm")
+        if self.deployment_ref is not None and self.backend != ServerBackend.TGI:
+            raise ValueError("deploymentRef (an existing Deployment) is supported for backend: tgi only")
+        tgi_only = [n for n in ("max_input_tokens", "max_total_tokens", "max_concurrent_requests")
+                    if getattr(self, n) is not None]
+        if tgi_only and self.backend == ServerBackend.VLLM:
+            raise ValueError(f"{', '.join(tgi_only)} are TGI settings: for vllm use vllm.maxModelLen or "
+                             "vllm.extraArgs")
+        return self
+
+    @property
+    def vllm_settings(self) -> VllmSettings:
+        return self.vllm or VllmSettings()
+
+    @property
+    def image_ref(self) -> str:
+        """`image`, else the backend's pinned image."""
+        return self.image or (DEFAULT_VLLM_IMAGE if self.backend == ServerBackend.VLLM else DEFAULT_TGI_IMAGE)
 
 
 class OnlineGate(ApiModel):
@@ -200,12 +316,22 @@ class StrategySpec(ApiModel):
 
 
 class AdapterDeploymentSpec(ApiModel):
-    """The desired set of adapters on a TGI server."""
+    """The desired set of adapters on a TGI or vLLM server."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s_extensions(
+            cel("!has(self.server) || self.server.backend != 'vllm' || size(self.adapters) <= "
+                "(!has(self.server.vllm) ? 4 : has(self.server.vllm.maxCpuLoras) ? self.server.vllm.maxCpuLoras "
+                ": self.server.vllm.maxLoras)",
+                "more adapters than the vLLM server holds: raise spec.server.vllm.maxCpuLoras (or maxLoras)",
+                field_path=".adapters", reason="FieldValueInvalid"),
+        )
+    }
 
     base_model: BaseModelRef
     """The base model the server runs; every adapter must have been trained on exactly it."""
     server: ServerSpec = Field(default_factory=ServerSpec)
-    """The TGI server."""
+    """The inference server (TGI or vLLM)."""
     adapters: list[AdapterSource] = Field(
         min_length=1,
         max_length=32,
@@ -220,6 +346,16 @@ class AdapterDeploymentSpec(ApiModel):
     """S3 endpoint and credentials for downloading adapters and evaluation data."""
     history_limit: int = Field(10, ge=1, le=100)
     """Rollouts kept in `status.history`."""
+
+    @model_validator(mode="after")
+    def _fits_the_server(self) -> "AdapterDeploymentSpec":
+        if self.server.backend == ServerBackend.VLLM:
+            capacity = self.server.vllm_settings.capacity
+            if len(self.adapters) > capacity:
+                raise ValueError(f"adapter {self.adapters[capacity].name!r} does not fit: {len(self.adapters)} "
+                                 f"adapters, the vLLM server holds {capacity} (spec.server.vllm.maxCpuLoras, "
+                                 "else maxLoras)")
+        return self
 
 
 class AdapterDeploymentPhase(str, Enum):

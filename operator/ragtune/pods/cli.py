@@ -34,6 +34,9 @@ def add_commands(sub) -> None:
                        help="fail unless every manifest names this base model")
     fetch.add_argument("--allowed-target-module", action="append", metavar="MODULE",
                        help="LoRA target modules the server supports (repeatable; default: any)")
+    fetch.add_argument("--target-modules-from-base", metavar="DIR",
+                       help="allow the base model's per-layer linear modules, read from the weights in DIR "
+                            "(vLLM: LoRA on any linear layer)")
     fetch.add_argument("--max-rank", type=int, default=128, help="largest LoRA rank the server supports")
     fetch.add_argument("--base-model-uri", help="also download base weights from this s3:// prefix")
     fetch.add_argument("--base-dest", default="/data/base", help="where the base weights go")

@@ -73,6 +73,33 @@ def check_adapter_config(name: str, config: dict, allowed_modules: set[str], max
                                                f"{config['modules_to_save']} cannot be served as a LoRA adapter", name)
 
 
+def base_target_modules(base_dir: Path) -> set[str]:
+    """LoRA-able modules of the base model, read from its weights: the leaf names of the 2-D
+    `.weight` tensors inside numbered blocks (`model.layers.3.self_attn.q_proj.weight` -> `q_proj`),
+    i.e. its per-layer linear projections, whatever the architecture calls them. Only the
+    safetensors headers are read."""
+    import re
+    import struct
+
+    base_dir = Path(base_dir)
+    index = base_dir / "model.safetensors.index.json"
+    files = sorted({base_dir / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
+        else sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise FetchError("BaseModelUnreadable", f"base model {base_dir}: no *.safetensors weights to read the "
+                                                "LoRA-able modules from")
+    modules = set()
+    for path in files:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for tensor, meta in header.items():
+            m = re.search(r"\.\d+\.(?:[^.]+\.)*?([^.]+)\.weight$", tensor)
+            if m and isinstance(meta, dict) and len(meta.get("shape", ())) == 2:
+                modules.add(m.group(1))
+    return modules
+
+
 def fetch_adapter(storage, name: str, uri: str, digest: str, dest: Path, *,
                   expect_base: Optional[tuple[str, str]], allowed_modules: set[str], max_rank: int) -> FetchedAdapter:
     from ragtune.storage import StorageError, sha256_bytes, sha256_file
@@ -156,11 +183,14 @@ def run(args) -> FetchResult:
                 storage.download_prefix(args.base_model_uri, args.base_dest)
             except StorageError as err:
                 raise FetchError(err.reason, f"base model: {err}") from None
+        allowed = set(args.allowed_target_module or [])
+        if getattr(args, "target_modules_from_base", None):
+            allowed |= base_target_modules(Path(args.target_modules_from_base))
+            log.info("LoRA-able modules of the base model: %s", sorted(allowed))
         for name, uri, digest in specs:
             log.info("fetching adapter %s from %s", name, uri)
             fetched.append(fetch_adapter(storage, name, uri, digest, dest_root / name, expect_base=expect,
-                                         allowed_modules=set(args.allowed_target_module or []),
-                                         max_rank=args.max_rank))
+                                         allowed_modules=allowed, max_rank=args.max_rank))
     except ValueError as exc:
         return FetchResult(outcome="Failed", reason="InvalidArguments", message=str(exc))
     except FetchError as exc:
