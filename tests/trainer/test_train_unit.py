@@ -213,3 +213,33 @@ def test_batches_are_grouped_by_length_only_when_random_ones_would_be_mostly_pad
     assert S.sampling_strategy(packed, varied_padding) == "random"  # padding-free rows have no padding
     config = S.build_sft_config(spec(), cpu, Path("/tmp/unused"), 10, has_eval=False, sampling="group_by_length")
     assert config.train_sampling_strategy == "group_by_length"
+
+
+@pytest.mark.parametrize("fmt", ["rag", "prompt-completion"])
+def test_each_item_is_tokenised_once(monkeypatch, tmp_path, tiny_tokenizer, records, fmt):
+    """Validation's length check, RAFT's fit check and the training rows share one tokenisation of
+    each item (the RAFT items are new texts: each of them is tokenised once too)."""
+    from ragtune_trainer import data as D
+    from ragtune_trainer import rows as Rows
+
+    from .conftest import write_jsonl
+
+    lines = [r.to_dict() if fmt == "rag" else {"prompt": r.question, "completion": r.answer} for r in records[:30]]
+    train = write_jsonl(tmp_path / "train.jsonl", lines)
+    seen = []
+    real = D.tokenize
+
+    def counting(tokenizer, example):
+        seen.append(json.dumps([example.prompt, example.completion]))
+        return real(tokenizer, example)
+
+    monkeypatch.setattr(D, "tokenize", counting)
+    job = FineTuneJobSpec.model_validate({
+        "baseModel": {"id": "tiny"}, "dataset": {"train": train.as_uri(), "format": fmt, "evalSplit": 0.2},
+        "output": {"uri": (tmp_path / "out").as_uri()}, "training": {"maxSeqLength": 512},
+    })
+    prepared = Rows.prepare_data(R.RunContext(spec=job, run_id="r", run_uri="file:///unused/"), tiny_tokenizer)
+    assert len(prepared.train) + len(prepared.eval) == 30
+    assert len(seen) == len(set(seen))
+    row = prepared.train[0]
+    assert row["length"] == len(row["input_ids"]) == len(row["labels"]) and -100 in row["labels"]
