@@ -235,3 +235,40 @@ def test_prepare_smollm2_builds_a_plain_local_model(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
+
+
+def test_a_run_whose_newest_checkpoint_is_at_the_end_goes_straight_to_evaluation(monkeypatch, tiny_model_dir,
+                                                                                   train_file, tmp_path):
+    """A retry after training finished (e.g. S3 was down while evaluating or uploading) resumes from
+    checkpoint-<maxSteps>: it must not train a step past maxSteps, and it publishes the trained
+    adapter, not a fresh one."""
+    from safetensors.torch import load_file
+
+    spec = job_spec(tiny_model_dir, train_file.as_uri(), tmp_path / "out",
+                    **{"evaluation.thresholds": {"maxFalseRefusalRate": 1.0}})
+    run = tmp_path / "out/ns/job/abcdef12-g1"
+    code, first = in_cluster(monkeypatch, tmp_path, spec)
+    assert code == 0 and first["steps"] == 6
+    assert (run / "checkpoints/checkpoint-6/COMPLETE").exists()
+    trained = load_file(run / "adapter/adapter_model.safetensors")
+    (run / "manifest.json").unlink()  # as if the first attempt had died before publishing
+
+    code, second = in_cluster(monkeypatch, tmp_path, spec)
+    assert code == 0 and second["reason"] == "Completed", second
+    assert second["steps"] == 6 and second["message"].startswith("trained 6 steps")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    republished = load_file(run / "adapter/adapter_model.safetensors")
+    assert republished.keys() == trained.keys()
+    assert all(torch_equal(republished[k], trained[k]) for k in trained)
+    assert any(float(t.abs().max()) > 0 for k, t in trained.items() if "lora_B" in k)  # not the zero init
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["evaluationPassed"] is True and second["manifestSha256"] == sha256_bytes(
+        (run / "manifest.json").read_bytes())
+    report = json.loads((run / "eval/report.json").read_text())
+    assert max(e["step"] for e in report["lossHistory"]) == 6  # the loss history of the training run
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

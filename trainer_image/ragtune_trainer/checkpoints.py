@@ -50,3 +50,18 @@ def upload_checkpoint(storage: Storage, run_uri: str, local_dir: Path, step: int
         old_prefix = checkpoint_uri(run_uri, old)
         storage.delete_prefix(old_prefix + COMPLETE_MARKER)
         storage.delete_prefix(old_prefix)
+
+
+def restore_finished(model, local_dir: Path) -> list[dict]:
+    """Load the adapter weights of a downloaded checkpoint into `model` (the PeftModel of this run)
+    and return the checkpoint's log history (losses and eval losses up to its step)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    local_dir = Path(local_dir)
+    weights = load_file(local_dir / "adapter_model.safetensors", device=str(model.device))
+    loaded = set_peft_model_state_dict(model, weights)
+    if loaded.unexpected_keys:
+        raise ValueError(f"{local_dir.name}: adapter weights that do not fit this model's adapter: "
+                         f"{', '.join(loaded.unexpected_keys[:5])}")
+    return json.loads((local_dir / "trainer_state.json").read_text())["log_history"]

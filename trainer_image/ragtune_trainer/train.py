@@ -18,6 +18,8 @@ ones would be >= 20% padding (or padding-free rows).
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Optional
 
 from ragtune.api.common import EvalMetrics
 from ragtune.api.gates import describe_failures, evaluate_gates
@@ -25,7 +27,7 @@ from ragtune.api.pods import TrainerResult
 from ragtune.storage import StorageError
 
 from .base_model import detect_plan, load_model, load_tokenizer, resolve_base_model
-from .checkpoints import latest_complete_checkpoint
+from .checkpoints import latest_complete_checkpoint, restore_finished
 from .publish import publish_run
 from .rows import prepare_data
 from .run import Preempted, RunContext, RunState, TrainerFailure, sigterm_guard
@@ -46,7 +48,6 @@ def run(ctx: RunContext) -> TrainerResult:
 
 
 def _run(ctx: RunContext, state: RunState) -> TrainerResult:
-    import torch
     from transformers import set_seed
 
     spec = ctx.spec
@@ -67,23 +68,16 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
         resume_dir = checkpoint_dir / f"checkpoint-{resume[0]}"
         ctx.storage.download_prefix(resume[1], resume_dir)
         state.start_step = resume[0]
-    trainer = build_trainer(ctx, state, plan, model, tokenizer, prepared.train, prepared.eval, total, checkpoint_dir)
     ctx.report("training", step=state.start_step, total_steps=total)
-    started = time.monotonic()
-    state.training = True
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
-    finally:
-        state.training = False
-    train_seconds = round(time.monotonic() - started, 2)
-    steps = trainer.state.global_step
-    if state.preempt_requested:
-        raise Preempted(f"SIGTERM at step {steps}; checkpoint-{state.last_checkpoint} uploaded, a retry resumes from it")
-    model, log_history = trainer.model, trainer.state.log_history
-    del trainer  # the optimizer state is not needed past training: free it before evaluation
-    state.trainer = None
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if resume_dir and state.start_step >= total:
+        # An earlier attempt finished training and failed later (e.g. S3 down while evaluating or
+        # uploading). The Trainer checks its step limit only after a step, so resuming it here
+        # would train one step past maxSteps: take the finished adapter as it is.
+        log_history = restore_finished(model, resume_dir)
+        steps, train_seconds = state.start_step, 0.0
+    else:
+        model, log_history, steps, train_seconds = _train(ctx, state, plan, model, tokenizer, prepared, total,
+                                                          checkpoint_dir, resume_dir)
 
     # --- evaluate ---
     ctx.report("evaluating", step=steps, total_steps=total)
@@ -110,3 +104,27 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
         adapter_size_bytes=published.adapter_size_bytes, report_uri=published.report_uri,
         base=base_m, adapter=adapter_m, passed=passed, gates=gates, steps=steps, train_seconds=train_seconds,
     )
+
+
+def _train(ctx: RunContext, state: RunState, plan, model, tokenizer, prepared, total: int, checkpoint_dir: Path,
+           resume_dir: Optional[Path]):
+    """Train to `total` steps (from `resume_dir` when given) -> (model, log history, steps, seconds)."""
+    import torch
+
+    trainer = build_trainer(ctx, state, plan, model, tokenizer, prepared.train, prepared.eval, total, checkpoint_dir)
+    started = time.monotonic()
+    state.training = True
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    finally:
+        state.training = False
+    seconds = round(time.monotonic() - started, 2)
+    steps = trainer.state.global_step
+    if state.preempt_requested:
+        raise Preempted(f"SIGTERM at step {steps}; checkpoint-{state.last_checkpoint} uploaded, a retry resumes from it")
+    result = trainer.model, trainer.state.log_history, steps, seconds
+    del trainer  # the optimizer state is not needed past training: free it before evaluation
+    state.trainer = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
