@@ -96,6 +96,19 @@ def join(prefix: str, *parts: str) -> str:
 # --- Digests ---------------------------------------------------------------------------
 
 
+def contained_path(root: str | os.PathLike, rel: str) -> Path:
+    """`root/rel`, refusing a `rel` that is absolute, empty, has `..` parts or otherwise resolves
+    outside `root` (an object key or a manifest entry is data, not a trusted path)."""
+    root_path = Path(root).resolve()
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or rel.startswith("/") or ".." in parts or "\\" in rel or "\x00" in rel:
+        raise ValueError(f"path {rel!r} is not a plain relative path")
+    target = root_path.joinpath(*parts)
+    if root_path not in target.resolve().parents:
+        raise ValueError(f"path {rel!r} leaves {root_path}")
+    return target
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -245,8 +258,11 @@ class Storage:
         base = prefix if prefix.startswith("s3://") else local_path(prefix).as_uri().rstrip("/") + "/"
         paths = []
         for obj in objects:
-            rel = obj.uri[len(base):]
-            paths.append(self.download(obj.uri, Path(dest) / rel))
+            try:
+                target = contained_path(dest, obj.uri[len(base):])
+            except ValueError as exc:
+                raise StorageError("UnsafeObjectKey", f"{obj.uri}: {exc}") from None
+            paths.append(self.download(obj.uri, target))
         return paths
 
     def upload_dir(self, src: str | os.PathLike, prefix: str, *, last: Iterable[str] = ()) -> list[str]:

@@ -74,6 +74,72 @@ def test_tampered_file_fails_with_checksum_mismatch_and_nothing_placed(tmp_path,
     assert "ChecksumMismatch" in capsys.readouterr().err
 
 
+def _with_extra_file(run_uri: str, entry_path: str, data: bytes) -> str:
+    """Add a file entry to a published local run's manifest; returns the new manifest digest."""
+    import hashlib
+
+    from ragtune.storage import local_path
+
+    manifest_path = local_path(run_uri) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"].append({"path": entry_path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+    raw = json.dumps(manifest).encode()
+    manifest_path.write_bytes(raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.parametrize("entry", [
+    "adapter/{outside}/evil.safetensors",  # `adapter//abs/path`: the join would be absolute
+    "adapter/../evil.safetensors",
+    "adapter/sub/../../evil.safetensors",
+    "adapter/./../evil.safetensors",
+])
+def test_manifest_paths_cannot_leave_the_adapter_folder(tmp_path, termination, entry):
+    uri, _ = local_run(tmp_path, "a")
+    outside = tmp_path / "outside"
+    path = entry.format(outside=outside)
+    stored = local_path_of(uri, path)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_bytes(b"weights")
+    digest = _with_extra_file(uri, path, b"weights")
+    dest = tmp_path / "data" / "adapters"
+    assert run_fetch(dest, f"support={uri}#{digest}") == 1
+    res = result(termination)
+    assert res.reason == "InvalidManifest" and res.adapter == "support" and repr(path) in res.message
+    assert not (outside / "evil.safetensors").exists() and not (dest / "evil.safetensors").exists()
+    assert not (dest / "support").exists() and not list(dest.glob(".*partial"))
+
+
+def local_path_of(run_uri: str, rel: str) -> Path:
+    from ragtune.storage import local_path
+
+    return Path(str(local_path(run_uri)) + "/" + rel)
+
+
+@pytest.mark.parametrize("rel,ok", [
+    ("adapter_model.safetensors", True), ("sub/dir/file", True), ("./a", True),
+    ("/etc/passwd", False), ("", False), ("..", False), ("a/../../b", False), ("a/..", False),
+    ("a\\..\\b", False), ("a\x00b", False), ("//abs", False),
+])
+def test_contained_path_accepts_only_plain_relative_paths(tmp_path, rel, ok):
+    from ragtune.storage import contained_path
+
+    if ok:
+        assert tmp_path.resolve() in contained_path(tmp_path, rel).parents
+    else:
+        with pytest.raises(ValueError):
+            contained_path(tmp_path, rel)
+
+
+def test_contained_path_refuses_a_symlink_out_of_the_root(tmp_path):
+    from ragtune.storage import contained_path
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ValueError, match="leaves"):
+        contained_path(tmp_path / "root", "link/file")
+
+
 def test_pinned_digest_must_match_the_manifest(tmp_path, termination):
     uri, digest = local_run(tmp_path, "a")
     assert run_fetch(tmp_path / "d", f"support={uri}#{'0' * 64}") == 1

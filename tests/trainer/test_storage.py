@@ -1,4 +1,5 @@
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,20 @@ def test_minio_roundtrip_and_error_reasons(platform, monkeypatch, tmp_path):
     with pytest.raises(StorageError) as denied:
         bad.get_bytes(f"s3://{bucket}/p/a.jsonl")
     assert denied.value.reason == "S3AccessDenied"
+
+
+@pytest.mark.parametrize("key", ["/etc/passwd", "a/../../escape", "../escape", "a//b/../../../escape"])
+def test_download_prefix_refuses_object_keys_that_leave_the_destination(tmp_path, monkeypatch, key):
+    """S3 keys are data: `prefix/<key>` must land under `dest` (base weights, checkpoint restore)."""
+    from ragtune.storage import ObjectInfo
+
+    storage = Storage()
+    prefix = "s3://bucket/models/tiny/"
+    monkeypatch.setattr(storage, "list", lambda p: [ObjectInfo(prefix + "config.json", 2, None),
+                                                     ObjectInfo(prefix + key, 2, None)])
+    downloaded = []
+    monkeypatch.setattr(storage, "download", lambda uri, dest: downloaded.append(dest) or Path(dest))
+    with pytest.raises(StorageError) as err:
+        storage.download_prefix(prefix, tmp_path / "dest")
+    assert err.value.reason == "UnsafeObjectKey" and key in str(err.value)
+    assert all((tmp_path / "dest").resolve() in Path(d).resolve().parents for d in downloaded)

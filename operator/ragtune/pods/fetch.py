@@ -102,7 +102,7 @@ def base_target_modules(base_dir: Path) -> set[str]:
 
 def fetch_adapter(storage, name: str, uri: str, digest: str, dest: Path, *,
                   expect_base: Optional[tuple[str, str]], allowed_modules: set[str], max_rank: int) -> FetchedAdapter:
-    from ragtune.storage import StorageError, sha256_bytes, sha256_file
+    from ragtune.storage import StorageError, contained_path, sha256_bytes, sha256_file
 
     manifest_uri = uri + MANIFEST
     try:
@@ -136,10 +136,11 @@ def fetch_adapter(storage, name: str, uri: str, digest: str, dest: Path, *,
     shutil.rmtree(staging, ignore_errors=True)
     total = 0
     for f in files:
-        rel = f.path[len(ADAPTER_DIR):]
-        target = staging / rel
-        if ".." in Path(rel).parts:
-            raise FetchError("InvalidManifest", f"adapter {name}: file path {f.path!r} escapes the adapter folder", name)
+        try:
+            target = contained_path(staging, f.path[len(ADAPTER_DIR):])
+        except ValueError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise FetchError("InvalidManifest", f"adapter {name}: manifest entry {f.path!r}: {exc}", name) from None
         try:
             storage.download(uri + f.path, target)
         except StorageError as err:
