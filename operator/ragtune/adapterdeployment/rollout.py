@@ -34,7 +34,7 @@ from ragtune.api.adapterdeployment import (
     RolloutRecord,
     StrategyType,
 )
-from ragtune.api.common import Condition
+from ragtune.api.common import IN_CLUSTER, Condition
 from ragtune.api.keys import ANNOTATION_ROLLED_AT
 from ragtune.api.pods import (
     CandidateRef,
@@ -186,7 +186,7 @@ class Reconciler:
                         "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")}}
         old = body.get("status") or {}
         try:
-            spec = AdapterDeploymentSpec.model_validate(body["spec"])
+            spec = AdapterDeploymentSpec.model_validate(body["spec"], context=IN_CLUSTER)
             status = AdapterDeploymentStatus.model_validate(old)
         except ValidationError as exc:
             err = exc.errors()[0]

@@ -91,7 +91,7 @@ ArtifactUri = Annotated[
             ),
         )},
     ),
-    AfterValidator(validate_artifact_uri),
+    AfterValidator(lambda uri, info: validate_artifact_uri(uri, info)),  # `info` required: pydantic passes it
 ]
 
 _IPV4_CANONICAL = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$"

@@ -44,7 +44,9 @@ class UnanswerableMix(ApiModel):
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": k8s_extensions(cel(
-            "self.nearMiss + self.answerRemoved + self.offTopic > 0.0",
+            # has(): the API server checks this rule against the schema's `default: {}` too.
+            "(has(self.nearMiss) ? self.nearMiss : 0.4) + (has(self.answerRemoved) ? self.answerRemoved : 0.4)"
+            " + (has(self.offTopic) ? self.offTopic : 0.2) > 0.0",
             "at least one of nearMiss, answerRemoved, offTopic must have a weight above 0",
             reason="FieldValueInvalid",
         )),

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import kopf
 from pydantic import ValidationError
 
+from ragtune.api.common import IN_CLUSTER
 from ragtune.api.finetunejob import FineTuneJobSpec, TrainingProgress
 from ragtune.api.keys import API_GROUP, API_VERSION, FINETUNEJOBS, GROUP_VERSION
 from ragtune.api.pods import PROGRESS_PREFIX, run_id
@@ -247,7 +248,7 @@ class FineTuneJobController:
             spec, wanted = cached[2], cached[3]
         else:
             try:
-                spec = FineTuneJobSpec.model_validate(ftj.spec)
+                spec = FineTuneJobSpec.model_validate(ftj.spec, context=IN_CLUSTER)
             except ValidationError as exc:
                 await self._write_invalid_spec(ftj, _error_message(exc))
                 return None
