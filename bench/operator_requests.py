@@ -135,15 +135,18 @@ def window(proxy: RecordingProxy, seconds: float) -> dict:
             "by_verb_resource": dict(kinds.most_common())}
 
 
-def settled(platform, namespace: str, n_ad: int, n_ftj: int) -> tuple[int, int]:
-    """(idle AdapterDeployments, finished FineTuneJobs)."""
+def settled(platform, namespace: str) -> tuple[int, int, dict]:
+    """(idle AdapterDeployments, finished FineTuneJobs, phases). Idle: the rollout is over (Ready, or
+    Degraded when kwok's node lease lapsed on a loaded machine and its pods lost readiness)."""
     ads = json.loads(platform.kubectl("-n", namespace, "get", "adapterdeployments", "-o", "json"))["items"]
     ftjs = json.loads(platform.kubectl("-n", namespace, "get", "finetunejobs", "-o", "json"))["items"]
-    idle = sum(1 for a in ads if (a.get("status") or {}).get("phase") == "Ready"
+    idle = sum(1 for a in ads if (a.get("status") or {}).get("phase") in ("Ready", "Degraded")
                and not a["status"].get("candidate")
                and a["status"].get("observedGeneration") == a["metadata"].get("generation"))
     done = sum(1 for f in ftjs if (f.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
-    return idle, done
+    phases = Counter(f"{kind}/{(o.get('status') or {}).get('phase')}" for kind, items in
+                     (("AdapterDeployment", ads), ("FineTuneJob", ftjs)) for o in items)
+    return idle, done, dict(phases)
 
 
 def apply(platform, objects: list[dict]) -> None:
@@ -179,7 +182,7 @@ def main() -> dict:
               + [adapterdeployment(i, namespace) for i in range(args.ad)])
         deadline = time.monotonic() + args.settle_timeout
         while True:
-            idle, done = settled(handle, namespace, args.ad, args.ftj)
+            idle, done, phases = settled(handle, namespace)
             if idle == args.ad and done == args.ftj:
                 break
             if time.monotonic() > deadline:
@@ -189,6 +192,7 @@ def main() -> dict:
         log("settled; waiting 15 s, then the measured window")
         time.sleep(15)
         loaded = window(proxy, args.window)
+        phases = settled(handle, namespace)[2]
         handle.kubectl("delete", "clusterrolebinding", f"bench-operator-{namespace}")
     finally:
         if proc is not None:
@@ -207,6 +211,7 @@ def main() -> dict:
         "window_seconds": args.window,
         "baseline_no_objects": baseline,
         "with_objects": loaded,
+        "phases": phases,
         "per_object_per_minute": round((loaded["per_minute"] - baseline["per_minute"]) / objects, 3) if objects else None,
     }
 

@@ -61,9 +61,6 @@ CRASH_RESTARTS = 2
 """Restarts of a server container that count as crash-looping."""
 ROLLOUT_POLL_SECONDS = 0.5
 """A rollout under way looks again this soon (its children's watch events often come sooner)."""
-UNREADY_POLL_SECONDS = 10.0
-"""A stable server that is not ready is re-read this often (its pods' events usually come first;
-this covers the Deployment status lagging behind them)."""
 FINETUNEJOB_WAIT_SECONDS = 60.0
 """Waiting for a FineTuneJob to succeed: its watch events bring the rollout back; this is the
 safety net."""
@@ -135,6 +132,11 @@ def pod_failure(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
         if st.get("phase") == "Failed":
             return "PodFailed", f"pod {name} failed: {st.get('message') or st.get('reason') or ''}"
     return None
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
 
 
 def deployment_ready(dep: dict[str, Any]) -> bool:
@@ -246,9 +248,7 @@ class _Tick:
             return FINETUNEJOB_WAIT_SECONDS if self.waiting_for_ftj else ROLLOUT_POLL_SECONDS
         if not self.status.serving:
             return None
-        ready = next((c for c in self.status.conditions if c.type == "Ready"), None)
-        if ready is None or ready.status != "True":
-            return UNREADY_POLL_SECONDS
+        # Our stable server's pods are watched: their events bring a degraded one back.
         return REFERENCED_HEALTH_SECONDS if self.spec.server.deployment_ref else None
 
     def refused(self, err: KubeError) -> None:
@@ -622,6 +622,10 @@ class _Tick:
             self.event("Warning", "StableRecreated", f"{self.stable_name()} was missing; recreated it")
             dep = None
         ready = dep is not None and (dep.get("status") or {}).get("readyReplicas", 0) >= 1
+        if dep is not None and not ready and not self.spec.server.deployment_ref:
+            # A pod's event brought us here; the Deployment's status may not count that pod yet.
+            pods = self.kube.list("Pod", self.ns, dep["spec"]["selector"]["matchLabels"])
+            ready = any(_pod_ready(p) for p in pods if not p["metadata"].get("deletionTimestamp"))
         if ready:
             self.cond("Ready", True, "Serving", f"serving {self.status.serving_adapters}")
             self.cond("Degraded", False, "Serving")
