@@ -12,6 +12,12 @@ def _fetch(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from .adapter_sync import main
+
+    return main(args)
+
+
 def _online(args: argparse.Namespace) -> int:
     from .online_eval import main
 
@@ -41,6 +47,20 @@ def add_commands(sub) -> None:
     fetch.add_argument("--base-model-uri", help="also download base weights from this s3:// prefix")
     fetch.add_argument("--base-dest", default="/data/base", help="where the base weights go")
     fetch.set_defaults(func=_fetch)
+
+    sync = adapters.add_parser(
+        "sync", help="sidecar: keep a running vLLM's adapter set equal to the desired set, verified, no restart")
+    sync.add_argument("--desired", required=True, help="JSON file with the desired set (the mounted ConfigMap key)")
+    sync.add_argument("--server", default="http://127.0.0.1:8000", help="vLLM on loopback (nothing else is accepted)")
+    sync.add_argument("--dest", default="/data/adapters", help="folder for the verified adapters")
+    sync.add_argument("--status", help="write what the pod serves here (JSON) after every change")
+    sync.add_argument("--expect-base-model", metavar="ID@REVISION", help="fail adapters trained on another base")
+    sync.add_argument("--allowed-target-module", action="append", metavar="MODULE", help="as for fetch")
+    sync.add_argument("--target-modules-from-base", metavar="DIR", help="as for fetch")
+    sync.add_argument("--max-rank", type=int, default=16, help="vLLM's --max-lora-rank")
+    sync.add_argument("--interval", type=float, default=2.0, help="seconds between passes")
+    sync.add_argument("--once", action="store_true", help="one pass, then exit")
+    sync.set_defaults(func=_sync)
 
     evaluation = _group(sub, "eval", "evaluation")
     online = evaluation.add_parser("online", help="canary evaluation through the TGI API (the evaluation Job)")
