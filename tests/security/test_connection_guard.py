@@ -174,3 +174,22 @@ def test_redirects_are_not_followed_around_the_check(monkeypatch):
         httpd.shutdown()
         httpd.server_close()
         target.close()
+
+
+def test_the_online_evaluator_reports_the_refusal_as_its_reason(server, monkeypatch, tmp_path, capsys):
+    import argparse
+    import json
+
+    from ragtune.pods import online_eval
+
+    monkeypatch.delenv(ALLOW_LOOPBACK_ENV, raising=False)
+    monkeypatch.setenv("RAGTUNE_TERMINATION_MESSAGE_PATH", str(tmp_path / "termination"))
+    config = {"canaryUrl": f"http://127.0.0.1:{server.port}", "evalSetUri": "s3://bucket/eval.jsonl",
+              "candidates": [{"name": "a1", "uri": "s3://bucket/run/"}],
+              "s3": {"endpoint": f"http://127.0.0.1:{server.port}"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert online_eval.main(argparse.Namespace(config=str(tmp_path / "config.json"))) == 1
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["reason"] == "S3AddressForbidden" and "loopback" in printed["message"]
+    assert json.loads((tmp_path / "termination").read_text())["reason"] == "S3AddressForbidden"
+    assert server.connections == 0

@@ -230,7 +230,7 @@ def _fit(result: OnlineEvalResult) -> OnlineEvalResult:
 
 def main(args) -> int:
     from ragtune.adapterdeployment.backends import TGI
-    from ragtune.storage import Storage
+    from ragtune.storage import Storage, StorageError
 
     from .fetch import write_termination_message
 
@@ -248,7 +248,10 @@ def main(args) -> int:
         def generate(url: str, prompt: str, adapter: Optional[str]) -> str:
             return TGI.generate(url, prompt, adapter=adapter, max_new_tokens=max_new)
 
-        result = evaluate(config, storage, generate)
+        try:
+            result = evaluate(config, storage, generate)
+        except StorageError as exc:  # S3 unreachable, denied, missing, or a forbidden address
+            result = OnlineEvalResult(outcome="Error", reason=exc.reason, message=str(exc)[:500])
     write_termination_message(_fit(result))
     print(json.dumps({"outcome": result.outcome, "reason": result.reason, "message": result.message}))
     return 0 if result.outcome == "Passed" else 1
