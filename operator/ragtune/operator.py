@@ -14,6 +14,69 @@ def register_handlers() -> None:
     from ragtune.finetunejob import controller as _ftj  # noqa: F401
 
 
+def _lead(config, liveness_url: str) -> None:
+    """Block until this replica holds the operator's Lease (answering liveness probes meanwhile:
+    a standby is healthy), then keep renewing it; losing it ends the process (docs/architecture.md)."""
+    import logging
+    import os
+
+    from .runtime.kube import Kube
+    from .runtime.leader import LeaderElector, default_identity
+
+    log = logging.getLogger("ragtune.leader")
+    elector = LeaderElector(Kube(workers=2), config.leader_election_namespace, default_identity(),
+                            lease_seconds=config.lease_seconds, renew_seconds=max(1.0, config.lease_seconds / 3),
+                            retry_seconds=max(0.5, config.lease_seconds / 7))
+    with _standby_health(liveness_url):
+        elector.acquire()
+    log.info("leading as %s (Lease %s/%s)", elector.identity, elector.namespace, elector.name)
+
+    def lost(why: str) -> None:
+        log.error("leadership lost: %s; exiting so that exactly one replica reconciles", why)
+        logging.shutdown()
+        os._exit(1)
+
+    elector.keep(lost)
+
+
+class _standby_health:
+    """A minimal `/healthz` on the liveness address while the replica waits for the Lease (kopf
+    serves the real one once it runs)."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.server = url, None
+
+    def __enter__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        if not self.url:
+            return self
+
+        class Standby(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                body = b'{"standby": true}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_):
+                pass
+
+        parts = urlsplit(self.url)
+        self.server = ThreadingHTTPServer((parts.hostname or "0.0.0.0", parts.port or 80), Standby)
+        threading.Thread(target=self.server.serve_forever, name="standby-health", daemon=True).start()
+        return self
+
+    def __exit__(self, *_):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     # Heavy imports only when the command runs (the CLI must stay cheap).
     import dataclasses
@@ -43,6 +106,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
     register_handlers()
+    if config.leader_election:
+        _lead(config, args.liveness)
 
     kopf.run(
         clusterwide=not namespaces,

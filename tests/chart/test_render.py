@@ -30,11 +30,51 @@ def test_helm_lint_strict_is_clean(values):
     assert "[INFO]" not in proc.stdout and "[WARNING]" not in proc.stdout, proc.stdout
 
 
+def watch_roles(out, kind: str) -> list[dict]:
+    """The Roles/RoleBindings of the watched namespaces (not the leader-election pair)."""
+    return [r for r in out.of_kind(kind) if not r["metadata"]["name"].endswith("-leader-election")]
+
+
+@pytest.mark.parametrize("mode", ["namespaced", "cluster"])
+def test_leader_election_lease_in_the_release_namespace_only(mode):
+    out = render({"watch.mode": mode, "watch.namespaces": ["team-a"]}, namespace="ops")
+    role = next(r for r in out.of_kind("Role") if r["metadata"]["name"].endswith("-leader-election"))
+    binding = next(b for b in out.of_kind("RoleBinding") if b["metadata"]["name"].endswith("-leader-election"))
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "ops"
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    by_verbs = {tuple(r["verbs"]): r for r in role["rules"]}
+    assert by_verbs[("get", "update")]["resourceNames"] == ["ragtune-operator"]
+    assert "resourceNames" not in by_verbs[("create",)]  # create cannot be restricted by name
+    env = {e["name"]: e.get("value") for e in out.container["env"]}
+    assert env["RAGTUNE_LEADER_ELECTION"] == "true" and env["RAGTUNE_LEASE_SECONDS"] == "15"
+
+
+def test_replicas_get_a_disruption_budget_spread_and_a_rolling_update():
+    out = render()
+    deployment = out.one("Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pdb = out.one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    term = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    single = render({"replicas": 1})
+    assert single.of_kind("PodDisruptionBudget") == []
+    assert single.one("Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    custom = render({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ops"]}]}]}}}})
+    assert "podAntiAffinity" not in custom.one("Deployment")["spec"]["template"]["spec"]["affinity"]
+
+
 def test_namespaced_mode_uses_roles_in_each_watched_namespace_only():
     out = render({"watch.namespaces": ["team-a", "team-b"]})
     assert out.of_kind("ClusterRole") == [] and out.of_kind("ClusterRoleBinding") == []
-    roles = {r["metadata"]["namespace"] for r in out.of_kind("Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in out.of_kind("RoleBinding")}
+    roles = {r["metadata"]["namespace"] for r in watch_roles(out, "Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in watch_roles(out, "RoleBinding")}
     assert roles == set(bindings) == {"team-a", "team-b"}
     for binding in bindings.values():
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ragtune", "namespace": "ragtune-system"}]
@@ -46,13 +86,13 @@ def test_namespaced_mode_uses_roles_in_each_watched_namespace_only():
 
 def test_namespaced_mode_defaults_to_the_release_namespace():
     out = render(namespace="ml")
-    assert [r["metadata"]["namespace"] for r in out.of_kind("Role")] == ["ml"]
+    assert [r["metadata"]["namespace"] for r in watch_roles(out, "Role")] == ["ml"]
     assert "--namespace=ml" in out.container["args"]
 
 
 def test_cluster_mode_uses_one_cluster_role():
     out = render({"watch.mode": "cluster", "watch.namespaces": ["ignored"]})
-    assert out.of_kind("Role") == [] and out.of_kind("RoleBinding") == []
+    assert watch_roles(out, "Role") == [] and watch_roles(out, "RoleBinding") == []
     assert out.one("ClusterRoleBinding")["roleRef"]["name"] == out.one("ClusterRole")["metadata"]["name"]
     assert "--all-namespaces" in out.container["args"]
     assert not any(a.startswith("--namespace") for a in out.container["args"])
@@ -91,8 +131,8 @@ def test_operator_pod_is_restricted_and_probed():
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": 8081}, probe
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    assert out.one("Deployment")["spec"]["replicas"] == 1
-    assert out.one("Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert out.one("Deployment")["spec"]["replicas"] == 2  # one leads, one stands by (leader election)
+    assert out.one("Deployment")["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     assert out.one("ServiceAccount")["automountServiceAccountToken"] is False
     assert pod["automountServiceAccountToken"] is True
 

@@ -3,8 +3,8 @@ list; the chart's Roles/ClusterRole must equal it).
 
 `used_by` says which code path makes the call, so the audit-log test knows which entries a
 FineTuneJob run must exercise and which belong to other paths:
-`kopf` (framework, every run), `finetunejob` (controllers/finetunejob.py, kube.py),
-`adapterdeployment` (controllers/adapterdeployment.py, serving/), `admission` (needed only on
+`kopf` (framework, every run), `finetunejob` (finetunejob/, runtime/kube.py),
+`adapterdeployment` (adapterdeployment/), `leader` (runtime/leader.py), `admission` (needed only on
 clusters running the OwnerReferencesPermissionEnforcement admission plugin).
 """
 
@@ -47,6 +47,8 @@ PERMISSIONS: list[Permission] = [
     *_many("apps", "deployments", "create get update delete", "adapterdeployment", "TGI stable and canary Deployments"),
     *_many("", "services", "create get delete", "adapterdeployment", "TGI stable and canary Services (get: adopt one that exists)"),
     *_many("", "events", "create", "kopf", "an Event on every transition"),
+    *_many("coordination.k8s.io", "leases", "create get update", "leader",
+           "leader election between replicas (release namespace only; get/update only the Lease ragtune-operator)"),
 ]
 
 

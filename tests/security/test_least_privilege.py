@@ -121,7 +121,9 @@ def scenario(platform, tmp_path_factory):
     health = free_port()
     log_path = workdir / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(workdir / "kubeconfig"), "RAGTUNE_METRICS_PORT": "0",
-           "RAGTUNE_LOG_FORMAT": "json", "RAGTUNE_PROGRESS_INTERVAL_SECONDS": "1"}
+           "RAGTUNE_LOG_FORMAT": "json", "RAGTUNE_PROGRESS_INTERVAL_SECONDS": "1",
+           # As the chart runs it: leader election on the Lease in the release namespace.
+           "RAGTUNE_LEADER_ELECTION": "true", "RAGTUNE_LEADER_ELECTION_NAMESPACE": system}
     with open(log_path, "wb") as log:
         operator = subprocess.Popen(
             [str(Path(sys.executable).parent / "ragtune"), "operator", "run", f"--namespace={watched}",
@@ -267,6 +269,6 @@ def test_api_calls_match_the_charts_rbac(scenario):
     ad_resolution = {("ragtune.dev", "adapterdeployments", "get"), ("ragtune.dev", "adapterdeployments", "patch"),
                      ("ragtune.dev", "adapterdeployments/status", "patch"), ("ragtune.dev", "finetunejobs", "get")}
     unused = sorted((p.group, p.resource, p.verb, p.used_by) for p in PERMISSIONS
-                    if (p.used_by in ("kopf", "finetunejob") or (p.group, p.resource, p.verb) in ad_resolution)
+                    if (p.used_by in ("kopf", "finetunejob", "leader") or (p.group, p.resource, p.verb) in ad_resolution)
                     and (p.group, p.resource, p.verb) not in used)
     assert unused == [], f"granted for the FineTuneJob paths but never used (surplus?): {unused}"

@@ -10,6 +10,9 @@
 | `RAGTUNE_PROGRESS_INTERVAL_SECONDS` | `15` | how often the progress of one running job is sampled |
 | `RAGTUNE_PROGRESS_READS_PER_SECOND` | `5` | cap on pod-log reads per second over all jobs |
 | `RAGTUNE_API_WORKERS` | `8` | concurrent Kubernetes API calls made by the controllers |
+| `RAGTUNE_LEADER_ELECTION` | `false` | take a Lease before reconciling, so that of several replicas one works (the chart sets `true`) |
+| `RAGTUNE_LEADER_ELECTION_NAMESPACE` | `$POD_NAMESPACE`, else `default` | namespace of the Lease `ragtune-operator` |
+| `RAGTUNE_LEASE_SECONDS` | `15` | a leader that has not renewed for this long is replaced (failover time) |
 | `RAGTUNE_S3_ALLOW_LOOPBACK` | `false` | let the S3 clients of ragtune's pods connect to loopback addresses (set on every pod that talks to S3; the local platform's MinIO is on loopback) |
 """
 
@@ -68,6 +71,9 @@ class OperatorConfig:
     progress_interval: float = 15.0
     progress_reads_per_second: float = 5.0
     api_workers: int = 8
+    leader_election: bool = False
+    leader_election_namespace: str = "default"
+    lease_seconds: float = 15.0
     s3_allow_loopback: bool = False
     """Rendered into every pod that talks to S3 (ragtune.addresses.ALLOW_LOOPBACK_ENV)."""
 
@@ -88,6 +94,10 @@ class OperatorConfig:
             progress_interval=_number(env, "RAGTUNE_PROGRESS_INTERVAL_SECONDS", 15.0, float, 1),
             progress_reads_per_second=_number(env, "RAGTUNE_PROGRESS_READS_PER_SECOND", 5.0, float, 0.1),
             api_workers=int(_number(env, "RAGTUNE_API_WORKERS", 8, int, 1)),
+            leader_election=_flag(env, "RAGTUNE_LEADER_ELECTION"),
+            leader_election_namespace=(env.get("RAGTUNE_LEADER_ELECTION_NAMESPACE", "").strip()
+                                       or env.get("POD_NAMESPACE", "").strip() or "default"),
+            lease_seconds=_number(env, "RAGTUNE_LEASE_SECONDS", 15.0, float, 2),
             s3_allow_loopback=_flag(env, ALLOW_LOOPBACK_ENV),
         )
 
