@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ragtune.api import pods as contract
-from ragtune.api.common import IN_CLUSTER
 
 from .models import DEFAULT_DIR
 from .run import TrainerFailure, exit_code, failed, from_failure, oom_failure, out_of_memory
@@ -216,7 +215,9 @@ def _train_in_cluster(args: argparse.Namespace) -> int:
             raise TrainerFailure("InvalidSpec", f"{contract.ENV_OBJECT} is not set")
         try:
             obj = json.loads(raw)
-            spec = FineTuneJobSpec.model_validate(obj["spec"], context=IN_CLUSTER)
+            # The operator renders RAGTUNE_OBJECT from a CR the API server and its own model checked
+            # (no file:// URIs there); local runs through this path keep file:// for tests.
+            spec = FineTuneJobSpec.model_validate(obj["spec"])
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
             raise TrainerFailure("InvalidSpec", f"{contract.ENV_OBJECT}: {' '.join(str(exc).split())[:500]}")
         meta = obj.get("metadata") or {}
