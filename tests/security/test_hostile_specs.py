@@ -1,8 +1,10 @@
 """Values that would pass admission and break or mislead later (issue 14 item 2) are refused by the
 models and by the real API server, naming the field; the ordinary values next to them pass.
 
-Decisions (see docs/architecture.md, Admission): `file://` URIs are refused in the cluster (CRD, and
-the operator and pods validate with the IN_CLUSTER context) and kept for `ragtune train -f`; S3 keys
+Decisions (see docs/architecture.md): `file://` URIs are refused in the cluster (CRD, and the
+operator validates with the IN_CLUSTER context) and kept for `ragtune train -f`, except an
+AdapterDeployment's `baseModel.uri` (weights inside the serving container: read there, never
+copied out); S3 keys
 with `.`/`..` segments or control characters, reserved bucket prefixes/suffixes, images that are not
 image references, regions outside `[A-Za-z0-9_-]`, node selector keys/values and extended-resource
 names Kubernetes would reject, empty or malformed Secret key names and zero CPU/memory/shm are
@@ -125,6 +127,8 @@ ACCEPTED = {
                                                       "secretAccessKeyKey": "secret"}),
     "ok-env": ad("server.env", {"MAX_BATCH_PREFILL_TOKENS": "4096", "TOKENIZERS_PARALLELISM": "false",
                                 "LOG_LEVEL": "info", "MONKEY": "1", "KEYRING_BACKEND": "x"}),
+    # The server loads its own model from a path inside its container; nothing is copied out.
+    "ok-served-model-path": ad("baseModel.uri", "file:///models/tiny"),
     "ok-server": ad("server", {"gpus": 0, "cpu": "2", "memory": "8Gi", "image": "ghcr.io/huggingface/text-generation-inference:3.3.6"}),
 }
 

@@ -12,7 +12,6 @@ from .keys import GROUP_VERSION
 from .base import ApiModel, cel, k8s_extensions
 from .common import (
     ArtifactUri,
-    BaseModelRef,
     Condition,
     EvalMetrics,
     GateResult,
@@ -24,6 +23,7 @@ from .common import (
     MetricThresholds,
     NodeSelector,
     S3Config,
+    ServedBaseModelRef,
 )
 from .finetunejob import Toleration
 
@@ -328,7 +328,7 @@ class AdapterDeploymentSpec(ApiModel):
         )
     }
 
-    base_model: BaseModelRef
+    base_model: ServedBaseModelRef
     """The base model the server runs; every adapter must have been trained on exactly it."""
     server: ServerSpec = Field(default_factory=ServerSpec)
     """The inference server (TGI or vLLM)."""

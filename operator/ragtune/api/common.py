@@ -66,30 +66,33 @@ def validate_artifact_uri(uri: str, info: Optional[ValidationInfo] = None) -> st
     return uri
 
 
+# CEL rules of an S3 URI (a file:/// URI passes them: its third '/' part is empty).
+_S3_URI_RULES = (
+    cel(
+        "!self.split('/')[2].contains('..')",
+        "S3 bucket names must not contain '..'",
+    ),
+    cel(
+        r"!self.split('/')[2].matches('^[0-9]{1,3}(\\.[0-9]{1,3}){3}$')",
+        "S3 bucket names must not be formatted like an IP address",
+    ),
+    cel(
+        r"!self.split('/')[2].matches('^(xn--|sthree-|amzn-s3-demo-)|(-s3alias|--ol-s3|\\.mrap|--x-s3|--table-s3)$')",
+        "S3 bucket names must not use a reserved prefix (xn--, sthree-, amzn-s3-demo-) or suffix "
+        "(-s3alias, --ol-s3, .mrap, --x-s3, --table-s3)",
+    ),
+    cel(
+        r"!self.matches('^s3://[^/]*/(.*/)?\\.\\.?(/|$)')",
+        "S3 keys must not contain '.' or '..' path segments",
+    ),
+)
+
 ArtifactUri = Annotated[
     str,
     Field(
         max_length=1024,
         # The pattern is the CRD's (s3:// only); the model's check is validate_artifact_uri.
-        json_schema_extra={"pattern": S3_URI_PATTERN, **k8s_extensions(
-            cel(
-                "!self.split('/')[2].contains('..')",
-                "S3 bucket names must not contain '..'",
-            ),
-            cel(
-                r"!self.split('/')[2].matches('^[0-9]{1,3}(\\.[0-9]{1,3}){3}$')",
-                "S3 bucket names must not be formatted like an IP address",
-            ),
-            cel(
-                r"!self.split('/')[2].matches('^(xn--|sthree-|amzn-s3-demo-)|(-s3alias|--ol-s3|\\.mrap|--x-s3|--table-s3)$')",
-                "S3 bucket names must not use a reserved prefix (xn--, sthree-, amzn-s3-demo-) or suffix "
-                "(-s3alias, --ol-s3, .mrap, --x-s3, --table-s3)",
-            ),
-            cel(
-                r"!self.matches('^s3://[^/]*/(.*/)?\\.\\.?(/|$)')",
-                "S3 keys must not contain '.' or '..' path segments",
-            ),
-        )},
+        json_schema_extra={"pattern": S3_URI_PATTERN, **k8s_extensions(*_S3_URI_RULES)},
     ),
     AfterValidator(lambda uri, info: validate_artifact_uri(uri, info)),  # `info` required: pydantic passes it
 ]
@@ -311,6 +314,33 @@ class BaseModelRef(ApiModel):
     Face Hub (or the local Hugging Face cache)."""
     token_secret_ref: Optional[SecretKeyRef] = None
     """Secret holding a Hugging Face token, for gated models downloaded from the Hub."""
+
+
+def _served_model_uri(uri: str) -> str:
+    if uri.startswith("file:///"):
+        return uri
+    return validate_artifact_uri(uri)
+
+
+ServedModelUri = Annotated[
+    str,
+    Field(max_length=1024, json_schema_extra={"pattern": rf"^(s3://{_BUCKET}(/[^\x00-\x1f\x7f]*)?|file:///[^\x00-\x1f\x7f]*)$",
+                                              **k8s_extensions(*_S3_URI_RULES)}),
+    AfterValidator(_served_model_uri),
+]
+"""An S3 prefix, or `file:///path` for weights already inside the serving image or on its node:
+the server loads its model from there and nothing is copied out of the pod."""
+
+
+class ServedBaseModelRef(BaseModelRef):
+    """The base model a server runs: a Hugging Face id and pinned revision, optionally with the
+    location of its weights. `id` + `revision` are its identity: adapters are only deployed onto
+    the base model they were trained on."""
+
+    uri: Optional[ServedModelUri] = None
+    """Where the weights are: an `s3://` prefix in Hugging Face layout (the adapter fetcher
+    downloads and verifies it) or `file:///path` inside the server container (weights baked into
+    the image or mounted from the node). Empty means the Hugging Face Hub."""
 
 
 # --- Conditions -----------------------------------------------------------------------
