@@ -155,6 +155,7 @@ class PodWorker(threading.Thread):
         finally:
             self.runner.release_ip(self.uid)
             if self.stop_grace is not None and not self.vanished:
+                self._end_deleted()
                 self._delete_from_api()
             self._cleanup()
             self.finished.set()
@@ -452,6 +453,21 @@ class PodWorker(threading.Thread):
         if self.phase not in ("Succeeded", "Failed") and running:
             self.phase = "Failed" if any(c.state.get("terminated", {}).get("exitCode") for c in running) \
                 else "Succeeded"
+
+    def _end_deleted(self) -> None:
+        """A deleted pod ends terminal, as a kubelet ends it, also when its containers never
+        started (image pull failures, missing Secrets): the Job controller removes its
+        job-tracking finalizer only from terminal pods, and until then the pod, and with it its
+        namespace, stays Terminating."""
+        if self.phase in ("Succeeded", "Failed"):
+            return
+        for c in self.all_containers():
+            if "terminated" not in c.state:
+                c.state = {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown",
+                                          "message": "the pod was deleted while this container was not running",
+                                          "finishedAt": now()}}
+        self.phase = "Failed"
+        self._report()
 
     def _report(self) -> None:
         if self.vanished:
