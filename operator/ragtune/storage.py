@@ -109,6 +109,15 @@ def contained_path(root: str | os.PathLike, rel: str) -> Path:
     return target
 
 
+def folder_digests(root: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """`{relative path: (sha256, size)}` of every file under `root`, hidden files (local
+    markers such as `.complete`) excepted."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): (sha256_file(p), p.stat().st_size)
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -140,6 +140,48 @@ def test_contained_path_refuses_a_symlink_out_of_the_root(tmp_path):
         contained_path(tmp_path / "root", "link/file")
 
 
+def _run_with_base(tmp_path: Path) -> tuple[str, str, Path]:
+    """A local run whose manifest lists the digests of a local base model folder."""
+    import hashlib
+
+    from ragtune.storage import local_path
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    (base / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    uri, _ = local_run(tmp_path, "a")
+    manifest_path = local_path(uri) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["baseModelFiles"] = [{"path": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                   "size": p.stat().st_size} for p in sorted(base.iterdir())]
+    raw = json.dumps(manifest).encode()
+    manifest_path.write_bytes(raw)
+    return uri, hashlib.sha256(raw).hexdigest(), base
+
+
+def test_base_weights_are_verified_against_the_manifest(tmp_path, termination):
+    uri, digest, base = _run_with_base(tmp_path)
+    extra = ("--base-model-uri", base.as_uri() + "/", "--base-dest", str(tmp_path / "data" / "base"))
+    assert run_fetch(tmp_path / "data" / "adapters", f"support={uri}#{digest}", extra=extra) == 0
+    assert (tmp_path / "data" / "base" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda base: (base / "model.safetensors").write_bytes(b"other weights"), "model.safetensors has sha256"),
+    (lambda base: (base / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda base: (base / "extra.bin").write_bytes(b"x"), "did not train with: extra.bin"),
+])
+def test_base_weights_that_differ_from_the_trained_ones_are_refused(tmp_path, termination, change, needle):
+    uri, digest, base = _run_with_base(tmp_path)
+    change(base)
+    extra = ("--base-model-uri", base.as_uri() + "/", "--base-dest", str(tmp_path / "data" / "base"))
+    assert run_fetch(tmp_path / "data" / "adapters", f"support={uri}#{digest}", extra=extra) == 1
+    res = result(termination)
+    assert res.reason == "BaseModelMismatch" and res.adapter == "support" and needle in res.message
+    assert not (tmp_path / "data" / "adapters" / "support").exists()
+
+
 def test_pinned_digest_must_match_the_manifest(tmp_path, termination):
     uri, digest = local_run(tmp_path, "a")
     assert run_fetch(tmp_path / "d", f"support={uri}#{'0' * 64}") == 1

@@ -12,9 +12,10 @@ from typing import Optional
 from ragtune.api.common import GateResult
 from ragtune.api.finetunejob import FineTuneJobSpec
 from ragtune.api.pods import ADAPTER_DIR, MANIFEST, Manifest, ManifestFile
-from ragtune.storage import join, sha256_bytes, sha256_file
+from ragtune.clock import utc_now_iso
+from ragtune.storage import folder_digests, join, sha256_bytes, sha256_file
 
-from .run import RunContext, TrainerFailure, now
+from .run import RunContext, TrainerFailure
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Published:
 
 
 def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[dict], gates: list[GateResult],
-                datasets: list[dict], passed: bool) -> Published:
+                datasets: list[dict], passed: bool, construction: Optional[dict] = None) -> Published:
     """Write the adapter (and the report when there was an evaluation), upload, manifest last."""
     out = ctx.work_dir / "run"
     adapter_files = write_adapter(model, tokenizer, ctx.spec, out / ADAPTER_DIR)
@@ -33,7 +34,7 @@ def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[di
     if outcome is not None:
         from .report import write_report
 
-        report_files = write_report(out / "eval", outcome, log_history, ctx.spec, gates)
+        report_files = write_report(out / "eval", outcome, log_history, ctx.spec, gates, construction)
     manifest = publish(ctx, out, adapter_files + report_files, datasets, passed)
     return Published(
         manifest_sha256=sha256_bytes(manifest),
@@ -79,17 +80,29 @@ def publish(ctx: RunContext, root: Path, files: list[Path], datasets: list[dict]
         base_model={"id": ctx.spec.base_model.id, "revision": ctx.spec.base_model.revision,
                     "uri": ctx.spec.base_model.uri},
         files=entries,
+        base_model_files=base_model_files(ctx),
         datasets=datasets,
         image=ctx.image,
         versions={"torch": torch.__version__, "transformers": transformers.__version__,
                   "peft": peft.__version__, "trl": trl.__version__, "ragtune": _ragtune_version()},
         evaluation_passed=passed,
-        created_at=now(),
+        created_at=utc_now_iso(),
         job=ctx.job,
     )
     data = json.dumps(manifest.to_wire(), indent=2).encode()
     storage.put_bytes(join(ctx.run_uri, MANIFEST), data)
     return data
+
+
+def base_model_files(ctx: RunContext) -> list[ManifestFile]:
+    """Digests of the base weights the run trained on, when they came from `baseModel.uri` (the
+    folder `resolve_base_model` placed them in; resolving again finds the completed download)."""
+    if not ctx.spec.base_model.uri:
+        return []
+    from .base_model import resolve_base_model
+
+    return [ManifestFile(path=path, sha256=digest, size=size)
+            for path, (digest, size) in folder_digests(resolve_base_model(ctx)).items()]
 
 
 def _ragtune_version() -> str:

@@ -43,10 +43,14 @@ EXIT_RETRYABLE = 1
 """Trainer exit code for failures a retry may fix (S3 unreachable, preempted): the
 Job retries up to `spec.backoffLimit`, resuming from the newest checkpoint."""
 EXIT_PERMANENT = 2
-"""Trainer exit code for failures a retry cannot fix (InvalidDataset, InvalidSpec, BaseModelNotFound,
-GateFailed, NaNLoss, S3AccessDenied, S3ObjectNotFound, OutOfMemory: the same spec on the same
-resources hits the same wall):
-the Job's podFailurePolicy fails the whole Job at once."""
+"""Trainer exit code for failures a retry cannot fix (`PERMANENT_REASONS`): the Job's
+podFailurePolicy fails the whole Job at once."""
+PERMANENT_REASONS = frozenset({
+    "InvalidDataset", "InvalidSpec", "BaseModelNotFound", "GateFailed", "NaNLoss",
+    "S3AccessDenied", "S3ObjectNotFound", "S3AddressForbidden",
+    "OutOfMemory",  # the retry runs the same spec on the same resources and hits the same wall
+})
+"""Trainer failure reasons that exit with EXIT_PERMANENT; every other failure exits EXIT_RETRYABLE."""
 OOM_REMEDIES = ("raise spec.resources.memory, lower training.batchSize or training.maxSeqLength, "
                 "or enable training.gradientCheckpointing")
 """What an OutOfMemory failure tells the user to change (trainer and operator say the same)."""
@@ -91,6 +95,10 @@ class Manifest(ApiModel):
     """`{id, revision}` the adapter was trained on."""
     files: list[ManifestFile]
     """Every adapter, tokenizer and report file with its digest."""
+    base_model_files: list[ManifestFile] = Field(default_factory=list)
+    """Every file of the base model the run trained on, when `baseModel.uri` gave it (paths
+    relative to that prefix): a serving pod that downloads the base weights verifies them against
+    this list, like the adapter files. Empty for a hub model (the hub pins it by revision)."""
     datasets: list[dict[str, Optional[str]]] = Field(default_factory=list)
     """`{uri, etag}` of every dataset object read."""
     image: Optional[str] = None

@@ -100,8 +100,30 @@ def base_target_modules(base_dir: Path) -> set[str]:
     return modules
 
 
+def check_base_model(name: str, manifest: Manifest, base_files: dict[str, tuple[str, int]]) -> None:
+    """The downloaded base weights are exactly those the adapter was trained on (when its
+    manifest lists them): every listed file present with its digest, nothing else beside them."""
+    if not manifest.base_model_files:
+        return
+    expected = {f.path: (f.sha256, f.size) for f in manifest.base_model_files}
+    for path, (digest, size) in expected.items():
+        got = base_files.get(path)
+        if got is None:
+            raise FetchError("BaseModelMismatch", f"adapter {name}: base model file {path} is missing from the "
+                                                  "downloaded base weights", name)
+        if got != (digest, size):
+            raise FetchError("BaseModelMismatch", f"adapter {name}: base model file {path} has sha256 "
+                                                  f"{got[0][:16]}… ({got[1]} bytes), the run trained on "
+                                                  f"{digest[:16]}… ({size} bytes)", name)
+    extra = sorted(set(base_files) - set(expected))
+    if extra:
+        raise FetchError("BaseModelMismatch", f"adapter {name}: the base weights hold files the run did not "
+                                              f"train with: {', '.join(extra[:5])}", name)
+
+
 def fetch_adapter(storage, name: str, uri: str, digest: str, dest: Path, *,
-                  expect_base: Optional[tuple[str, str]], allowed_modules: set[str], max_rank: int) -> FetchedAdapter:
+                  expect_base: Optional[tuple[str, str]], allowed_modules: set[str], max_rank: int,
+                  base_files: Optional[dict[str, tuple[str, int]]] = None) -> FetchedAdapter:
     from ragtune.storage import StorageError, contained_path, sha256_bytes, sha256_file
 
     manifest_uri = uri + MANIFEST
@@ -126,6 +148,8 @@ def fetch_adapter(storage, name: str, uri: str, digest: str, dest: Path, *,
         if got != expect_base:
             raise FetchError("BaseModelMismatch", f"adapter {name} was trained on {got[0]}@{got[1]}, but the "
                                                   f"server runs {expect_base[0]}@{expect_base[1]}", name)
+    if base_files is not None:
+        check_base_model(name, manifest, base_files)
     files = [f for f in manifest.files if f.path.startswith(ADAPTER_DIR)]
     top = {f.path[len(ADAPTER_DIR):] for f in files}
     if "adapter_config.json" not in top or not any(p.endswith(".safetensors") and "/" not in p for p in top):
@@ -163,7 +187,7 @@ def fetch_adapter(storage, name: str, uri: str, digest: str, dest: Path, *,
 
 def run(args) -> FetchResult:
     from ragtune.api.common import S3Config
-    from ragtune.storage import Storage, StorageError
+    from ragtune.storage import Storage, StorageError, folder_digests
 
     storage = Storage(S3Config(region=os.environ.get("AWS_REGION", "us-east-1")))
     dest_root = Path(args.dest)
@@ -184,6 +208,8 @@ def run(args) -> FetchResult:
                 storage.download_prefix(args.base_model_uri, args.base_dest)
             except StorageError as err:
                 raise FetchError(err.reason, f"base model: {err}") from None
+        # Verified against every adapter's manifest below (adapters trained on these exact weights).
+        base_files = folder_digests(args.base_dest) if args.base_model_uri else None
         allowed = set(args.allowed_target_module or [])
         if getattr(args, "target_modules_from_base", None):
             allowed |= base_target_modules(Path(args.target_modules_from_base))
@@ -191,7 +217,7 @@ def run(args) -> FetchResult:
         for name, uri, digest in specs:
             log.info("fetching adapter %s from %s", name, uri)
             fetched.append(fetch_adapter(storage, name, uri, digest, dest_root / name, expect_base=expect,
-                                         allowed_modules=allowed, max_rank=args.max_rank))
+                                         allowed_modules=allowed, max_rank=args.max_rank, base_files=base_files))
     except ValueError as exc:
         return FetchResult(outcome="Failed", reason="InvalidArguments", message=str(exc))
     except FetchError as exc:
