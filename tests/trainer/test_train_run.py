@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.api.pods import EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX
+from ragtune.api.pods import ENV_IMAGE, EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX
 from ragtune.cli import main
 from ragtune.storage import sha256_bytes, sha256_file
 
@@ -80,6 +80,11 @@ def test_local_run_writes_adapter_report_and_manifest_last(tiny_model_dir, train
     assert manifest["datasets"] == [{"uri": train_file.as_uri(), "etag": manifest["datasets"][0]["etag"]}]
     assert manifest["baseModel"]["id"] == "test/tiny-llama" and manifest["evaluationPassed"] is True
     assert {"torch", "transformers", "peft", "trl"} <= set(manifest["versions"])
+    # The base weights it trained on (baseModel.uri), for the serving pod to verify.
+    base = {f["path"]: f for f in manifest["baseModelFiles"]}
+    assert set(base) == {p.relative_to(tiny_model_dir).as_posix() for p in Path(tiny_model_dir).rglob("*")
+                         if p.is_file()} and "model.safetensors" in base
+    assert base["model.safetensors"]["sha256"] == sha256_file(Path(tiny_model_dir) / "model.safetensors")
     report = json.loads((run / "eval/report.json").read_text())
     losses = [e["eval_loss"] for e in report["lossHistory"] if "eval_loss" in e]
     assert len(losses) >= 2 and losses[-1] < losses[0]  # it learned something
@@ -90,12 +95,15 @@ def test_local_run_writes_adapter_report_and_manifest_last(tiny_model_dir, train
 def test_gate_failure_keeps_artifacts_and_fails_permanently(monkeypatch, tiny_model_dir, train_file, tmp_path):
     spec = job_spec(tiny_model_dir, train_file.as_uri(), tmp_path / "out",
                     **{"evaluation.thresholds": {"minF1": 1.0}, "training.maxSteps": 2})
+    image = "registry.example/ragtune-trainer@sha256:" + "ab" * 32
+    monkeypatch.setenv(ENV_IMAGE, image)  # what the operator sets from the trainer container's image
     code, result = in_cluster(monkeypatch, tmp_path, spec)
     assert code == EXIT_PERMANENT and result["outcome"] == "Failed" and result["reason"] == "GateFailed"
     assert "f1" in result["message"] and result["gates"][0]["passed"] is False
     run = tmp_path / "out/ns/job/abcdef12-g1"
     manifest = (run / "manifest.json").read_bytes()
     assert json.loads(manifest)["evaluationPassed"] is False
+    assert json.loads(manifest)["image"] == image  # the adapter names the code that trained it
     assert result["manifestSha256"] == sha256_bytes(manifest) and result["adapterUri"] == run.as_uri() + "/"
 
 

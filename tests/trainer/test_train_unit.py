@@ -123,6 +123,7 @@ def test_progress_printer_is_rate_limited_but_reports_stage_changes():
 @pytest.mark.parametrize("reason, code", [
     ("Completed", 0), ("GateFailed", EXIT_PERMANENT), ("InvalidDataset", EXIT_PERMANENT),
     ("S3Unreachable", EXIT_RETRYABLE), ("Preempted", EXIT_RETRYABLE), ("OutOfMemory", EXIT_PERMANENT),
+    ("S3AddressForbidden", EXIT_PERMANENT),
 ])
 def test_exit_codes(reason, code):
     outcome = "Succeeded" if reason == "Completed" else "Failed"

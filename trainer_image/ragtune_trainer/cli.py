@@ -227,7 +227,7 @@ def _train_in_cluster(args: argparse.Namespace) -> int:
         job = {k: meta.get(k) for k in ("namespace", "name", "uid", "generation") if k in meta}
         return RunContext(spec=spec, run_id=rid, run_uri=contract.run_prefix(spec.output.uri, ns, name, rid),
                           job=job, work_dir=args.work_dir, progress=ProgressPrinter(),
-                          image=os.environ.get("RAGTUNE_IMAGE"))
+                          image=os.environ.get(contract.ENV_IMAGE))
 
     result = _execute(context)
     message = contract.encode_termination_message(result)

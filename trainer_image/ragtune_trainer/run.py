@@ -11,18 +11,13 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from ragtune.api import pods
 from ragtune.api.finetunejob import FineTuneJobSpec, TrainingProgress
+from ragtune.clock import utc_now_iso
 from ragtune.storage import Storage
-
-# Failures a retry cannot fix: the Job's podFailurePolicy fails the Job at once on EXIT_PERMANENT.
-# OutOfMemory too: the retry runs the same spec on the same resources and hits the same wall.
-PERMANENT_REASONS = {"InvalidDataset", "InvalidSpec", "BaseModelNotFound", "GateFailed", "NaNLoss",
-                     "S3AccessDenied", "S3ObjectNotFound", "OutOfMemory"}
 
 
 class TrainerFailure(Exception):
@@ -69,7 +64,7 @@ class RunContext:
 
     def report(self, stage: str, **fields) -> None:
         if self.progress:
-            self.progress(TrainingProgress(stage=stage, updated_at=now(), **fields))
+            self.progress(TrainingProgress(stage=stage, updated_at=utc_now_iso(), **fields))
 
 
 @dataclass
@@ -110,7 +105,7 @@ def sigterm_guard(state: RunState) -> Iterator[None]:
 def exit_code(result: pods.TrainerResult) -> int:
     if result.outcome == "Succeeded":
         return 0
-    return pods.EXIT_PERMANENT if result.reason in PERMANENT_REASONS else pods.EXIT_RETRYABLE
+    return pods.EXIT_PERMANENT if result.reason in pods.PERMANENT_REASONS else pods.EXIT_RETRYABLE
 
 
 def failed(reason: str, message: str, run_id: Optional[str] = None) -> pods.TrainerResult:
@@ -160,7 +155,3 @@ def headline(text: str, limit: int = 200) -> str:
 
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 from ragtune.api.finetunejob import FineTuneJobSpec, TrainingProgress
+from ragtune.clock import utc_now_iso
 
 from .base_model import Plan
 from .checkpoints import upload_checkpoint
-from .run import RunContext, RunState, TrainerFailure, now
+from .run import RunContext, RunState, TrainerFailure
 
 
 def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
@@ -227,7 +228,7 @@ def make_callbacks(ctx: RunContext, state: RunState, total_steps: int):
                 step=st.global_step, total_steps=total_steps, epoch=round(st.epoch or 0, 3),
                 loss=round(losses[-1], 4) if losses else None, eval_loss=round(evals[-1], 4) if evals else None,
                 tokens_per_second=round(tokens / elapsed, 1), eta_seconds=eta,
-                percent=int(100 * st.global_step / total_steps), stage=stage, updated_at=now(),
+                percent=int(100 * st.global_step / total_steps), stage=stage, updated_at=utc_now_iso(),
             ))
 
     return [RunCallback()]
