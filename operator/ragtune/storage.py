@@ -370,7 +370,10 @@ def _address_forbidden(exc: BaseException) -> Optional[AddressForbidden]:
 def checked_addresses(host: str, port: int, policy: AddressPolicy) -> list[tuple]:
     """getaddrinfo(host, port) for TCP, refusing the whole host if any address is forbidden (a
     name that resolves to a metadata address is hostile, whatever else it resolves to)."""
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except UnicodeError as exc:  # a name the IDNA codec refuses resolves to nothing
+        raise socket.gaierror(socket.EAI_NONAME, f"{host!r}: {exc}") from None
     for info in infos:
         kind = policy.refusal(info[4][0])
         if kind is not None:
