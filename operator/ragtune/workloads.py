@@ -1,19 +1,52 @@
 """Pure builders of the pod-spec pieces that both controllers render (no Kubernetes calls).
 
 One home for what every pod ragtune starts must get the same way: S3 settings with credentials
-only as `secretKeyRef` (the operator never reads a Secret), owner references, and the
-`restricted` Pod Security Standard's security contexts.
+only as `secretKeyRef` (the operator never reads a Secret), owner references, the `restricted`
+Pod Security Standard's security contexts, and names and label values derived from an owner's
+name that are valid whatever that (valid) name is.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any, Optional
 
 from ragtune.addresses import ALLOW_LOOPBACK_ENV
 from ragtune.api.common import S3Config
 from ragtune.api.keys import GROUP_VERSION
 
+MAX_LABEL = 63
+"""Kubernetes' limit for label values and for DNS-1035 labels (Service names)."""
+
 RUNTIME_DEFAULT_SECCOMP = {"type": "RuntimeDefault"}
+
+
+def short_hash(text: str, n: int = 6) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def label_value(value: str) -> str:
+    """`value` as a valid label value: at most 63 characters, alphanumeric at both ends; a value
+    that had to change keeps a hash of the original so distinct values stay distinct."""
+    if len(value) <= MAX_LABEL and re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]", value):
+        return value
+    cleaned = re.sub(r"[^-A-Za-z0-9_.]", "-", value)[:MAX_LABEL - 7].strip("-_.") or "x"
+    return f"{cleaned}-{short_hash(value)}"
+
+
+def child_name(owner: str, suffix: str) -> str:
+    """`<owner><suffix>` as a DNS-1035 label (valid for every kind, Services included: lower-case
+    alphanumerics and `-`, a letter first, at most 63 characters). An owner name that does not fit
+    as is (a dot, a digit first, too long) is shortened and keeps a hash of the full name, so two
+    owners never share a child and the same owner always gets the same one."""
+    full = owner + suffix
+    if len(full) <= MAX_LABEL and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", full):
+        return full
+    stem = re.sub(r"[^-a-z0-9]", "-", owner.lower())
+    stem = stem if stem[:1].isalpha() else f"x{stem}"
+    stem = stem[:MAX_LABEL - len(suffix) - 7].strip("-") or "x"
+    return f"{stem}-{short_hash(owner)}{suffix}"
 
 RESTRICTED_CONTAINER: dict[str, Any] = {
     "allowPrivilegeEscalation": False,

@@ -169,7 +169,7 @@ def test_fetch_run_allows_exactly_the_base_models_modules(tmp_path, monkeypatch)
     _safetensors(base / "model.safetensors", {"model.layers.0.self_attn.q_proj.weight": [8, 8]})
     seen = {}
 
-    def fake_fetch(storage, name, uri, digest, dest, *, expect_base, allowed_modules, max_rank):
+    def fake_fetch(storage, name, uri, digest, dest, *, expect_base, allowed_modules, max_rank, base_files=None):
         seen.update(allowed=allowed_modules, max_rank=max_rank)
         return fetch.FetchedAdapter(name=name, sha256=digest, files=0, bytes=0)
 

@@ -14,11 +14,10 @@ from typing import Any, Optional
 
 from ragtune import workloads
 from ragtune.api.adapterdeployment import AdapterDeploymentSpec, ResolvedAdapter
-from ragtune.api.common import S3Config
 from ragtune.api.keys import ANNOTATION_ADAPTER_SET as ANNOTATION_DIGEST
+from ragtune.api.keys import ANNOTATION_ADAPTERDEPLOYMENT as ANNOTATION_AD_NAME
 from ragtune.api.keys import (
     ANNOTATION_ADAPTERS,
-    GROUP_VERSION,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     LABEL_NAME,
@@ -53,15 +52,15 @@ class Owner:
 
 
 def stable_name(ad_name: str) -> str:
-    return f"{ad_name}-tgi"
+    return workloads.child_name(ad_name, "-tgi")
 
 
 def canary_name(ad_name: str) -> str:
-    return f"{ad_name}-tgi-canary"
+    return workloads.child_name(ad_name, "-tgi-canary")
 
 
 def eval_job_name(ad_name: str, generation: int) -> str:
-    return f"{ad_name}-eval-g{generation}"
+    return workloads.child_name(ad_name, f"-eval-g{generation}")
 
 
 def service_url(name: str, namespace: str, port: int) -> str:
@@ -100,12 +99,12 @@ def short_set(adapters: list[ResolvedAdapter]) -> list[str]:
 
 
 def _labels(owner: Owner, track: str) -> dict[str, str]:
-    return {LABEL_NAME: "tgi", LABEL_INSTANCE: owner.name, LABEL_MANAGED_BY: MANAGED_BY,
-            LABEL_AD: owner.name, LABEL_TRACK: track}
+    return {LABEL_NAME: "tgi", LABEL_INSTANCE: workloads.label_value(owner.name), LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_AD: workloads.label_value(owner.name), LABEL_TRACK: track}
 
 
 def _selector(owner: Owner, track: str) -> dict[str, str]:
-    return {LABEL_AD: owner.name, LABEL_TRACK: track}
+    return {LABEL_AD: workloads.label_value(owner.name), LABEL_TRACK: track}
 
 
 SERVER_USER = 1000
@@ -224,7 +223,8 @@ def pod_template(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], o
         "metadata": {
             "labels": _labels(owner, track),
             "annotations": {ANNOTATION_DIGEST: adapter_set_digest(adapters),
-                            ANNOTATION_ADAPTERS: ",".join(sorted(short_set(adapters)))},
+                            ANNOTATION_ADAPTERS: ",".join(sorted(short_set(adapters))),
+                            ANNOTATION_AD_NAME: owner.name},
         },
         "spec": pod_spec,
     }
@@ -239,7 +239,7 @@ def deployment(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], own
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name, "namespace": owner.namespace, "labels": _labels(owner, track),
-                     "annotations": {ANNOTATION_DIGEST: adapter_set_digest(adapters)},
+                     "annotations": {ANNOTATION_DIGEST: adapter_set_digest(adapters), ANNOTATION_AD_NAME: owner.name},
                      "ownerReferences": [owner.reference()]},
         "spec": {
             "replicas": replicas,
@@ -366,19 +366,20 @@ def eval_job(spec: AdapterDeploymentSpec, owner: Owner, generation: int, config:
              operator_image: str) -> dict[str, Any]:
     """The Job that queries the canary and writes its verdict to the termination message."""
     gate = spec.gates.online
-    labels = {LABEL_NAME: "ragtune-online-eval", LABEL_INSTANCE: owner.name,
-              LABEL_MANAGED_BY: MANAGED_BY, LABEL_AD: owner.name}
+    labels = {LABEL_NAME: "ragtune-online-eval", LABEL_INSTANCE: workloads.label_value(owner.name),
+              LABEL_MANAGED_BY: MANAGED_BY, LABEL_AD: workloads.label_value(owner.name)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": eval_job_name(owner.name, generation), "namespace": owner.namespace,
-                     "labels": labels, "ownerReferences": [owner.reference()]},
+                     "labels": labels, "annotations": {ANNOTATION_AD_NAME: owner.name},
+                     "ownerReferences": [owner.reference()]},
         "spec": {
             "backoffLimit": 0,
             "activeDeadlineSeconds": gate.timeout_seconds,
             "ttlSecondsAfterFinished": 3600,
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": labels, "annotations": {ANNOTATION_AD_NAME: owner.name}},
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,

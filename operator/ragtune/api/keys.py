@@ -34,6 +34,8 @@ ANNOTATION_FINETUNEJOB = f"{API_GROUP}/finetunejob-name"
 
 LABEL_ADAPTERDEPLOYMENT = f"{API_GROUP}/adapterdeployment"
 """On serving Deployments, Services, evaluation Jobs and their pods: the owning AdapterDeployment."""
+ANNOTATION_ADAPTERDEPLOYMENT = f"{API_GROUP}/adapterdeployment-name"
+"""On the same objects: the owning AdapterDeployment's full name (the label may be shortened)."""
 LABEL_TRACK = f"{API_GROUP}/track"
 """`stable`, `canary` or `eval`."""
 ANNOTATION_ADAPTER_SET = f"{API_GROUP}/adapter-set"

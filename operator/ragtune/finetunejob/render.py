@@ -48,18 +48,11 @@ TRAINER_APP = "ragtune-trainer"
 RUN_CONTROL_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds")
 """Spec fields applied to the running Job in place instead of starting a new run."""
 
-MAX_NAME = 63
+MAX_NAME = workloads.MAX_LABEL
 
 
-def _short_hash(text: str, n: int = 6) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
-
-
-def label_value(name: str) -> str:
-    """A FineTuneJob name as a label value (<= 63 chars; long names keep a hash suffix to stay unique)."""
-    if len(name) <= MAX_NAME:
-        return name
-    return f"{name[:MAX_NAME - 7].rstrip('-.')}-{_short_hash(name)}"
+label_value = workloads.label_value
+"""A FineTuneJob name as a label value (<= 63 chars; long names keep a hash suffix to stay unique)."""
 
 
 def job_name(ftj_name: str, run_id: str) -> str:
@@ -69,7 +62,7 @@ def job_name(ftj_name: str, run_id: str) -> str:
     if len(full) <= MAX_NAME:
         return full
     keep = MAX_NAME - len(run_id) - 8
-    return f"{ftj_name[:keep].rstrip('-.')}-{_short_hash(ftj_name)}-{run_id}"
+    return f"{ftj_name[:keep].rstrip('-.')}-{workloads.short_hash(ftj_name)}-{run_id}"
 
 
 def spec_hash(spec: FineTuneJobSpec) -> str:
