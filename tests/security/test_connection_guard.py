@@ -193,3 +193,34 @@ def test_the_online_evaluator_reports_the_refusal_as_its_reason(server, monkeypa
     assert printed["reason"] == "S3AddressForbidden" and "loopback" in printed["message"]
     assert json.loads((tmp_path / "termination").read_text())["reason"] == "S3AddressForbidden"
     assert server.connections == 0
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_every_pod_that_talks_to_s3_gets_the_operators_loopback_setting(allow):
+    """Trainer Job, adapter fetcher init container, online evaluation Job: the setting reaches each."""
+    import dataclasses
+
+    from ragtune.adapterdeployment import render as ad_render
+    from ragtune.api.adapterdeployment import AdapterDeploymentSpec
+    from ragtune.api.finetunejob import FineTuneJobSpec
+    from ragtune.finetunejob.render import render_job
+    from ragtune.runtime import settings
+
+    before = settings.get_config()
+    settings.set_config(dataclasses.replace(before, s3_allow_loopback=allow))
+    try:
+        ftj = FineTuneJobSpec.model_validate({"baseModel": {"id": "a/b"}, "dataset": {"train": "s3://data/t.jsonl"},
+                                              "output": {"uri": "s3://out/runs"}})
+        job = render_job({"name": "x", "namespace": "ns", "uid": "u", "generation": 1}, ftj, "r1-g1", "img:1")
+        ad = AdapterDeploymentSpec.model_validate(
+            {"baseModel": {"id": "a/b"}, "adapters": [{"name": "a1", "fineTuneJobRef": {"name": "x"}}]})
+        owner = ad_render.Owner("chat", "ns", "u")
+        envs = [job["spec"]["template"]["spec"]["containers"][0]["env"],
+                ad_render.fetch_container(ad, [], "op:1")["env"],
+                ad_render.eval_job(ad, owner, 1, {"candidates": []}, "op:1")["spec"]["template"]["spec"]
+                ["containers"][0]["env"]]
+    finally:
+        settings.set_config(before)
+    for env in envs:
+        values = {e["name"]: e.get("value") for e in env}
+        assert values.get(ALLOW_LOOPBACK_ENV) == ("true" if allow else None), values
