@@ -238,3 +238,17 @@ def test_retry_after_the_failed_pod_is_gone_keeps_the_failure_and_counts_attempt
     done = build_status(ftj(gone), job({"failed": 1, "conditions": [job_condition("SuccessCriteriaMet")]}),
                         pods(pod_body(phase="Succeeded", terminated=(0, msg))))
     assert done["phase"] == "Succeeded" and done["attempts"] == 2 and done["completionTime"]
+
+
+def test_the_status_written_is_validated_by_its_model():
+    """`build_status` output parses as FineTuneJobStatus (the CRD's status schema comes from it);
+    a status the model would refuse is not written."""
+    import pydantic
+    import pytest
+
+    s = build_status(ftj(), job({"active": 1}), pods(pod_body(phase="Running", running=True)),
+                     progress={"step": 3, "totalSteps": 10, "loss": 0.5})
+    assert s["progress"]["step"] == 3
+    with pytest.raises(pydantic.ValidationError):
+        build_status(ftj(), job({"active": 1}), pods(pod_body(phase="Running", running=True)),
+                     progress={"step": "three"})

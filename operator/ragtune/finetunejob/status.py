@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from ragtune.api.finetunejob import Phase
+from ragtune.api.finetunejob import FineTuneJobStatus, Phase
 from ragtune.api.gates import describe_failures
 from ragtune.api.keys import GROUP_VERSION
 from ragtune.api.pods import EXIT_PERMANENT, OOM_REMEDIES, TrainerResult
@@ -525,6 +525,8 @@ def build_status(
     if keep_progress:
         status["progress"] = keep_progress
     status.update(a.extra)
+    # The CRD's status schema is generated from this model: what we write must parse as it.
+    FineTuneJobStatus.model_validate(status)
     return status
 
 
