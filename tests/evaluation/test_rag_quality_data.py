@@ -45,6 +45,32 @@ def test_splits_are_disjoint_by_question(tmp_path):
     bench = _bench()
     with pytest.raises(SystemExit, match="exceeds the 10 usable records"):
         bench.build_splits(path, 6, 5, seed=1)
-    train, held_out = bench.build_splits(path, 6, 4, seed=1)
-    assert len(train) == 6 and len(held_out) == 4
-    assert not {r["question"] for r in train} & {r["question"] for r in held_out}
+    train, held_out, unused = bench.build_splits(path, 6, 3, seed=1)
+    assert len(train) == 6 and len(held_out) == 3 and len(unused) == 1
+    questions = [{r["question"] for r in part} for part in (train, held_out, unused)]
+    assert not questions[0] & questions[1] and not (questions[0] | questions[1]) & questions[2]
+
+
+def test_independent_set_pairs_questions_with_retrieved_passages_that_lack_the_answer():
+    bench = _bench()
+    subjects = [("Velmar tower", "312 metres"), ("Draland plums", "Norvia"), ("Ostrava bridge", "Ida Kron"),
+                ("Kelso river", "1931"), ("Mirvan lake", "blue"), ("Torvik mine", "copper")]
+    records = []
+    for i, (subject, answer) in enumerate(subjects):
+        item = {"knowledge": f"The {subject} is known for {answer}. The {subject} draws many visitors.",
+                "question": f"What is the {subject} known for?", "right_answer": answer}
+        records.append(bench.to_rag(i, item))
+        # a second record on the same subject whose passage lacks the first one's answer
+        other = {"knowledge": f"The {subject} was surveyed in spring. Visitors of the {subject} pay a fee.",
+                 "question": f"When was the {subject} surveyed?", "right_answer": "in spring"}
+        records.append(bench.to_rag(100 + i, other))
+    items = bench.build_independent(records, 6, seed=0)
+    unanswerable = [i for i in items if not i["answerable"]]
+    assert len(items) == 6 and len(unanswerable) == 3
+    for item in unanswerable:
+        source = next(r for r in records if r["question"] == item["question"])
+        (ctx,) = item["contexts"]
+        subject = item["question"].split("the ", 1)[1].split(" known")[0].split(" surveyed")[0]
+        assert subject in ctx["text"]  # on topic ...
+        assert source["answer"].split(" [")[0] not in ctx["text"]  # ... without the answer
+        assert ctx["text"] not in {c["text"] for c in source["contexts"]}

@@ -268,3 +268,23 @@ def test_raft_numbers_contexts_in_display_order_and_rewrites_citations():
             assert item.answer == f"x [{first}] and y [{second}, {first}]"
             assert sorted(item.supporting_context_ids) == sorted([first, second])
     assert any(not i.answerable for i in items) and any(i.answerable for i in items)
+
+
+def test_prepare_data_builds_the_held_out_split_the_hard_way_whatever_the_recipe(tmp_path, tiny_tokenizer, records):
+    from ragtune.api.finetunejob import FineTuneJobSpec
+    from ragtune_trainer import rows as Rows
+    from ragtune_trainer.run import RunContext
+
+    train = write_jsonl(tmp_path / "train.jsonl", [r.to_dict() for r in records])
+    job = FineTuneJobSpec.model_validate({
+        "baseModel": {"id": "tiny"}, "output": {"uri": (tmp_path / "out").as_uri()},
+        "dataset": {"train": train.as_uri(), "evalSplit": 0.5, "raft": {
+            "distractors": 1, "unanswerableFraction": 0.6, "distractorStrategy": "random",
+            "unanswerableMix": {"offTopic": 1, "nearMiss": 0, "answerRemoved": 0}}},
+    })
+    prepared = Rows.prepare_data(RunContext(spec=job, run_id="r", run_uri="file:///unused/"), tiny_tokenizer)
+    built = prepared.construction
+    assert built["train"].get("nearMiss", 0) == built["train"].get("answerRemoved", 0) == 0 and built["train"]["offTopic"]
+    assert built["eval"]["nearMiss"] and built["eval"]["offTopic"] and \
+        built["eval"].get("answerRemoved", 0) + built["eval"].get("answerRemovedNotLocated", 0)
+    assert {r.construction for r in prepared.eval_records} >= {"nearMiss", "offTopic", "answerable"}

@@ -9,7 +9,8 @@ tokenisation per item (`Tokenised`), and so do validation and the rows of the ot
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ragtune.api.finetunejob import DatasetFormat
@@ -34,6 +35,8 @@ class PreparedData:
     """Held-out RAG records for generation-based evaluation (empty for other formats)."""
     datasets: list[dict[str, Optional[str]]]
     """`{uri, etag}` of every file read (for the manifest)."""
+    construction: dict[str, dict[str, int]] = field(default_factory=dict)
+    """RAFT construction counts (`train`, `eval`): items per construction, fallbacks, drops."""
 
 
 class Tokenised:
@@ -87,14 +90,19 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
     else:
         train_ex, eval_ex = D.split(train_ex, ds.eval_split, seed)
     eval_records: list[RagRecord] = []
+    construction: dict[str, dict[str, int]] = {}
     if ds.format == DatasetFormat.RAG:
         max_len = spec.training.max_seq_length
 
         def fits(record: RagRecord) -> bool:
             return tokenised(rag_example(record, ds.raft.refusal))["length"] <= max_len
 
-        train_recs = D.build_raft([e.record for e in train_ex], ds.raft, seed, fits=fits)
-        eval_records = D.build_raft([e.record for e in eval_ex], ds.raft, seed + 1, fits=fits)
+        train_stats, eval_stats = Counter(), Counter()
+        train_recs = D.build_raft([e.record for e in train_ex], ds.raft, seed, fits=fits, stats=train_stats)
+        # The held-out items are built the hard way whatever the recipe: recipes are gated on one test.
+        eval_records = D.build_raft([e.record for e in eval_ex], D.evaluation_raft(ds.raft), seed + 1, fits=fits,
+                                    stats=eval_stats)
+        construction = {"train": dict(train_stats), "eval": dict(eval_stats)}
         train_ex = [rag_example(r, ds.raft.refusal) for r in train_recs]
         eval_ex = [rag_example(r, ds.raft.refusal) for r in eval_records]
     train_rows = [tokenised(ex) for ex in train_ex]
@@ -105,4 +113,5 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         eval=[tokenised(ex) for ex in eval_ex[:EVAL_LOSS_ITEMS]],
         eval_records=eval_records,
         datasets=objects,
+        construction=construction,
     )

@@ -95,7 +95,8 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
 
     # --- publish ---
     ctx.report("uploading", step=steps, total_steps=total)
-    published = publish_run(ctx, model, tokenizer, outcome, log_history, gates, prepared.datasets, passed)
+    published = publish_run(ctx, model, tokenizer, outcome, log_history, gates, prepared.datasets, passed,
+                            construction=prepared.construction)
     return TrainerResult(
         outcome="Succeeded" if passed else "Failed",
         reason="Completed" if passed else "GateFailed",
