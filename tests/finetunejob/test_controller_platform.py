@@ -192,3 +192,31 @@ def test_operator_crash_and_restart(platform, namespace, operator):
                              what="Succeeded after the restart")
         assert status["adapter"]["sha256"]
         assert len(jobs_of(platform, namespace, n)) == 1, f"{n}: a second Job was created"
+
+
+# Specs the API server refuses only once they are rendered into a Job (issue 15, bug 4). The
+# admission rules refuse more of them over time; either way the user is told what is wrong.
+REFUSED_AT_RUN_TIME = [
+    ("gpu-as-memory", {"resources": {"gpus": 1, "gpuResourceName": "memory"}}, "memory"),
+    ("bad-toleration", {"resources": {"tolerations": [{"key": "a", "operator": "Exists", "value": "x"}]}},
+     "tolerations"),
+    ("bad-selector", {"resources": {"nodeSelector": {"bad key!": "x"}}}, "nodeSelector"),
+    ("slash-key", {"s3": {"credentialsSecretRef": {"name": "s3-credentials", "accessKeyIdKey": "a/b"}}}, "key"),
+]
+
+
+@pytest.mark.parametrize("name, spec, field", REFUSED_AT_RUN_TIME, ids=[r[0] for r in REFUSED_AT_RUN_TIME])
+def test_a_job_the_api_server_refuses_fails_the_run_with_its_message(platform, namespace, operator, name, spec,
+                                                                    field):
+    manifest = ftj_manifest(name, namespace, **spec)
+    applied = platform.kubectl("apply", "-f", "-", input=json.dumps(manifest), check=False)
+    if "created" not in applied:  # admission refused it up front, naming the field
+        assert field.lower() in applied.lower(), applied
+        return
+    status = wait_status(platform, namespace, name, lambda s: s["phase"] == "Failed", timeout=60, what="Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "JobRejected" and field in failed["message"], failed
+    assert "(from " in failed["message"]  # the FineTuneJob field it was rendered from
+    time.sleep(3)  # permanent: no retry, no second Event
+    assert [r for _, r in _reasons(platform, namespace, name)].count("JobRejected") == 1
+    assert not jobs_of(platform, namespace, name)

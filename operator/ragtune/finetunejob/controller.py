@@ -84,6 +84,28 @@ def _error_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# Job fields -> the FineTuneJob fields they are rendered from (first match wins).
+_JOB_FIELD_SOURCES = (
+    ("tolerations", "spec.resources.tolerations"),
+    ("nodeSelector", "spec.resources.nodeSelector"),
+    ("secretKeyRef", "the Secret key names of spec.s3.credentialsSecretRef / spec.baseModel.tokenSecretRef"),
+    ("resources.limits", "spec.resources (gpuResourceName, gpus, cpu, memory)"),
+    ("resources.requests", "spec.resources (gpuResourceName, gpus, cpu, memory)"),
+)
+
+
+def _spec_field_hint(api_message: str) -> str:
+    for job_field, source in _JOB_FIELD_SOURCES:
+        if job_field in api_message:
+            return f" (from {source})"
+    return ""
+
+
+def _one_line(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _first(store: Any) -> Any:
     return next(iter(store), None) if store is not None else None
 
@@ -274,6 +296,9 @@ class FineTuneJobController:
                 # Created, or there already: the Job's watch event brings the key back for the
                 # status (the timer is a safety net). Creating Jobs first keeps them fast in a burst.
                 return 5.0
+            if problem[0] == "JobRejected":  # the same spec renders the same Job: no retry can help
+                await self._write_failed(ftj, *problem)
+                return None
             again = JOB_CREATE_RETRY_SECONDS
         else:
             patch = run_control_patch(job.run_control(), spec)
@@ -285,7 +310,9 @@ class FineTuneJobController:
         return again
 
     async def _create_job(self, ftj: FtjView, spec: FineTuneJobSpec) -> Optional[tuple[str, str]]:
-        """Create this generation's Job; returns a (reason, message) problem if the API refuses it."""
+        """Create this generation's Job; returns a (reason, message) problem if the API refuses it:
+        `JobRejected` for an invalid Job (400/422: permanent), `JobCreateFailed` otherwise (e.g. a
+        quota: retried)."""
         key = (ftj.namespace, ftj.name)
         rid = run_id(ftj.uid, ftj.generation)
         meta = {"name": ftj.name, "namespace": ftj.namespace, "uid": ftj.uid, "generation": ftj.generation}
@@ -300,6 +327,8 @@ class FineTuneJobController:
             if exc.retryable:
                 raise RetryableError(f"creating Job {manifest['metadata']['name']}: {exc}") from None
             message = f"the API server refused Job {manifest['metadata']['name']}: {exc.message}"
+            if exc.status in (400, 422):
+                return "JobRejected", _one_line(f"{message}{_spec_field_hint(exc.message)}", 1000)
             return "JobCreateFailed", message
         kopf.info(ftj.reference(), reason="JobCreated",
                   message=f"created Job {manifest['metadata']['name']} for run {rid}")
@@ -330,9 +359,13 @@ class FineTuneJobController:
         return written[1]
 
     async def _write_invalid_spec(self, ftj: FtjView, message: str) -> None:
+        await self._write_failed(ftj, "InvalidSpec", message)
+
+    async def _write_failed(self, ftj: FtjView, reason: str, message: str) -> None:
+        """A failure before any Job runs (the run cannot start with this spec)."""
         old = self._base_status(ftj)
-        conditions = set_condition(old.get("conditions"), "Succeeded", False, "InvalidSpec", message, ftj.generation)
-        conditions = set_condition(conditions, "Failed", True, "InvalidSpec", message, ftj.generation)
+        conditions = set_condition(old.get("conditions"), "Succeeded", False, reason, message, ftj.generation)
+        conditions = set_condition(conditions, "Failed", True, reason, message, ftj.generation)
         new = {**old, "phase": "Failed", "message": message, "observedGeneration": ftj.generation,
                "conditions": conditions}
         await self._patch_status(ftj, old, new)
