@@ -8,7 +8,6 @@ kubelet). The node agent (`nodeagent.py`) starts and stops workers.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import shutil
@@ -23,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
+
+from ragtune.clock import utc_now_iso, utc_now_micro
 
 from . import cgroups, images
 from .kubeclient import ApiError
@@ -45,12 +46,7 @@ BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # kubelet uses 10 s / 300 s; shorter keep
 TERMINATION_LOG_LIMIT = 4096
 
 
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def micro_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+now, micro_now = utc_now_iso, utc_now_micro  # the API server's Time / MicroTime forms
 
 
 # ---- containers -------------------------------------------------------------------------------

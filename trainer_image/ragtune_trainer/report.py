@@ -10,13 +10,13 @@ import io
 import json
 import math
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from ragtune.api.common import EvalMetrics, GateResult
-from ragtune.api.pods import REPORT_HTML, REPORT_JSON
 from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.api.pods import REPORT_HTML, REPORT_JSON
+from ragtune.clock import utc_now_iso
 from ragtune.rag.metrics import is_refusal
 from ragtune.rag.prompt import DEFAULT_REFUSAL
 
@@ -90,7 +90,7 @@ def build_report(
     (`build_raft(stats=...)`), reported as they are."""
     return _finite({
         "schema": REPORT_SCHEMA,
-        "createdAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "createdAt": utc_now_iso(),
         "passed": all(g.passed for g in gates),
         "metrics": {"base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire()},
         "refusalByConstruction": construction_summary(outcome.samples, outcome.base, outcome.adapter),

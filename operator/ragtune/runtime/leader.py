@@ -21,19 +21,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Callable, Optional
+
+from ragtune.clock import utc_now_micro
 
 from .kube import Kube, KubeError
 
 log = logging.getLogger("ragtune.leader")
 
 LEASE_NAME = "ragtune-operator"
-
-
-def micro_time() -> str:
-    """`metav1.MicroTime` as the API server writes it."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def default_identity() -> str:
@@ -61,7 +57,7 @@ class LeaderElector:
         return f"{base}/{name}" if name else base
 
     def _spec(self, transitions: int, acquired: Optional[str]) -> dict:
-        now = micro_time()
+        now = utc_now_micro()
         return {"holderIdentity": self.identity, "leaseDurationSeconds": int(self.lease_seconds),
                 "acquireTime": acquired or now, "renewTime": now, "leaseTransitions": transitions}
 
