@@ -110,3 +110,29 @@ def test_report_from_a_real_evaluation(tmp_path, tiny_peft_model, tiny_tokenizer
     assert report["metrics"]["adapter"] == outcome.adapter.to_wire()
     assert report["passed"] is False
     assert len(_images(html_path.read_text())) == 2
+
+
+def test_per_construction_metrics_fit_the_termination_message():
+    """Base and adapter metrics with every rate and the per-construction refusal, every gate set
+    and failing, a long message: the trainer's result still fits the kubelet's 4 KiB."""
+    from ragtune.api.pods import TERMINATION_MESSAGE_LIMIT, TrainerResult, encode_termination_message
+
+    rate = 0.123456
+    m = EvalMetrics(samples=100000, f1=rate, exact_match=rate, rouge_l=rate, refusal_rate=rate,
+                    false_refusal_rate=rate, citation_validity=rate, citation_precision=rate, citation_recall=rate,
+                    grounding_score=rate, mean_answer_words=12.123456,
+                    refusal_by_construction={"offTopic": rate, "nearMiss": rate, "answerRemoved": rate,
+                                             "userLabelled": rate})
+    thresholds = MetricThresholds(min_f1=0.99, min_exact_match=0.99, min_rouge_l=0.99, min_refusal_rate=0.99,
+                                  max_false_refusal_rate=0.01, min_citation_validity=0.99, min_grounding_score=0.99,
+                                  min_f1_gain_over_base=0.5, min_refusal_gain_over_base=0.5)
+    gates = evaluate_gates(thresholds, m, m)
+    assert not any(g.passed for g in gates) and "refusalRate.answerRemoved" in {g.metric for g in gates}
+    result = TrainerResult(outcome="Failed", reason="GateFailed", message="x" * 1000, run_id="r" * 40,
+                           adapter_uri="s3://bucket/" + "k" * 200, manifest_sha256="a" * 64, adapter_size_bytes=10**9,
+                           report_uri="s3://bucket/" + "k" * 200 + "/eval/report.html", base=m, adapter=m,
+                           passed=False, gates=gates, steps=100000, train_seconds=123456.7)
+    text = encode_termination_message(result)
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    decoded = TrainerResult.model_validate_json(text)
+    assert decoded.adapter.refusal_by_construction.near_miss == rate and len(decoded.gates) == len(gates)
