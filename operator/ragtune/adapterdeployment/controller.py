@@ -26,7 +26,14 @@ from typing import Any, Optional
 
 import kopf
 
-from ragtune.api.keys import ADAPTERDEPLOYMENTS, API_GROUP, API_VERSION, FINETUNEJOBS, LABEL_ADAPTERDEPLOYMENT
+from ragtune.api.keys import (
+    ADAPTERDEPLOYMENTS,
+    ANNOTATION_ADAPTERDEPLOYMENT,
+    API_GROUP,
+    API_VERSION,
+    FINETUNEJOBS,
+    LABEL_ADAPTERDEPLOYMENT,
+)
 from ragtune.runtime import metrics
 from ragtune.runtime.kube import Kube, KubeError, path
 from ragtune.runtime.settings import get_config
@@ -154,7 +161,10 @@ controller = AdapterDeploymentController()
 
 
 def _owner(body: Any) -> Optional[str]:
-    return (body.get("metadata", {}).get("labels") or {}).get(LABEL_ADAPTERDEPLOYMENT)
+    """The owning AdapterDeployment of a child: its full name (annotation), else the label."""
+    meta = body.get("metadata", {})
+    return (meta.get("annotations") or {}).get(ANNOTATION_ADAPTERDEPLOYMENT) or \
+        (meta.get("labels") or {}).get(LABEL_ADAPTERDEPLOYMENT)
 
 
 # --- kopf registrations ------------------------------------------------------------
