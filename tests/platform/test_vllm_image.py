@@ -47,6 +47,8 @@ def test_image_entrypoint_and_an_explicit_vllm_command_both_run_the_local_vllm()
     assert images.local_argv(VLLM, None, ["/m", "--enable-lora"]) == [*wrapper, "serve", "/m", "--enable-lora"]
     assert images.local_argv(VLLM, ["vllm", "serve"], ["/m"]) == [*wrapper, "serve", "/m"]
     assert images.lookup(VLLM).env["VLLM_NO_USAGE_STATS"] == "1"
+    # the venv is named by the node agent: a pod's XDG_CACHE_HOME must not move it
+    assert images.lookup(VLLM).env["RAGTUNE_VLLM_PYTHON"] == str(paths.vllm_python())
 
 
 # -- the real vLLM as a pod (one per session) --
