@@ -203,3 +203,15 @@ def test_the_cli_loop_writes_the_pods_report(vllm, models, tmp_path):
     assert adapter_sync.run(args) == 0
     assert json.loads(status.read_text())["loaded"] == {}
     assert _complete(vllm.url, "cli")[0] == 404
+
+
+def test_the_online_evaluators_vllm_client_asks_adapters_by_name_and_refuses_unknown_ones(vllm, models, syncer):
+    from ragtune.adapterdeployment.backends import VllmBackend
+
+    assert syncer.sync(_desired(models, 1, support="v1"))
+    backend = VllmBackend()
+    adapted = backend.generate(vllm.url, "The capital of France is", adapter="support", max_new_tokens=8)
+    base = backend.generate(vllm.url, "The capital of France is", adapter=None, max_new_tokens=8, base_name="base")
+    assert adapted == _complete(vllm.url, "support")[1] and base == _complete(vllm.url, "base")[1]
+    with pytest.raises(RuntimeError, match="HTTP 404 for model 'missing'"):
+        backend.generate(vllm.url, "x", adapter="missing", max_new_tokens=2)

@@ -496,6 +496,7 @@ class _Tick:
                                      offline=n in gated) for n in cand.changed if online or n in gated],
             eval_set_uri=self.eval_set(res.eval_sets, cand.changed) if online else None,
             gate=self.spec.gates.online, offline=self.spec.gates, s3=self.spec.s3, seed=cand.generation,
+            backend=self.spec.server.backend.value, base_model=self.spec.base_model.id,
         )
 
     # --- promotion ---

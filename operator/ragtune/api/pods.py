@@ -203,6 +203,10 @@ class OnlineEvalConfig(ApiModel):
     offline: GatesSpec = Field(default_factory=GatesSpec)
     s3: S3Config = Field(default_factory=S3Config)
     seed: int = 0
+    backend: Literal["tgi", "vllm"] = "tgi"
+    """The server's API: TGI's `/generate`, or vLLM's `/v1/completions` (adapters are model names)."""
+    base_model: Optional[str] = None
+    """The base model's served name (vLLM: `--served-model-name`, i.e. `spec.baseModel.id`)."""
 
 
 class OnlineEvalResult(ApiModel):

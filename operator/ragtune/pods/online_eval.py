@@ -229,7 +229,7 @@ def _fit(result: OnlineEvalResult) -> OnlineEvalResult:
 
 
 def main(args) -> int:
-    from ragtune.adapterdeployment.backends import TGI
+    from ragtune.adapterdeployment.backends import TGI, VllmBackend
     from ragtune.storage import Storage, StorageError
 
     from .fetch import write_termination_message
@@ -246,6 +246,9 @@ def main(args) -> int:
         max_new = config.gate.max_new_tokens
 
         def generate(url: str, prompt: str, adapter: Optional[str]) -> str:
+            if config.backend == "vllm":
+                return VllmBackend().generate(url, prompt, adapter=adapter, max_new_tokens=max_new,
+                                              base_name=config.base_model)
             return TGI.generate(url, prompt, adapter=adapter, max_new_tokens=max_new)
 
         try:
