@@ -220,6 +220,8 @@ def test_raft_config_stays_backward_compatible_and_rejects_an_empty_mix():
 
     raft = RaftConfig.model_validate({"distractors": 2, "unanswerableFraction": 0.25})
     assert raft.distractors == 2 and raft.distractor_strategy.value == "similar"
+    # the unanswerable construction stays what it was until the bench shows the mix is better
+    assert (raft.unanswerable_mix.off_topic, raft.unanswerable_mix.near_miss, raft.unanswerable_mix.answer_removed) == (1, 0, 0)
     with pytest.raises(ValidationError, match="at least one of nearMiss"):
         RaftConfig.model_validate({"unanswerableMix": {"nearMiss": 0, "answerRemoved": 0, "offTopic": 0}})
     with pytest.raises(ValidationError, match="distractorStrategy"):
