@@ -402,11 +402,12 @@ def build_raft(
             wanted += 1  # never an empty prompt
         excluded = {index.key(c.text) for c in rec.contexts}
 
-        def usable(p) -> bool:
+        def usable(p, count: bool = False) -> bool:
             if i in p.owners or index.key(p.text) in excluded:
                 return False
             if refuse and contains_answer(p.text, key):
-                stats["answerBearingSkipped"] += 1
+                if count:  # a retrieved, on-topic passage that states the answer: not a negative
+                    stats["answerBearingSkipped"] += 1
                 return False
             return True
 
@@ -415,7 +416,7 @@ def build_raft(
             for j in index.ranked(rec.question):
                 if len(picked) == wanted:
                     break
-                if usable(index.passages[j]):
+                if usable(index.passages[j], count=True):
                     picked.append(j)
             if len(picked) < wanted:  # too few passages share a word with the question
                 stats["similarShort"] += 1
