@@ -93,3 +93,11 @@ def test_a_referenced_server_is_not_watched_so_its_health_is_reread():
     tick(kube)
     kube.ready("user-tgi")
     assert tick(kube).again == rollout.REFERENCED_HEALTH_SECONDS and status(kube).phase == "Ready"
+
+
+def test_a_uri_adapter_with_no_offline_gate_needs_no_evaluation_job():
+    kube = FakeKube()
+    ad(kube, adapters=[{"name": "a", "uri": "s3://models/runs/r1/", "sha256": "b" * 64}],
+       strategy={"type": "Direct"}, gates={"requireOfflinePass": False})  # refusalConstruction keeps its default
+    tick(kube)
+    assert status(kube).candidate.step == "Promoting" and kube.kinds("Job") == []

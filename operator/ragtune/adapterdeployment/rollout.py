@@ -355,7 +355,8 @@ class _Tick:
         """Changed adapters given by `uri`: their offline gate runs on the run's eval/report.json,
         in the evaluation Job (the operator reads no S3)."""
         gates = self.spec.gates
-        if not gates.require_offline_pass and not any(gates.offline.model_dump().values()):
+        thresholds = [v for k, v in gates.offline.model_dump().items() if k.startswith(("min_", "max_"))]
+        if not gates.require_offline_pass and all(v is None for v in thresholds):  # nothing to check
             return []
         return [a.name for a in cand.adapters if a.name in cand.changed and a.source == "uri"]
 
