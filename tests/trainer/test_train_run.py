@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ragtune.addresses import ALLOW_LOOPBACK_ENV
 from ragtune.api.pods import ENV_IMAGE, EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX
 from ragtune.cli import main
 from ragtune.storage import sha256_bytes, sha256_file
@@ -189,6 +190,7 @@ def test_unreachable_s3_endpoint(monkeypatch, tiny_model_dir, tmp_path):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("RAGTUNE_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv(ALLOW_LOOPBACK_ENV, "true")  # as on the local platform: loopback allowed, nothing listening
     spec = job_spec(tiny_model_dir, "s3://data/train.jsonl", tmp_path / "out", s3={"endpoint": f"http://127.0.0.1:{port}"})
     code, result = in_cluster(monkeypatch, tmp_path, spec)
     assert (code, result["reason"]) == (EXIT_RETRYABLE, "S3Unreachable") and "s3://data/train.jsonl" in result["message"]
