@@ -305,8 +305,10 @@ def test_delete_removes_what_it_created_and_restores_a_referenced_deployment(pla
     apply(platform, user)
     original = kube.get("Deployment", namespace, "user-tgi")["spec"]["template"]
     apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **good}], store,
-                            server={"deploymentRef": {"name": "user-tgi"}}, strategy={"type": "Direct"}))
-    status = wait_status(kube, namespace, finished(1))
+                            # a loaded machine (2 shared cores) can take over 120 s to start the server
+                            server={"deploymentRef": {"name": "user-tgi"}, "startupTimeoutSeconds": 300},
+                            strategy={"type": "Direct"}))
+    status = wait_status(kube, namespace, finished(1), timeout=420)
     assert status["phase"] == "Ready", status
     patched = kube.get("Deployment", namespace, "user-tgi")["spec"]["template"]
     env = {e["name"]: e.get("value") for e in patched["spec"]["containers"][0]["env"]}
