@@ -66,7 +66,8 @@ def adapterdeployment(i: int, namespace: str) -> dict:
     return {"apiVersion": "ragtune.dev/v1alpha1", "kind": "AdapterDeployment",
             "metadata": {"name": f"idle-{i:04d}", "namespace": namespace},
             "spec": {"baseModel": {"id": "tiny/model", "revision": "r1"},
-                     "server": {"gpus": 1, "cpu": "100m", "memory": "256Mi", "shmSize": "64Mi", "tolerations": KWOK},
+                     "server": {"gpus": 1, "cpu": "100m", "memory": "256Mi", "shmSize": "64Mi", "tolerations": KWOK,
+                                "startupTimeoutSeconds": 60},
                      "adapters": [{"name": "a", "uri": f"s3://bench/runs/r{i}/", "sha256": SHA}],
                      "strategy": {"type": "Direct"}, "gates": {"requireOfflinePass": False},
                      "s3": {"endpoint": "http://127.0.0.1:9000", "credentialsSecretRef": {"name": "s3-credentials"}}}}
@@ -136,12 +137,11 @@ def window(proxy: RecordingProxy, seconds: float) -> dict:
 
 
 def settled(platform, namespace: str) -> tuple[int, int, dict]:
-    """(idle AdapterDeployments, finished FineTuneJobs, phases). Idle: the rollout is over (Ready, or
-    Degraded when kwok's node lease lapsed on a loaded machine and its pods lost readiness)."""
+    """(idle AdapterDeployments, finished FineTuneJobs, phases). Idle: no rollout under way (Ready; or
+    Degraded / RolledBack when kwok's node lease lapsed on a loaded machine and its pods lost readiness)."""
     ads = json.loads(platform.kubectl("-n", namespace, "get", "adapterdeployments", "-o", "json"))["items"]
     ftjs = json.loads(platform.kubectl("-n", namespace, "get", "finetunejobs", "-o", "json"))["items"]
-    idle = sum(1 for a in ads if (a.get("status") or {}).get("phase") in ("Ready", "Degraded")
-               and not a["status"].get("candidate")
+    idle = sum(1 for a in ads if (a.get("status") or {}).get("phase") and not a["status"].get("candidate")
                and a["status"].get("observedGeneration") == a["metadata"].get("generation"))
     done = sum(1 for f in ftjs if (f.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
     phases = Counter(f"{kind}/{(o.get('status') or {}).get('phase')}" for kind, items in
