@@ -3,7 +3,7 @@
 Scenario: `--ad` AdapterDeployments whose rollout is over (Direct strategy; the stable server's pod
 runs on a kwok GPU node, so it is Ready at once) and `--ftj` FineTuneJobs whose Jobs finished (kwok
 completes Job pods), in one namespace, with `ragtune operator run --all-namespaces` talking to
-the API server through the recording proxy of tests/security/apiproxy.py. Once every object has
+the API server through the local platform's recording proxy (ragtune_local.apiproxy). Once every object has
 settled, the requests the operator makes in a quiet window of `--window` seconds are counted (a
 watch stream opened in the window is one request), split by verb and resource.
 
@@ -31,11 +31,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.security.apiproxy
-
 import benchio  # noqa: E402
-from tests.security.apiproxy import RecordingProxy  # noqa: E402
+from ragtune_local.apiproxy import RecordingProxy  # noqa: E402
 
 KWOK = [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]
 SHA = "0" * 64

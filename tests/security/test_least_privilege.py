@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from ..chart.chartlib import finetunejob, free_port, kubectl, render, wait_for
-from .apiproxy import RecordingProxy
+from ragtune_local.apiproxy import RecordingProxy
 from .leakscan import scan
 from .permissions import PERMISSIONS, flatten
 

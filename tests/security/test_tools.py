@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from .apiproxy import ApiCall
+from ragtune_local.apiproxy import ApiCall
 from .leakscan import scan
 
 
