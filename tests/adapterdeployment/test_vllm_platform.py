@@ -17,7 +17,7 @@ import pytest
 from ragtune.runtime.kube import Kube
 from ragtune_local import paths
 from ragtune_local.testdoubles.tiny_models import make_adapter, make_base
-from tests.adapterdeployment.test_integration import REPORT, Operator, ad_body, finished, wait_status
+from tests.adapterdeployment.test_integration import RECORDS, REPORT, Operator, ad_body, events, finished, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.platform]
 
@@ -48,7 +48,7 @@ def store(platform, namespace):
 
     bucket = platform.bucket(f"vllm-{namespace}")
     s3 = platform.s3_client()
-    s3.put_object(Bucket=bucket, Key="eval/records.jsonl", Body=b"{}")
+    s3.put_object(Bucket=bucket, Key="eval/records.jsonl", Body="\n".join(json.dumps(r) for r in RECORDS).encode())
 
     def publish(run, adapter, **kw):
         digest = publish_run(s3_put(s3, bucket, f"runs/{run}"), adapter, run_id=run, report=REPORT, **kw)
@@ -59,10 +59,10 @@ def store(platform, namespace):
 
 def vllm_body(platform, namespace, tiny, adapters, store, **vllm):
     body = ad_body(platform, namespace, tiny, adapters, store,
-                   server={"backend": "vllm", "memory": "6Gi", "startupTimeoutSeconds": 600,
+                   server={"backend": "vllm", "memory": "6Gi", "startupTimeoutSeconds": 1800,
                            "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-                           "vllm": {"maxLoras": 2, "dtype": "float32", "maxModelLen": 256, **vllm}},
-                   strategy={"type": "Direct"})
+                           "vllm": {"maxLoras": 2, "dtype": "float32", "maxModelLen": 256, **vllm}})
+    body["spec"]["gates"]["online"]["timeoutSeconds"] = 1200  # a vLLM start takes minutes on a busy CPU
     return body
 
 
@@ -89,13 +89,19 @@ def _complete(ip: str, model: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_vllm_adapterdeployment_serves_the_verified_adapter(platform, namespace, operator, tiny, store):
+def test_vllm_canary_online_gate_and_promotion_serve_the_verified_adapter(platform, namespace, operator, tiny,
+                                                                          store):
     kube = Kube(platform.api_client())
     good = store("good", tiny["good"])
     platform.apply(vllm_body(platform, namespace, tiny, [{"name": "support", **good}], store))
-    status = wait_status(kube, namespace, finished(1), timeout=900)
+    status = wait_status(kube, namespace, finished(1), timeout=3000)
     assert status["phase"] == "Ready", status
     assert [(a["name"], a["sha256"]) for a in status["serving"]] == [("support", good["sha256"])]
+    online = status["gates"]["online"][0]  # the evaluator asked the vLLM canary through /v1/completions
+    assert online["adapter"] == "support" and online["passed"] and online["differsFromBase"] > 0, online
+    seen = events(kube, namespace)
+    assert [e for e in seen if e in ("CanaryReady", "OnlineGatePassed", "Promoted")] == \
+        ["CanaryReady", "OnlineGatePassed", "Promoted"], seen
     dep = kube.get("Deployment", namespace, status["deploymentName"])
     server = dep["spec"]["template"]["spec"]["containers"][0]
     assert server["image"].startswith("vllm/vllm-openai:") and "--enable-lora" in server["args"]
