@@ -4,7 +4,7 @@ One machine, one run, the same tiny random Llama and the same two LoRA adapters 
 published as file:// runs in the manifest layout:
 - `dynamic`: vLLM serves v1; the adapter-sync sidecar's code (ragtune.pods.adapter_sync) swaps it
   for v2 (download + verify every sha256 + `/v1/load_lora_adapter` in place). Measured: from the
-  new desired set to the first answer from v2, and, under a steady bounded request load on
+  new desired set to the next answer for the name (then checked to be v2's), and, under a steady bounded request load on
   loopback (`--clients` threads asking for the adapter back to back), failed requests and p95
   latency before / during / after the swap.
 - `restart` (the baseline, what TGI's `LORA_ADAPTERS` forces on every change): from stopping the
@@ -81,17 +81,18 @@ def complete(url: str, model: str, timeout: float = 60) -> str:
         return json.loads(resp.read())["choices"][0]["text"]
 
 
-def wait_answer(url: str, model: str, expect: str, deadline_s: float = 900) -> float:
-    """Seconds until `model` answers `expect` (polled every 50 ms)."""
+def wait_answer(url: str, model: str, deadline_s: float = 900) -> float:
+    """Seconds until `model` answers at all (polled every 50 ms). Which adapter answered is checked
+    afterwards with a lone request: batched with other requests, greedy output can differ."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < deadline_s:
         try:
-            if complete(url, model, timeout=10) == expect:
-                return time.monotonic() - t0
+            complete(url, model, timeout=10)
+            return time.monotonic() - t0
         except (OSError, urllib.error.HTTPError, KeyError, ValueError):
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"{model} did not answer {expect!r} within {deadline_s}s")
+    raise RuntimeError(f"{model} did not answer within {deadline_s}s")
 
 
 class Load:
@@ -180,7 +181,7 @@ def main() -> dict:
                 swap_start = time.monotonic()
                 assert syncer.sync(Desired(2, {"support": runs["v2"][:2]}))
                 sync_done = time.monotonic()
-                dynamic_s = (sync_done - swap_start) + wait_answer(url, "support", v2)
+                dynamic_s = (sync_done - swap_start) + wait_answer(url, "support")
                 swap_end = time.monotonic()
                 time.sleep(args.window)
                 after_end = time.monotonic()
@@ -188,13 +189,17 @@ def main() -> dict:
                       "during": load.window(swap_start, swap_end),
                       "after": load.window(swap_end, after_end)}
             pid_same = proc.poll() is None
+            if complete(url, "support") != v2:
+                raise RuntimeError("after the swap, support does not answer like v2")
         finally:
             log("restart path: stop the server, start it with v2 in --lora-modules ...")
             t_restart = time.monotonic()
             stop(proc)
         proc = start_vllm(base, port, logfile, lora_modules=[f"support={runs['v2'][2]}"])
         try:
-            restart_s = (time.monotonic() - t_restart) + wait_answer(url, "support", v2)
+            restart_s = (time.monotonic() - t_restart) + wait_answer(url, "support")
+            if complete(url, "support") != v2:
+                raise RuntimeError("after the restart, support does not answer like v2")
         finally:
             stop(proc)
     return {
