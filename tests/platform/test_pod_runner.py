@@ -200,7 +200,7 @@ def test_volume_replacing_the_checkout_is_a_clear_config_error(platform, namespa
 
 
 def test_ragtune_images_run_the_venv_entry_point(platform, namespace):
-    from ragtune.api.contract import OPERATOR_IMAGE
+    from ragtune.api.pods import OPERATOR_IMAGE
 
     job = json.loads(_job("cli", ["ragtune", "--help"]))
     job["spec"]["template"]["spec"]["containers"][0]["image"] = f"{OPERATOR_IMAGE}:0.1.0"

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import random
 
-from ragtune.rag.records import Context, RagRecord
-
 from ragtune.rag.prompt import DEFAULT_REFUSAL
+from ragtune.rag.records import Context, RagRecord
 
 _SYLLABLES = ["ka", "lo", "mir", "ven", "tor", "sa", "ul", "dra", "pen", "zo", "ri", "gal", "fe", "nor", "bi", "ques"]
 _COLOURS = ["red", "blue", "green", "amber", "violet", "silver", "black", "white"]
