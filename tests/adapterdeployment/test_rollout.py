@@ -345,3 +345,29 @@ def test_uri_adapter_report_pass_then_rolls_directly():
     kube.finish_job("chat-eval-g1", ok.model_dump_json(by_alias=True))
     s = tick(kube)
     assert s.candidate.step == "Promoting" and kube.kinds("Deployment") == ["chat-tgi"]
+
+
+class MetadataWriterKube(FakeKube):
+    """kopf adds its finalizer right after an object is created: here that metadata-only write
+    lands between the first tick's read of the AdapterDeployment and its status write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending_metadata_write = True
+
+    def get(self, kind, namespace, name):
+        obj = super().get(kind, namespace, name)
+        if kind == "AdapterDeployment" and obj is not None and self.pending_metadata_write:
+            self.pending_metadata_write = False
+            self.merge_patch(kind, namespace, name, {"metadata": {"finalizers": ["ragtune.dev/finalizer"]}})
+        return obj
+
+
+def test_a_metadata_write_during_a_tick_neither_loses_nor_repeats_its_events():
+    kube = MetadataWriterKube()
+    ftj(kube, "ftj1")
+    ad(kube)
+    s = promote_through_canary(kube)
+    assert s.phase == "Ready"
+    assert [r for _, r, _ in kube.events] == ["RolloutStarted", "OfflineGatePassed", "CanaryCreated", "CanaryReady",
+                                              "OnlineGatePassed", "Promoting", "Promoted"]

@@ -206,8 +206,15 @@ class Reconciler:
             if err.status not in REFUSED:
                 raise
             state.refused(err)
-        self._write(body, old, state.status.to_wire())
         out.again = state.again()
+        try:
+            self._write(body, old, state.status.to_wire())
+        except KubeError as err:
+            if err.status != 409:
+                raise
+            # Someone wrote the object since we read it: redo the step at once. What this tick did
+            # (a canary created, a Job started) happened all the same, so its Events still go out.
+            out.again = 0.0
         self._post(body, out)
         return out
 
@@ -221,14 +228,29 @@ class Reconciler:
                 log.debug("event not recorded: %s", err)
 
     def _write(self, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        """Write the status, guarded by the resourceVersion read at the start of the tick. A
+        conflict caused only by a metadata write (kopf's finalizer and annotations land right after
+        creation) is not a reason to redo the step: when the status and the generation are still
+        what the tick read, the same status is written again on the fresh resourceVersion."""
         if new == old:
             return
         patch = {k: None for k in old if k not in new}
         patch.update(new)
         meta = body["metadata"]
-        self.kube.merge_patch("AdapterDeployment", meta["namespace"], meta["name"],
-                              {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch},
-                              sub="status")
+        version = meta["resourceVersion"]
+        for attempt in range(3):
+            try:
+                self.kube.merge_patch("AdapterDeployment", meta["namespace"], meta["name"],
+                                      {"metadata": {"resourceVersion": version}, "status": patch}, sub="status")
+                return
+            except KubeError as err:
+                if err.status != 409 or attempt == 2:
+                    raise
+                fresh = self.kube.get("AdapterDeployment", meta["namespace"], meta["name"])
+                if fresh is None or (fresh.get("status") or {}) != old or \
+                        fresh["metadata"].get("generation") != meta.get("generation"):
+                    raise
+                version = fresh["metadata"]["resourceVersion"]
 
 
 class _Tick:
