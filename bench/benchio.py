@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from typing import Any, Callable
 
@@ -29,3 +31,15 @@ def run(main: Callable[[], Any]) -> int:
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     sys.stdout.flush()
     return code
+
+
+def stop_session(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM the session a bench started (`start_new_session=True`), SIGKILL it after `grace` s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -20,7 +20,6 @@ import argparse
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -114,15 +113,6 @@ def start_operator(kubeconfig: Path, log_path: Path) -> subprocess.Popen:
     raise TimeoutError(f"operator not healthy in 90 s; see {log_path}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
 
 def window(proxy: RecordingProxy, seconds: float) -> dict:
     before = len(proxy.recorded())
@@ -193,7 +183,7 @@ def main() -> dict:
         handle.kubectl("delete", "clusterrolebinding", f"bench-operator-{namespace}")
     finally:
         if proc is not None:
-            stop(proc)
+            benchio.stop_session(proc)
         if proxy is not None:
             proxy.stop()
         if owned:

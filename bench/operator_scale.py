@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -137,15 +136,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
 
 def wait_all(watcher: JobWatcher, names: list[str], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
@@ -238,7 +228,7 @@ def run_once(platform, kube: Kube, n: int, timeout: float, workdir: Path) -> dic
             "meets_targets": bool(complete and all_jobs <= 60 and rss <= 200) if n >= 1000 else None,
         }
     finally:
-        stop(proc)
+        benchio.stop_session(proc)
         delete_and_wait(platform, namespace)
 
 

