@@ -57,7 +57,7 @@ def pod_body(name: str = "demo-01234567-g1-abcde", phase: str = "Pending", creat
         state["running"] = {"startedAt": created}
     if terminated:
         state["terminated"] = {"exitCode": terminated[0], "reason": "Error" if terminated[0] else "Completed",
-                               "message": terminated[1]}
+                               "message": terminated[1], "finishedAt": created.replace(":00Z", ":30Z")}
     meta: dict[str, Any] = {
         "name": name, "creationTimestamp": created,
         "labels": {"batch.kubernetes.io/job-name": "demo-01234567-g1"},

@@ -115,4 +115,13 @@ def test_an_exhausted_backoff_limit_ends_the_run_before_the_job_says_so():
     # ... and the Job's own condition, once it comes, changes nothing but the completion time
     final = build_status(ftj(status), job({"failed": 2, "conditions": [job_condition("Failed", "BackoffLimitExceeded")]},
                                           1), [PodView.from_body(failed_pod(1)), PodView.from_body(failed_pod(2))])
-    assert {k: v for k, v in final.items() if k != "completionTime"} == status
+    assert {k: v for k, v in final.items() if k != "completionTime"} == \
+        {k: v for k, v in status.items() if k != "completionTime"}
+
+
+def test_a_run_seen_to_end_from_its_pod_has_a_completion_time_at_once():
+    """Succeeded from the pod before the Job says so: completionTime is when the trainer terminated."""
+    status, _ = play(2, [({"active": 1}, [RUNNING]), ({"active": 1}, [succeeded_pod(2)])])
+    assert status["phase"] == "Succeeded" and status["completionTime"] == "2026-01-01T00:02:30Z"
+    status, _ = play(0, [({"active": 1}, [RUNNING]), ({"active": 1}, [failed_pod(1, code=2)])])
+    assert status["phase"] == "Failed" and status["completionTime"] == "2026-01-01T00:01:30Z"

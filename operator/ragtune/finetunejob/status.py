@@ -144,6 +144,8 @@ class PodView:
     exit_code: Optional[int] = None
     terminated_reason: str = ""
     termination_message: str = ""
+    finished_at: str = ""
+    """When the trainer container terminated (`state.terminated.finishedAt`)."""
     memory_limit: str = ""
     """The trainer container's `resources.limits.memory` (the operator sets it from spec.resources.memory)."""
 
@@ -174,6 +176,7 @@ class PodView:
             exit_code=terminated.get("exitCode") if terminated else None,
             terminated_reason=terminated.get("reason") or "",
             termination_message=terminated.get("message") or "",
+            finished_at=terminated.get("finishedAt") or "",
             memory_limit=str(((trainer.get("resources") or {}).get("limits") or {}).get("memory") or ""),
         )
 
@@ -342,9 +345,13 @@ def _attempts(job: JobView, pods: list[PodView]) -> int:
     return max(job.active + job.succeeded + job.failed, len(pods), job.failed + done)
 
 
-def _end_time(job: JobView) -> Optional[str]:
+def _end_time(job: JobView, pods: list[PodView]) -> Optional[str]:
+    """When the run ended: the Job's completion, else its ending condition, else — when the run is
+    seen to end from its pod before the Job says so — when the newest pod's trainer terminated."""
+    newest = _newest(pods)
     return job.completion_time or next(
-        (c.time for c in job.conditions if c.type in _END_CONDITIONS and c.status == "True" and c.time), None)
+        (c.time for c in job.conditions if c.type in _END_CONDITIONS and c.status == "True" and c.time),
+        newest.finished_at if newest is not None and newest.finished_at else None)
 
 
 def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[str, str]] = None,
@@ -485,8 +492,8 @@ def build_status(
     gen = ftj.generation
     if job is not None and old.get("runId") == job.run_id and old.get("phase") in TERMINAL_PHASES:
         kept = {**old, "observedGeneration": gen, "attempts": max(old.get("attempts", 0), _attempts(job, pods))}
-        if not kept.get("completionTime") and _end_time(job):
-            kept["completionTime"] = _end_time(job)
+        if not kept.get("completionTime") and _end_time(job, pods):
+            kept["completionTime"] = _end_time(job, pods)
         return kept
 
     a = assess(job, pods, problem, stage=(progress or old.get("progress") or {}).get("stage"))
@@ -519,8 +526,8 @@ def build_status(
         status["runId"] = job.run_id
         if job.start_time:
             status["startTime"] = job.start_time
-        if a.phase in TERMINAL_PHASES and _end_time(job):
-            status["completionTime"] = _end_time(job)
+        if a.phase in TERMINAL_PHASES and _end_time(job, pods):
+            status["completionTime"] = _end_time(job, pods)
     keep_progress = progress if progress is not None else (None if new_run else old.get("progress"))
     if keep_progress:
         status["progress"] = keep_progress
