@@ -28,12 +28,6 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_REPORTED_ERRORS = 200  # the report counts every bad row; it prints the first ones in full
 
 
-class InvalidDataset(Exception):
-    """Training data failed validation; the message is the validation report."""
-
-    reason = "InvalidDataset"
-
-
 # --- Loading ---------------------------------------------------------------------------
 
 
