@@ -23,10 +23,7 @@ from typing import Optional
 from . import cgroups
 from .kubeclient import ApiError, Kube
 from .platform import RUNNER_NODE, PlatformInfo
-from .podenv import (
-    hosts_file,
-    write_in_place,
-)
+from .podenv import hosts_file, pod_hostname, write_in_place
 from .podworker import PodWorker, log, micro_now, now
 from .procs import ProcRef
 
@@ -142,30 +139,39 @@ class Runner:
             return
         self.services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in items}
 
-    def _service_ips(self) -> dict[tuple[str, str], str]:
-        """Each Service -> the IP of a ready local pod it selects (first by name: no load balancing)."""
-        ready = sorted((w for w in list(self.workers.values()) if not w.finished.is_set()
-                        and w.phase == "Running" and all(c.ready for c in w.containers)), key=lambda w: w.pod_name)
+    def service_ips(self) -> dict[tuple[str, str], str]:
+        """What DNS would answer, per (namespace, name): each Service -> the IP of a ready local pod it
+        selects (first by name: no load balancing), and each pod `<hostname>.<subdomain>` whose
+        subdomain names a headless Service selecting it -> that pod's IP (ready, or running when the
+        Service publishes not-ready addresses) — how an Indexed Job's ranks find index 0."""
+        running = sorted((w for w in list(self.workers.values()) if not w.finished.is_set()
+                          and w.phase == "Running"), key=lambda w: w.pod_name)
         out = {}
         for (ns, name), svc in self.services.items():
-            selector = (svc.get("spec") or {}).get("selector")
+            spec = svc.get("spec") or {}
+            selector = spec.get("selector")
             if not selector:
                 continue
-            for w in ready:
-                labels = w.pod["metadata"].get("labels") or {}
-                if w.ns == ns and all(labels.get(k) == v for k, v in selector.items()):
-                    out[(ns, name)] = w.pod_ip
-                    break
+            selected = [w for w in running if w.ns == ns and all(
+                (w.pod["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
+            ready = [w for w in selected if all(c.ready for c in w.containers)]
+            if ready:
+                out[(ns, name)] = ready[0].pod_ip
+            if spec.get("clusterIP") == "None":
+                for w in (selected if spec.get("publishNotReadyAddresses") else ready):
+                    host, subdomain = pod_hostname(w.pod)
+                    if subdomain == name:
+                        out[(ns, f"{host}.{subdomain}")] = w.pod_ip
         return out
 
     def hosts_for(self, worker: PodWorker) -> str:
-        return hosts_file(worker.pod_name, worker.pod_ip, worker.ns, self._service_ips())
+        return hosts_file(worker.pod, worker.pod_ip, self.service_ips())
 
     def refresh_hosts(self) -> None:
-        ips = self._service_ips()
+        ips = self.service_ips()
         for w in list(self.workers.values()):
             if not w.finished.is_set() and w.hosts_path.exists():
-                write_in_place(w.hosts_path, hosts_file(w.pod_name, w.pod_ip, w.ns, ips))
+                write_in_place(w.hosts_path, hosts_file(w.pod, w.pod_ip, ips))
 
     # -- sync --
     def watch_loop(self) -> None:

@@ -1,4 +1,5 @@
-"""Container entry: join the memory cgroup, new mount namespace, bind mounts, then exec.
+"""Container entry: join the memory cgroup, new mount and UTS namespaces (the pod's hostname), bind
+mounts, then exec.
 Run as `python -S nsexec.py` with the exec spec (JSON) on stdin.
 
 Stdlib only and no site imports, so starting a container costs one small interpreter.
@@ -9,7 +10,7 @@ import json
 import os
 import sys
 
-CLONE_NEWNS = 0x00020000
+CLONE_NEWNS, CLONE_NEWUTS = 0x00020000, 0x04000000
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -35,7 +36,9 @@ def main() -> None:
         # Before anything else: every process the container starts inherits the limit.
         with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare(CLONE_NEWNS | CLONE_NEWUTS)")
+    hostname = spec["hostname"].encode()  # what gethostname() answers in the pod, as in a container
+    _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
     _mount(None, "/", MS_REC | MS_PRIVATE)  # nothing we mount leaks back to the host
     # Pin every source first: a volume mounted over e.g. /tmp must not hide later sources under it.
     sources = [(os.open(m["source"], os.O_PATH | os.O_CLOEXEC), os.path.isdir(m["source"]), m)

@@ -209,9 +209,22 @@ def container_mounts(container: dict, volumes: dict[str, Path]) -> list[dict[str
     return sorted(mounts, key=lambda m: m["target"].rstrip("/").count("/"))
 
 
-def hosts_file(pod_name: str, pod_ip: str, namespace: str, services: dict[tuple[str, str], str]) -> str:
-    """/etc/hosts for one pod: itself, then Services (short names only in its own namespace)."""
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost", f"{pod_ip}\t{pod_name}"]
+def pod_hostname(pod: dict) -> tuple[str, str]:
+    """(hostname, subdomain) as a kubelet sets them: `spec.hostname`, else the pod name cut to 63
+    characters (the Job controller sets `<job>-<index>` for Indexed Jobs); `spec.subdomain` or ''."""
+    spec = pod.get("spec") or {}
+    return spec.get("hostname") or pod["metadata"]["name"][:63], spec.get("subdomain") or ""
+
+
+def hosts_file(pod: dict, pod_ip: str, services: dict[tuple[str, str], str]) -> str:
+    """/etc/hosts for one pod: itself (with its FQDN when it has a subdomain, as a kubelet writes it),
+    then Services and pod records `<hostname>.<subdomain>` of headless Services (see
+    `NodeAgent.service_ips`); short names only in the pod's own namespace, as its DNS search path does."""
+    namespace = pod["metadata"]["namespace"]
+    host, subdomain = pod_hostname(pod)
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost",
+             f"{pod_ip}\t{host}.{subdomain}.{namespace}.svc.cluster.local\t{host}" if subdomain
+             else f"{pod_ip}\t{host}"]
     for (ns, svc), ip in sorted(services.items()):
         names = [f"{svc}.{ns}", f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local"]
         if ns == namespace:

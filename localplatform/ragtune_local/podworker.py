@@ -33,6 +33,7 @@ from .podenv import (
     container_env,
     container_mounts,
     expand,
+    pod_hostname,
     prepare_volumes,
 )
 from .procs import ProcRef, stop_group
@@ -245,7 +246,7 @@ class PodWorker(threading.Thread):
         term.write_bytes(b"")
         mounts.append({"source": str(term), "target": c.spec.get("terminationMessagePath", "/dev/termination-log")})
         mounts.append({"source": str(self.hosts_path), "target": "/etc/hosts"})
-        spec = {"mounts": mounts, "keep": keep, "argv": argv, "env": env,
+        spec = {"mounts": mounts, "keep": keep, "argv": argv, "env": env, "hostname": pod_hostname(self.pod)[0],
                 "cwd": c.spec.get("workingDir") or images.working_dir()}
         if limit is not None and self.runner.cgroups is not None:
             try:
@@ -287,7 +288,7 @@ class PodWorker(threading.Thread):
     def _base_env(self, image: images.LocalImage) -> dict[str, str]:
         env = images.base_env()
         env.update(image.env)
-        env["HOSTNAME"] = self.pod_name
+        env["HOSTNAME"] = pod_hostname(self.pod)[0]
         # In-cluster clients (KUBERNETES_SERVICE_HOST) reach the API server on loopback: no Service VIPs here.
         env["KUBERNETES_SERVICE_HOST"] = "127.0.0.1"
         env["KUBERNETES_SERVICE_PORT"] = str(self.runner.info.ports["apiserver"])

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ragtune_local import images, pki
-from ragtune_local.podenv import ConfigError, container_env, container_mounts, expand, hosts_file
+from ragtune_local.podenv import ConfigError, container_env, container_mounts, expand, hosts_file, pod_hostname
 
 
 def test_image_repository_parsing():
@@ -84,11 +84,24 @@ def test_mounts_are_ordered_parent_first_and_unknown_volumes_rejected(tmp_path):
         container_mounts({"volumeMounts": [{"name": "c", "mountPath": "/x"}]}, vols)
 
 
+def _pod(name: str, namespace: str, **spec) -> dict:
+    return {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
 def test_hosts_file_names_services_short_only_in_own_namespace():
-    text = hosts_file("pod-1", "127.100.0.5", "a", {("a", "tgi"): "127.100.0.9", ("b", "s3"): "127.100.0.7"})
+    text = hosts_file(_pod("pod-1", "a"), "127.100.0.5", {("a", "tgi"): "127.100.0.9", ("b", "s3"): "127.100.0.7"})
     assert "127.100.0.5\tpod-1" in text
     assert "127.100.0.9\ttgi tgi.a tgi.a.svc tgi.a.svc.cluster.local" in text
     assert "127.100.0.7\ts3.b s3.b.svc s3.b.svc.cluster.local" in text
+
+
+def test_hosts_file_gives_a_pod_with_a_subdomain_its_fqdn_and_peers_their_records():
+    pod = _pod("train-0-x7k2p", "a", hostname="train-0", subdomain="train")
+    text = hosts_file(pod, "127.100.0.5", {("a", "train-1.train"): "127.100.0.6"})
+    # as a kubelet writes it: the FQDN first, then the short hostname
+    assert "127.100.0.5\ttrain-0.train.a.svc.cluster.local\ttrain-0\n" in text
+    assert "127.100.0.6\ttrain-1.train train-1.train.a train-1.train.a.svc train-1.train.a.svc.cluster.local" in text
+    assert pod_hostname(_pod("p" * 70, "a")) == ("p" * 63, "")
 
 
 def test_pki_issues_certs_the_ca_verifies(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 
 import pytest
@@ -172,6 +173,47 @@ def test_service_names_resolve_to_a_ready_pod(platform, namespace):
     platform.kubectl("-n", namespace, "apply", "-f", "-", input=_job("client", ["python3", "-c", fetch], backoff=2))
     platform.wait_for("job", "client", "{.status.succeeded}", "1", namespace=namespace, timeout=60)
     assert platform.kubectl("-n", namespace, "logs", "job/client").split() == ["200", "200"]
+
+
+def test_indexed_job_pods_have_their_hostnames_and_find_index_0_through_the_headless_service(platform, namespace):
+    """What torchrun's rendezvous needs: each pod's hostname is `<job>-<index>` (set by the Job
+    controller, honoured by the pod runner) and `<job>-0.<subdomain>` resolves in the other pods."""
+    rendezvous = textwrap.dedent("""
+        import os, socket, sys, time
+        index = int(os.environ["JOB_COMPLETION_INDEX"])
+        print("hostname", socket.gethostname(), flush=True)
+        if index == 0:
+            srv = socket.create_server((os.environ["POD_IP"], 29400))
+            conn, _ = srv.accept()
+            print("index 0 got", conn.recv(64).decode(), flush=True)
+        else:
+            for _ in range(120):  # index 0 may start later, as in a real cluster
+                try:
+                    with socket.create_connection(("rdzv-0.rdzv", 29400), timeout=2) as c:
+                        c.sendall(b"hello from " + socket.gethostname().encode())
+                        break
+                except OSError:
+                    time.sleep(0.5)
+            else:
+                sys.exit("rdzv-0.rdzv never answered")
+    """)
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rdzv"},
+           "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"job-name": "rdzv"},
+                    "ports": [{"port": 29400}]}}
+    spec = _pod_spec(["python3", "-c", rendezvous])
+    spec["subdomain"] = "rdzv"
+    spec["containers"][0]["env"] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "rdzv"},
+           "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
+                    "template": {"spec": spec}}}
+    platform.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(svc))
+    platform.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(job))
+    platform.wait_for("job", "rdzv", "{.status.succeeded}", "2", namespace=namespace, timeout=120)
+    pods = json.loads(platform.kubectl("-n", namespace, "get", "pods", "-l", "job-name=rdzv", "-o", "json"))["items"]
+    logs = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]:
+            platform.kubectl("-n", namespace, "logs", p["metadata"]["name"]) for p in pods}
+    assert "hostname rdzv-0" in logs["0"] and "hostname rdzv-1" in logs["1"]
+    assert "index 0 got hello from rdzv-1" in logs["0"]
 
 
 def test_volume_above_the_checkout_keeps_the_checkout_visible(platform, namespace):
