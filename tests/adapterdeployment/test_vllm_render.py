@@ -1,5 +1,7 @@
 """The vLLM backend without a cluster: admission of `spec.server.backend: vllm` settings, the
-rendered Deployment, and the fetcher's compatibility checks against the base model's weights."""
+rendered Deployment (vLLM on loopback, the adapter-sync sidecar, a template that does not depend
+on the set) and desired-set ConfigMap, and the fetcher's compatibility checks against the base
+model's weights."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pydantic import ValidationError
 from ragtune.adapterdeployment import render
 from ragtune.adapterdeployment.backends import TGI, VllmBackend, backend_for
 from ragtune.api.adapterdeployment import DEFAULT_VLLM_IMAGE, AdapterDeploymentSpec, ResolvedAdapter
-from ragtune.pods import fetch
+from ragtune.api.pods import AdapterSetDocument
+from ragtune.pods import adapter_sync, fetch
 
 IMAGE = "ghcr.io/ragtune/ragtune-operator:0.1.0"
 OWNER = render.Owner("chat", "team-a", "0b5c7d1e-0000-4000-8000-000000000001")
@@ -75,12 +78,13 @@ def test_more_adapters_than_the_server_holds_is_refused_naming_the_adapter_and_t
 
 # -- rendering --
 
-def test_vllm_deployment_serves_the_initial_set_with_lora_limits_probes_and_restricted_security():
+def test_vllm_deployment_runs_the_server_on_loopback_behind_the_sidecar_with_lora_limits_and_probes():
     spec = make_spec({"vllm": {"maxLoras": 2, "maxCpuLoras": 4, "maxLoraRank": 64, "dtype": "float16",
                                "maxModelLen": 4096, "extraArgs": ["--enforce-eager"]}, "gpus": 1})
     dep = render.deployment(spec, ADAPTERS, OWNER, canary=False, operator_image=IMAGE)
+    assert dep["metadata"]["name"] == "chat-server"  # backend-neutral (TGI keeps chat-tgi)
     pod = dep["spec"]["template"]["spec"]
-    server = pod["containers"][0]
+    server, sidecar = pod["containers"]
     assert server["name"] == "vllm" and server["image"] == DEFAULT_VLLM_IMAGE
     assert "command" not in server  # the image's ENTRYPOINT is `vllm serve`
     args = server["args"]
@@ -89,31 +93,97 @@ def test_vllm_deployment_serves_the_initial_set_with_lora_limits_probes_and_rest
     assert flags["--served-model-name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert flags["--revision"] == "12fd25f"
     assert (flags["--max-loras"], flags["--max-cpu-loras"], flags["--max-lora-rank"]) == ("2", "4", "64")
-    assert (flags["--dtype"], flags["--max-model-len"], flags["--port"]) == ("float16", "4096", "8080")
+    # loopback only, on an internal port: the serving port belongs to the sidecar's proxy
+    assert (flags["--dtype"], flags["--max-model-len"], flags["--host"], flags["--port"]) == \
+        ("float16", "4096", "localhost", "8000")
+    assert "ports" not in server
     assert "--enable-lora" in args and args[-1] == "--enforce-eager"
-    i = args.index("--lora-modules")
-    assert args[i + 1:i + 3] == ["legal=/data/adapters/legal", "support=/data/adapters/support"]
+    assert "--lora-modules" not in args  # the set comes from the ConfigMap, through the sidecar
     env = {e["name"]: e["value"] for e in server["env"]}
-    assert env["VLLM_NO_USAGE_STATS"] == "1" and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
+    assert env["VLLM_NO_USAGE_STATS"] == "1" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert "LORA_ADAPTERS" not in env
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
     mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[kind]["httpGet"]["path"] == "/health"
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):  # through the proxy: the kubelet probes the pod IP
+        assert server[kind]["httpGet"] == {"path": "/health", "port": 8080}
     assert server["startupProbe"]["periodSeconds"] * server["startupProbe"]["failureThreshold"] >= 1800
     assert pod["securityContext"]["runAsNonRoot"] is True
-    for c in pod["containers"] + pod["initContainers"]:
+    assert "initContainers" not in pod  # a Hub base: nothing to fetch before the server starts
+    for c in pod["containers"]:
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    # the same integrity guarantee as TGI: the init container verifies every adapter first,
-    # against vLLM's rank limit
+    assert pod["automountServiceAccountToken"] is False  # the sidecar needs no API access
+
+    # the sidecar: desired set from the mounted ConfigMap, verified against vLLM's limits, proxy on
+    # the serving port, status document on its own port, ready only once the set is loaded
+    assert sidecar["name"] == render.SYNC_CONTAINER and sidecar["image"] == IMAGE
+    sargs = sidecar["args"]
+    sflags = {a: b for a, b in zip(sargs, sargs[1:]) if a.startswith("--")}
+    assert sargs[:2] == ["adapters", "sync"]
+    assert sflags["--desired"] == "/etc/ragtune/adapter-set/adapters.json"
+    assert sflags["--server"] == "http://localhost:8000"
+    assert (sflags["--listen"], sflags["--status-listen"]) == ("$(POD_IP):8080", "$(POD_IP):9090")
+    assert (sflags["--max-rank"], sflags["--expect-base-model"]) == ("64", "HuggingFaceTB/SmolLM2-135M-Instruct@12fd25f")
+    assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {"http": 8080, "ragtune-sync": 9090}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 9090}
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    senv = {e["name"]: e for e in sidecar["env"]}
+    assert senv["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert "secretKeyRef" in senv["AWS_SECRET_ACCESS_KEY"]["valueFrom"]  # the pod's own S3 credentials
+    smounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    cm_volume = volumes[smounts["/etc/ragtune/adapter-set"]["name"]]
+    assert smounts["/etc/ragtune/adapter-set"]["readOnly"] is True
+    assert cm_volume["configMap"]["name"] == "chat-server-adapters"
+    assert "subPath" not in smounts["/etc/ragtune/adapter-set"]  # a subPath mount would never see updates
+
+
+def test_the_vllm_pod_template_does_not_depend_on_the_adapter_set():
+    spec = make_spec()
+    one = render.deployment(spec, ADAPTERS[:1], OWNER, canary=False, operator_image=IMAGE)
+    two = render.deployment(spec, ADAPTERS, OWNER, canary=False, operator_image=IMAGE)
+    none = render.deployment(spec, [], OWNER, canary=False, operator_image=IMAGE)
+    assert one == two == none, "a new set must not change the Deployment (that would restart the pods)"
+    canary = render.deployment(spec, ADAPTERS, OWNER, canary=True, operator_image=IMAGE)
+    assert canary["metadata"]["name"] == "chat-server-canary"
+    volumes = {v["name"]: v for v in canary["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[render.ADAPTER_SET_VOLUME]["configMap"]["name"] == "chat-server-canary-adapters"
+    # TGI: the set is in the template (LORA_ADAPTERS), so a new set rolls the pods
+    tgi = make_spec({"backend": "tgi"})
+    assert render.deployment(tgi, ADAPTERS[:1], OWNER, canary=False, operator_image=IMAGE) != \
+        render.deployment(tgi, ADAPTERS, OWNER, canary=False, operator_image=IMAGE)
+
+
+def test_the_desired_set_configmap_pins_every_adapter_by_digest():
+    cm = render.adapter_set_configmap(make_spec(), ADAPTERS, OWNER, canary=False, generation=7)
+    assert cm["metadata"]["name"] == "chat-server-adapters" and cm["metadata"]["namespace"] == "team-a"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid  # garbage-collected with the AD
+    doc = AdapterSetDocument.model_validate_json(cm["data"]["adapters.json"])
+    assert doc.generation == 7 and doc.digest == render.adapter_set_digest(ADAPTERS)
+    assert [(a.name, a.uri, a.sha256) for a in doc.adapters] == \
+        [("legal", "s3://models/runs/r2/", "b" * 64), ("support", "s3://models/runs/r1/", "a" * 64)]
+    assert render.configmap_set_digest(cm) == doc.digest
+    # the sidecar reads exactly this document
+    desired = adapter_sync.read_desired_text(cm["data"]["adapters.json"], "adapters.json")
+    assert desired.adapters == {"legal": ("s3://models/runs/r2/", "b" * 64), "support": ("s3://models/runs/r1/", "a" * 64)}
+    assert desired.digest == doc.digest and desired.generation == 7
+
+
+def test_s3_base_weights_are_still_fetched_and_verified_before_vllm_starts():
+    spec = make_spec(baseModel={"id": "tiny", "revision": "1", "uri": "s3://models/base/tiny/"})
+    pod = render.deployment(spec, ADAPTERS, OWNER, canary=False, operator_image=IMAGE)["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
     assert init["name"] == render.FETCH_CONTAINER
-    assert init["args"][init["args"].index("--max-rank") + 1] == "64"
-    assert [a for a in init["args"] if a.startswith(("support=", "legal="))] == \
-        [f"legal=s3://models/runs/r2/#{'b' * 64}", f"support=s3://models/runs/r1/#{'a' * 64}"]
+    assert "--base-model-uri" in init["args"] and "--adapter" not in init["args"]
+    sidecar = pod["containers"][1]
+    assert sidecar["args"][sidecar["args"].index("--target-modules-from-base") + 1] == "/data/base"
+
+
+def test_the_sidecar_ports_never_take_the_serving_port():
+    assert render.sidecar_ports(8080) == (8000, 9090)
+    assert render.sidecar_ports(8000) == (8001, 9090)
+    assert render.sidecar_ports(9090) == (8000, 9091)
 
 
 def test_vllm_fetcher_reads_target_modules_from_local_base_weights():

@@ -194,10 +194,12 @@ def test_the_cli_loop_writes_the_pods_report(vllm, models, tmp_path):
     desired.write_text(json.dumps({"generation": 7, "adapters": [{"name": "cli", "uri": uri, "sha256": digest}]}))
     status = tmp_path / "status.json"
     args = SimpleNamespace(desired=str(desired), server=vllm.url, dest=str(tmp_path / "adapters"), status=str(status),
+                           status_listen=None, listen=None,
                            expect_base_model=None, allowed_target_module=None,
                            target_modules_from_base=str(models.base), max_rank=16, interval=0.1, once=True)
     assert adapter_sync.run(args) == 0
-    assert json.loads(status.read_text()) == {"generation": 7, "loaded": {"cli": digest}, "errors": {}}
+    assert json.loads(status.read_text()) == {"generation": 7, "desired": "", "loaded": {"cli": digest}, "errors": {},
+                                              "ready": True}
     assert _complete(vllm.url, "cli")[0] == 200
     desired.write_text(json.dumps({"generation": 8, "adapters": []}))
     assert adapter_sync.run(args) == 0

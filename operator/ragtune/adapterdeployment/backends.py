@@ -88,9 +88,10 @@ def _default_vllm_settings() -> "VllmSettings":
 
 @dataclass(frozen=True)
 class VllmBackend:
-    """vLLM's OpenAI-compatible server (`vllm serve`, the image's ENTRYPOINT). The initial adapter
-    set is `--lora-modules name=path`, files verified by the fetch init container like TGI's. An
-    adapter is a model name: unknown names are a 404, not TGI's silent fallback to the base."""
+    """vLLM's OpenAI-compatible server (`vllm serve`, the image's ENTRYPOINT), on loopback. Its
+    adapters are loaded at run time by the adapter-sync sidecar (verified like the fetch init
+    container's), so the pod template does not depend on the set. An adapter is a model name:
+    unknown names are a 404, not TGI's silent fallback to the base."""
 
     settings: "VllmSettings" = field(default_factory=_default_vllm_settings)
     name: str = "vllm"
@@ -114,6 +115,8 @@ class VllmBackend:
             # vLLM reports usage to its maintainers by default: a cluster operator did not ask for that.
             {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
             {"name": "DO_NOT_TRACK", "value": "1"},
+            # The adapter-sync sidecar loads and unloads adapters at run time, on loopback only.
+            {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
         ]
         if offline:
             env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
@@ -122,7 +125,9 @@ class VllmBackend:
     def args(self, *, model_id: str, served_name: str, revision: Optional[str], adapters: dict[str, str],
              port: int) -> list[str]:
         s = self.settings
-        args = [model_id, "--served-model-name", served_name, "--port", str(port),
+        # Loopback only: the pod's serving port is the sidecar's proxy, which keeps the runtime LoRA
+        # endpoints inside the pod (render.VLLM_LOOPBACK).
+        args = [model_id, "--served-model-name", served_name, "--host", "localhost", "--port", str(port),
                 "--enable-lora", "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.capacity),
                 "--max-lora-rank", str(s.max_lora_rank), "--dtype", s.dtype]
         if revision:

@@ -1,5 +1,11 @@
-"""Pure functions: an AdapterDeployment + its resolved adapters -> TGI Deployment, Service,
-canary and the online-evaluation Job (plain dicts in the Kubernetes wire form).
+"""Pure functions: an AdapterDeployment + its resolved adapters -> server Deployment, Service,
+canary, the vLLM desired-set ConfigMap and the online-evaluation Job (plain dicts in the
+Kubernetes wire form).
+
+TGI takes its adapters at start (`LORA_ADAPTERS` + the fetch init container), so the set is part of
+the pod template and a new set rolls the pods. vLLM's pod template does not depend on the set at
+all: the set lives in a ConfigMap (`adapter_set_configmap`) that the adapter-sync sidecar
+(`ragtune adapters sync`) loads at start and on every change, without a restart.
 
 Nothing here talks to the API server, so every object the operator writes can be unit-tested.
 """
@@ -27,11 +33,27 @@ from ragtune.api.keys import (
 from ragtune.api.keys import ANNOTATION_ORIGINAL_TEMPLATE as ANNOTATION_ORIGINAL
 from ragtune.api.keys import ANNOTATION_TEMPLATE_HASH as ANNOTATION_TEMPLATE
 from ragtune.api.keys import LABEL_ADAPTERDEPLOYMENT as LABEL_AD
-from ragtune.api.pods import ENV_TERMINATION_PATH, EVAL_CONFIG_ENV
+from ragtune.api.pods import (
+    ADAPTER_SET_KEY,
+    ADAPTER_SET_MOUNT,
+    ENV_TERMINATION_PATH,
+    EVAL_CONFIG_ENV,
+    SYNC_READY_PATH,
+    SYNC_STATUS_PATH,
+    SYNC_STATUS_PORT_NAME,
+    AdapterSetDocument,
+    DesiredAdapter,
+)
 
 from .backends import TGI, ServingBackend, backend_for
 
 FETCH_CONTAINER = "ragtune-fetch-adapters"
+SYNC_CONTAINER = "ragtune-adapter-sync"
+ADAPTER_SET_VOLUME = "ragtune-adapter-set"
+VLLM_LOOPBACK = "localhost"
+"""Where vLLM listens in its pod: the pod's own loopback in Kubernetes. On the local platform,
+which has no network namespaces, a pod's /etc/hosts maps `localhost` to the pod's own 127.x IP
+(still loopback, but other local processes can reach it: see docs/architecture.md)."""
 DATA_VOLUME = "ragtune-data"
 SHM_VOLUME = "ragtune-shm"
 ADAPTER_ROOT = "/data/adapters"
@@ -51,12 +73,28 @@ class Owner:
         return workloads.owner_reference("AdapterDeployment", self.name, self.uid)
 
 
-def stable_name(ad_name: str) -> str:
-    return workloads.child_name(ad_name, "-tgi")
+def _server_suffix(backend: str) -> str:
+    # TGI keeps the name it always had, so the objects of existing AdapterDeployments stay theirs
+    # across an operator upgrade; other backends get a backend-neutral one.
+    return "-tgi" if backend == "tgi" else "-server"
 
 
-def canary_name(ad_name: str) -> str:
-    return workloads.child_name(ad_name, "-tgi-canary")
+def stable_name(ad_name: str, backend: str = "tgi") -> str:
+    return workloads.child_name(ad_name, _server_suffix(backend))
+
+
+def canary_name(ad_name: str, backend: str = "tgi") -> str:
+    return workloads.child_name(ad_name, _server_suffix(backend) + "-canary")
+
+
+def adapter_set_name(ad_name: str, canary: bool) -> str:
+    """The desired-set ConfigMap of a vLLM server (stable or canary)."""
+    return workloads.child_name(ad_name, "-server-canary-adapters" if canary else "-server-adapters")
+
+
+def sidecar_ports(port: int) -> tuple[int, int]:
+    """(vLLM's loopback port, the sidecar's status port): fixed, but never the serving port."""
+    return (8000 if port != 8000 else 8001), (9090 if port != 9090 else 9091)
 
 
 def eval_job_name(ad_name: str, generation: int) -> str:
@@ -98,13 +136,16 @@ def short_set(adapters: list[ResolvedAdapter]) -> list[str]:
     return [f"{a.name}@{a.sha256[:12]}" for a in adapters]
 
 
-def _labels(owner: Owner, track: str) -> dict[str, str]:
-    return {LABEL_NAME: "tgi", LABEL_INSTANCE: workloads.label_value(owner.name), LABEL_MANAGED_BY: MANAGED_BY,
+def _labels(owner: Owner, track: str, backend: str = "tgi") -> dict[str, str]:
+    return {LABEL_NAME: backend, LABEL_INSTANCE: workloads.label_value(owner.name), LABEL_MANAGED_BY: MANAGED_BY,
             LABEL_AD: workloads.label_value(owner.name), LABEL_TRACK: track}
 
 
-def _selector(owner: Owner, track: str) -> dict[str, str]:
-    return {LABEL_AD: workloads.label_value(owner.name), LABEL_TRACK: track}
+def _selector(owner: Owner, track: str, backend: str = "tgi") -> dict[str, str]:
+    selector = {LABEL_AD: workloads.label_value(owner.name), LABEL_TRACK: track}
+    if backend != "tgi":  # TGI's (immutable) selector stays as it was; the others name their backend
+        selector[LABEL_NAME] = backend
+    return selector
 
 
 SERVER_USER = 1000
@@ -165,10 +206,15 @@ def server_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter
         limits={"MAX_INPUT_TOKENS": server.max_input_tokens, "MAX_TOTAL_TOKENS": server.max_total_tokens,
                 "MAX_CONCURRENT_REQUESTS": server.max_concurrent_requests},
     )
+    dynamic = backend.name == "vllm"
+    # vLLM: on loopback only, behind the sidecar's proxy on the serving port; its adapters come
+    # from the sidecar, not from the args (so the template does not depend on the set).
+    listen_port = sidecar_ports(server.port)[0] if dynamic else server.port
     args = backend.args(model_id=model_id, served_name=spec.base_model.id,
                         revision=None if local else spec.base_model.revision,
-                        adapters={a.name: f"{ADAPTER_ROOT}/{a.name}" for a in sorted(adapters, key=lambda a: a.name)},
-                        port=server.port)
+                        adapters={} if dynamic else
+                        {a.name: f"{ADAPTER_ROOT}/{a.name}" for a in sorted(adapters, key=lambda a: a.name)},
+                        port=listen_port)
     ours = {e["name"] for e in env}
     env += [{"name": k, "value": v} for k, v in sorted(server.env.items()) if k not in ours]
     if spec.base_model.token_secret_ref and not local:
@@ -177,13 +223,14 @@ def server_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter
     limits: dict[str, str] = {"memory": server.memory}
     if server.gpus:
         limits[server.gpu_resource_name] = str(server.gpus)
+    # vLLM's probes reach it through the sidecar's proxy (the kubelet probes the pod IP).
     probe = {"httpGet": {"path": backend.health_path, "port": server.port}}
     container = {
         "name": backend.container_name,
         "image": server.image_ref,
         **({"args": args} if args else {}),
         "env": env,
-        "ports": [{"name": "http", "containerPort": server.port, "protocol": "TCP"}],
+        **({} if dynamic else {"ports": [{"name": "http", "containerPort": server.port, "protocol": "TCP"}]}),
         "volumeMounts": [{"name": DATA_VOLUME, "mountPath": "/data"},
                          {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
         "resources": {"requests": {"cpu": server.cpu, "memory": server.memory}, "limits": limits},
@@ -200,16 +247,97 @@ def server_container(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter
     return container
 
 
+def sync_container(spec: AdapterDeploymentSpec, operator_image: str,
+                   backend: Optional[ServingBackend] = None) -> dict[str, Any]:
+    """The vLLM pod's sidecar: keeps the server's adapters equal to the desired-set ConfigMap
+    (verified like the fetcher, loaded on loopback), serves the pod's serving port (a proxy that
+    refuses vLLM's LoRA endpoints) and the pod's status document; ready once the set is loaded."""
+    backend = backend or backend_for(spec.server)
+    port = spec.server.port
+    vllm_port, status_port = sidecar_ports(port)
+    model_id, local = model_location(spec)
+    args = ["adapters", "sync", "--desired", f"{ADAPTER_SET_MOUNT}/{ADAPTER_SET_KEY}",
+            "--server", f"http://{VLLM_LOOPBACK}:{vllm_port}", "--dest", ADAPTER_ROOT,
+            "--listen", f"$(POD_IP):{port}", "--status-listen", f"$(POD_IP):{status_port}",
+            "--expect-base-model", f"{spec.base_model.id}@{spec.base_model.revision}",
+            "--max-rank", str(backend.max_lora_rank), "--interval", "1"]
+    for module in backend.supported_target_modules:
+        args += ["--allowed-target-module", module]
+    if not backend.supported_target_modules and local:
+        args += ["--target-modules-from-base", model_id]
+    status_probe = {"httpGet": {"path": SYNC_READY_PATH, "port": status_port}}
+    return {
+        "name": SYNC_CONTAINER,
+        "image": operator_image,
+        "command": ["ragtune"],
+        "args": args,
+        "env": workloads.s3_env(spec.s3) + [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"},
+                  {"name": SYNC_STATUS_PORT_NAME, "containerPort": status_port, "protocol": "TCP"}],
+        "volumeMounts": [{"name": DATA_VOLUME, "mountPath": "/data"},
+                         {"name": ADAPTER_SET_VOLUME, "mountPath": ADAPTER_SET_MOUNT, "readOnly": True}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        # Ready = the desired set is loaded (and vLLM answers): a Service routes only to pods serving it.
+        "readinessProbe": {**status_probe, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": SYNC_STATUS_PATH, "port": status_port}, "periodSeconds": 10,
+                          "timeoutSeconds": 5, "failureThreshold": 6},
+        "securityContext": workloads.restricted_container(read_only_root=True),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def adapter_set_configmap(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], owner: Owner, *,
+                          canary: bool, generation: int) -> dict[str, Any]:
+    """The desired set of a vLLM server (stable or canary), read by its pods' sidecars."""
+    ordered = sorted(adapters, key=lambda a: a.name)
+    doc = AdapterSetDocument(generation=generation, digest=adapter_set_digest(ordered),
+                             adapters=[DesiredAdapter(name=a.name, uri=a.uri, sha256=a.sha256) for a in ordered])
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": adapter_set_name(owner.name, canary), "namespace": owner.namespace,
+                     "labels": _labels(owner, "canary" if canary else "stable", spec.server.backend.value),
+                     "annotations": {ANNOTATION_DIGEST: doc.digest, ANNOTATION_ADAPTERS: ",".join(short_set(ordered)),
+                                     ANNOTATION_AD_NAME: owner.name},
+                     "ownerReferences": [owner.reference()]},
+        "data": {ADAPTER_SET_KEY: json.dumps(doc.to_wire(), sort_keys=True)},
+    }
+
+
+def configmap_set_digest(cm: Optional[dict[str, Any]]) -> Optional[str]:
+    """The set digest a desired-set ConfigMap holds (None: no ConfigMap)."""
+    if cm is None:
+        return None
+    return ((cm.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_DIGEST)
+
+
 def pod_template(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], owner: Owner, track: str,
                  operator_image: str, backend: Optional[ServingBackend] = None) -> dict[str, Any]:
     server = spec.server
+    backend = backend or backend_for(server)
+    volumes = [
+        {"name": DATA_VOLUME, "emptyDir": {}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": server.shm_size}},
+    ]
+    annotations = {ANNOTATION_DIGEST: adapter_set_digest(adapters),
+                   ANNOTATION_ADAPTERS: ",".join(sorted(short_set(adapters))),
+                   ANNOTATION_AD_NAME: owner.name}
+    if backend.name == "vllm":
+        # Nothing here depends on the adapter set: a new set changes the ConfigMap, not the pods.
+        init = [fetch_container(spec, [], operator_image, backend)] if \
+            (spec.base_model.uri or "").startswith("s3://") else []
+        containers = [server_container(spec, [], backend), sync_container(spec, operator_image, backend)]
+        volumes.append({"name": ADAPTER_SET_VOLUME, "configMap": {
+            "name": adapter_set_name(owner.name, track == "canary"), "items": [{"key": ADAPTER_SET_KEY,
+                                                                               "path": ADAPTER_SET_KEY}]}})
+        annotations = {ANNOTATION_AD_NAME: owner.name}
+    else:
+        init = [fetch_container(spec, adapters, operator_image, backend)]
+        containers = [server_container(spec, adapters, backend)]
     pod_spec: dict[str, Any] = {
-        "initContainers": [fetch_container(spec, adapters, operator_image, backend)],
-        "containers": [server_container(spec, adapters, backend)],
-        "volumes": [
-            {"name": DATA_VOLUME, "emptyDir": {}},
-            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": server.shm_size}},
-        ],
+        **({"initContainers": init} if init else {}),
+        "containers": containers,
+        "volumes": volumes,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "securityContext": workloads.restricted_pod(SERVER_USER),
         "automountServiceAccountToken": False,
@@ -220,12 +348,7 @@ def pod_template(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], o
     if server.tolerations:
         pod_spec["tolerations"] = [t.to_wire() for t in server.tolerations]
     return {
-        "metadata": {
-            "labels": _labels(owner, track),
-            "annotations": {ANNOTATION_DIGEST: adapter_set_digest(adapters),
-                            ANNOTATION_ADAPTERS: ",".join(sorted(short_set(adapters))),
-                            ANNOTATION_AD_NAME: owner.name},
-        },
+        "metadata": {"labels": _labels(owner, track, backend.name), "annotations": annotations},
         "spec": pod_spec,
     }
 
@@ -233,17 +356,20 @@ def pod_template(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], o
 def deployment(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], owner: Owner, *,
                canary: bool, operator_image: str, backend: Optional[ServingBackend] = None) -> dict[str, Any]:
     track = "canary" if canary else "stable"
-    name = canary_name(owner.name) if canary else stable_name(owner.name)
+    kind = spec.server.backend.value
+    name = canary_name(owner.name, kind) if canary else stable_name(owner.name, kind)
     replicas = spec.strategy.canary_replicas if canary else spec.server.replicas
+    annotations = {ANNOTATION_AD_NAME: owner.name}
+    if kind == "tgi":  # vLLM's set is in its ConfigMap
+        annotations[ANNOTATION_DIGEST] = adapter_set_digest(adapters)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": owner.namespace, "labels": _labels(owner, track),
-                     "annotations": {ANNOTATION_DIGEST: adapter_set_digest(adapters), ANNOTATION_AD_NAME: owner.name},
-                     "ownerReferences": [owner.reference()]},
+        "metadata": {"name": name, "namespace": owner.namespace, "labels": _labels(owner, track, kind),
+                     "annotations": annotations, "ownerReferences": [owner.reference()]},
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": _selector(owner, track)},
+            "selector": {"matchLabels": _selector(owner, track, kind)},
             # Never drop below the serving capacity: old pods keep serving until new ones are ready.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "revisionHistoryLimit": 3,
@@ -256,15 +382,16 @@ def deployment(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], own
 def service(spec: AdapterDeploymentSpec, owner: Owner, *, canary: bool,
             selector: Optional[dict[str, str]] = None) -> dict[str, Any]:
     track = "canary" if canary else "stable"
-    name = canary_name(owner.name) if canary else stable_name(owner.name)
+    kind = spec.server.backend.value
+    name = canary_name(owner.name, kind) if canary else stable_name(owner.name, kind)
     port = spec.server.port
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "namespace": owner.namespace, "labels": _labels(owner, track),
+        "metadata": {"name": name, "namespace": owner.namespace, "labels": _labels(owner, track, kind),
                      "ownerReferences": [owner.reference()]},
         "spec": {
-            "selector": selector or _selector(owner, track),
+            "selector": selector or _selector(owner, track, kind),
             # port == targetPort: the local platform resolves Services straight to a pod IP.
             "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],
         },

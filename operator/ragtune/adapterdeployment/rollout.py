@@ -7,6 +7,13 @@ redo the work). All state lives in the status and in deterministically named chi
 operator restart resumes where it stopped: the canary, the evaluation Job and the stable
 Deployment are created-or-adopted by name, and the stable pod template changes in one write.
 
+With `backend: vllm` the adapter set is not in the pod template: a step writes the set into the
+server's desired-set ConfigMap, and completes only when every ready pod of that track reports
+(its sidecar's status document, read once per pod per tick while the change is pending) that it
+serves exactly that set; a pod that reports a load failure for it ends the step with a condition
+and a Warning Event naming the pod and the adapter, and the rollout rolls back by writing the
+serving set (by digest, from `status.serving`) back into the ConfigMap. No pod restarts.
+
 The offline gate of FineTuneJob-sourced adapters is computed here from the FineTuneJob status;
 adapters given by `uri` are gated on their run's `eval/report.json` by the evaluation Job (the
 operator reads no S3): inside the canary's evaluation, or in an offline-only Job for `Direct`.
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
@@ -37,6 +45,8 @@ from ragtune.api.adapterdeployment import (
 from ragtune.api.common import IN_CLUSTER, Condition
 from ragtune.api.keys import ANNOTATION_ROLLED_AT
 from ragtune.api.pods import (
+    SYNC_STATUS_PATH,
+    AdapterSyncStatus,
     CandidateRef,
     FetchResult,
     OnlineEvalConfig,
@@ -148,6 +158,30 @@ def deployment_ready(dep: dict[str, Any]) -> bool:
             and st.get("availableReplicas", 0) >= want and st.get("replicas", 0) == want)
 
 
+POD_STATUS_TIMEOUT = 2.0
+"""Seconds to wait for one sidecar's status document (a tick reads one per pod)."""
+
+
+def read_pod_status(ip: str, port: int) -> Optional[dict[str, Any]]:
+    """A vLLM pod's sidecar status document (`api.pods.AdapterSyncStatus`), None when it does not answer."""
+    host = f"[{ip}]" if ":" in ip else ip
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{SYNC_STATUS_PATH}", timeout=POD_STATUS_TIMEOUT) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def pod_set_failure(pod_name: str, report: AdapterSyncStatus, want: dict[str, str]) -> Optional[tuple[str, str]]:
+    """(reason, message) when the pod's sidecar could not load a version of `want` (name -> sha256).
+    Errors about another digest are history; an unreachable server is retried by the sidecar."""
+    for name, err in sorted(report.errors.items()):
+        if name in want and err.sha256 in (None, want[name]) and err.reason != "ServerUnreachable":
+            return "AdapterLoadFailed", (f"pod {pod_name}: adapter {name}@{want[name][:12]} not loaded: "
+                                         f"{err.reason}: {err.message}")[:1024]
+    return None
+
+
 def job_result(pods: list[dict[str, Any]]) -> Optional[OnlineEvalResult]:
     """The evaluation Job's verdict from its pod's termination message (None while running)."""
     for pod in pods:
@@ -168,13 +202,16 @@ class Reconciler:
     """One tick for one AdapterDeployment. `kube` is a `ragtune.runtime.kube.Kube`-like client."""
 
     def __init__(self, kube, operator_image: str, clock: Callable[[], float] = time.time,
-                 post_events: bool = True):
+                 post_events: bool = True,
+                 pod_status: Callable[[str, int], Optional[dict[str, Any]]] = read_pod_status):
         """`post_events` False: the caller posts `Outcome.events` (the operator does, through kopf's
-        event queue like the FineTuneJob controller)."""
+        event queue like the FineTuneJob controller). `pod_status(ip, port)` reads a vLLM pod's
+        sidecar status document."""
         self.kube = kube
         self.operator_image = operator_image
         self.clock = clock
         self.post_events = post_events
+        self.pod_status = pod_status
 
     # --- entry point -----------------------------------------------------------------------
 
@@ -262,6 +299,9 @@ class _Tick:
         self.ns, self.name, self.generation = meta["namespace"], meta["name"], meta.get("generation", 1)
         self.owner = render.Owner(self.name, self.ns, meta["uid"])
         self.waiting_for_ftj = False
+        self.backend = spec.server.backend.value
+        self.dynamic = self.backend == "vllm"
+        """The adapter set lives in a ConfigMap the pods' sidecars load (vLLM), not in the template."""
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -300,7 +340,10 @@ class _Tick:
 
     def stable_name(self) -> str:
         ref = self.spec.server.deployment_ref
-        return ref.name if ref else render.stable_name(self.name)
+        return ref.name if ref else render.stable_name(self.name, self.backend)
+
+    def canary_name(self) -> str:
+        return render.canary_name(self.name, self.backend)
 
     def pods_of(self, dep: dict[str, Any], desired: dict[str, Any]) -> list[dict[str, Any]]:
         """Live pods of `dep` that run the desired template (old pods' crashes are not ours)."""
@@ -308,6 +351,58 @@ class _Tick:
         want = render.live_template_hash(desired)
         pods = [p for p in pods if (p["metadata"].get("annotations") or {}).get(render.ANNOTATION_TEMPLATE) == want]
         return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+    # --- vLLM: the desired-set ConfigMap and what each pod serves ---
+
+    def write_set(self, adapters: list[ResolvedAdapter], *, canary: bool, generation: int) -> bool:
+        """Make the desired-set ConfigMap hold `adapters` (one write when it differs); True when written."""
+        desired = render.adapter_set_configmap(self.spec, adapters, self.owner, canary=canary, generation=generation)
+        cm = self.kube.get("ConfigMap", self.ns, desired["metadata"]["name"])
+        if render.configmap_set_digest(cm) == render.configmap_set_digest(desired):
+            return False
+        desired["metadata"]["annotations"][ANNOTATION_ROLLED_AT] = str(int(self.rec.clock()))
+        if cm is None:
+            self.kube.create(desired)
+        else:
+            desired["metadata"]["resourceVersion"] = cm["metadata"]["resourceVersion"]
+            self.kube.replace(desired)
+        return True
+
+    def set_written_at(self, canary: bool) -> Optional[float]:
+        cm = self.kube.get("ConfigMap", self.ns, render.adapter_set_name(self.name, canary))
+        stamp = ((cm or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_ROLLED_AT)
+        return float(stamp) if stamp else None
+
+    def set_progress(self, pods: list[dict[str, Any]],
+                     adapters: list[ResolvedAdapter]) -> tuple[Optional[tuple[str, str]], list[str]]:
+        """(a pod's load failure, the ready pods that do not serve `adapters` yet): one status
+        document per running pod of the desired template."""
+        want = {a.name: a.sha256 for a in adapters}
+        port = render.sidecar_ports(self.spec.server.port)[1]
+        behind = []
+        for pod in pods:
+            st = pod.get("status") or {}
+            raw = self.rec.pod_status(st["podIP"], port) if st.get("podIP") and st.get("phase") == "Running" else None
+            try:
+                report = AdapterSyncStatus.model_validate(raw) if raw is not None else None
+            except ValidationError:
+                report = None
+            name = pod["metadata"]["name"]
+            if report is not None:
+                failure = pod_set_failure(name, report, want)
+                if failure:
+                    return failure, behind
+            if _pod_ready(pod) and (report is None or report.loaded != want):
+                behind.append(name)
+        return None, behind
+
+    def set_failed(self, failure: tuple[str, str]) -> None:
+        """A pod could not load the new set: say so on the object (a condition; the Event comes with the rollback)."""
+        self.cond("AdaptersLoaded", False, *failure)
+
+    def set_served(self, name: str, adapters: list[ResolvedAdapter], pods: int) -> None:
+        self.cond("AdaptersLoaded", True, "AllPodsServe",
+                  f"all {pods} ready pod(s) of {name} serve {', '.join(render.short_set(adapters)) or 'no adapter'}")
 
     # --- the state machine ---------------------------------------------------------------------
 
@@ -405,7 +500,12 @@ class _Tick:
 
     def stable_up_to_date(self, adapters: list[ResolvedAdapter]) -> bool:
         dep = self.kube.get("Deployment", self.ns, self.stable_name())
-        return dep is not None and _same(dep, self.desired_stable(adapters, dep))
+        if dep is None or not _same(dep, self.desired_stable(adapters, dep)):
+            return False
+        if self.dynamic:
+            cm = self.kube.get("ConfigMap", self.ns, render.adapter_set_name(self.name, False))
+            return render.configmap_set_digest(cm) == render.adapter_set_digest(adapters)
+        return True
 
     # --- canary ---
 
@@ -413,6 +513,8 @@ class _Tick:
         self.status.phase = Phase("Gating")
         desired = render.deployment(self.spec, cand.adapters, self.owner, canary=True,
                                     operator_image=self.rec.operator_image)
+        if self.dynamic:  # before the Deployment: its pods mount it
+            self.write_set(cand.adapters, canary=True, generation=cand.generation)
         dep = self.kube.get("Deployment", self.ns, desired["metadata"]["name"])
         if dep is None:
             self.kube.create(render.service(self.spec, self.owner, canary=True))
@@ -428,11 +530,17 @@ class _Tick:
             return
         if self.timed_out(dep, "canary", cand):
             return
-        failure = pod_failure(self.pods_of(dep, desired))
+        pods = self.pods_of(dep, desired)
+        failure = pod_failure(pods)
+        behind: list[str] = []
+        if failure is None and self.dynamic:
+            failure, behind = self.set_progress(pods, cand.adapters)
+            if failure:
+                self.set_failed(failure)
         if failure:
             self.rollback(cand, *failure)
             return
-        if deployment_ready(dep):
+        if deployment_ready(dep) and not behind:
             cand.step = "OnlineGate"
             self.status.message = "canary ready, evaluating"
             self.event("Normal", "CanaryReady", f"canary ready; online evaluation on "
@@ -450,7 +558,7 @@ class _Tick:
         return False
 
     def online_gate(self, cand: Candidate) -> None:
-        canary = self.kube.get("Deployment", self.ns, render.canary_name(self.name))
+        canary = self.kube.get("Deployment", self.ns, self.canary_name())
         if canary is None:  # deleted under us: start the canary again
             cand.step = "Canary"
             return
@@ -509,11 +617,11 @@ class _Tick:
         stable = self.kube.get("Deployment", self.ns, self.stable_name())
         stable_url = None
         if stable is not None and serving and not self.spec.server.deployment_ref:
-            stable_url = render.service_url(render.stable_name(self.name), self.ns, port)
+            stable_url = render.service_url(self.stable_name(), self.ns, port)
         by_name = {a.name: a for a in cand.adapters}
         gated = set(self.report_gated(cand))
         return OnlineEvalConfig(
-            canary_url=render.service_url(render.canary_name(self.name), self.ns, port) if online else None,
+            canary_url=render.service_url(self.canary_name(), self.ns, port) if online else None,
             stable_url=stable_url if online else None,
             candidates=[CandidateRef(name=n, uri=by_name[n].uri, sha256=by_name[n].sha256, serving=n in serving,
                                      offline=n in gated) for n in cand.changed if online or n in gated],
@@ -544,6 +652,13 @@ class _Tick:
             self.finish("Failed", "DeploymentNotFound", f"spec.server.deploymentRef: Deployment {name} not found")
             return
         desired = self.desired_stable(cand.adapters, dep)
+        if self.dynamic and self.write_set(cand.adapters, canary=False, generation=cand.generation) and \
+                dep is not None and _same(dep, desired):
+            # The running pods' sidecars load the new set: no new pods, no restart.
+            self.event("Normal", "Promoting", f"loading {', '.join(render.short_set(cand.adapters)) or 'no adapter'} "
+                       f"into the pods of {name} (no restart)")
+            self.status.message = f"pods of {name} are loading the new set"
+            return
         if dep is None:
             self.kube.create(render.service(self.spec, self.owner, canary=False))
         if dep is None or not _same(dep, desired):
@@ -553,11 +668,20 @@ class _Tick:
             self.event("Normal", "Promoting", f"rolling {name} to {', '.join(render.short_set(cand.adapters))}")
             self.status.message = f"rolling {name}"
             return
-        failure = pod_failure(self.pods_of(dep, desired))
+        pods = self.pods_of(dep, desired)
+        failure = pod_failure(pods)
+        behind: list[str] = []
+        if failure is None and self.dynamic:
+            failure, behind = self.set_progress(pods, cand.adapters)
+            if failure:
+                self.set_failed(failure)
         rolled_at = float((dep["metadata"].get("annotations") or {}).get(ANNOTATION_ROLLED_AT) or self.rec.clock())
+        if self.dynamic:
+            rolled_at = max(rolled_at, self.set_written_at(False) or 0.0)
         if failure is None and self.rec.clock() - rolled_at > self.spec.server.startup_timeout_seconds + 60:
             failure = ("RolloutTimeout", f"{name} did not become ready within "
-                                         f"spec.server.startupTimeoutSeconds={self.spec.server.startup_timeout_seconds}")
+                                         f"spec.server.startupTimeoutSeconds={self.spec.server.startup_timeout_seconds}"
+                       + (f" ({', '.join(behind)} not serving the new set)" if behind else ""))
         if failure:
             self.revert_stable(dep)
             self.rollback(cand, *failure)
@@ -565,12 +689,22 @@ class _Tick:
         if not deployment_ready(dep):
             self.status.message = f"waiting for {name} to roll out"
             return
+        if behind:
+            self.status.message = f"waiting for {len(behind)} pod(s) of {name} to serve the new set: {', '.join(behind)}"
+            return
+        if self.dynamic:
+            self.set_served(name, cand.adapters, len([p for p in pods if _pod_ready(p)]))
         self.promoted(cand)
 
     def revert_stable(self, dep: dict[str, Any]) -> None:
         """Put the previous adapter set back on the stable Deployment (or remove a stable
         Deployment this rollout created: nothing served before)."""
-        if self.status.serving:
+        if self.status.serving and self.dynamic:
+            # The previous set, by digest: the sidecars load it back (the versions that failed never served).
+            self.write_set(self.status.serving, canary=False, generation=self.status.observed_generation or 0)
+            self.event("Normal", "AdapterSetRestored", f"{dep['metadata']['name']} back to "
+                       f"{', '.join(render.short_set(self.status.serving))}")
+        elif self.status.serving:
             desired = self.desired_stable(self.status.serving, dep)
             desired["metadata"].setdefault("annotations", {})[ANNOTATION_ROLLED_AT] = str(int(self.rec.clock()))
             self.kube.replace(desired)
@@ -581,6 +715,8 @@ class _Tick:
         else:
             self.kube.delete("Deployment", self.ns, dep["metadata"]["name"])
             self.kube.delete("Service", self.ns, dep["metadata"]["name"])
+            if self.dynamic:
+                self.kube.delete("ConfigMap", self.ns, render.adapter_set_name(self.name, False))
 
     def promoted(self, cand: Candidate) -> None:
         since = {a.name: a.since for a in self.status.serving}
@@ -601,8 +737,10 @@ class _Tick:
         """End the rollout: remove the canary and evaluation Job, record history, set the phase.
         `outcome` None: nothing to roll (the set already serves)."""
         cand = self.status.candidate
-        self.kube.delete("Deployment", self.ns, render.canary_name(self.name))
-        self.kube.delete("Service", self.ns, render.canary_name(self.name))
+        self.kube.delete("Deployment", self.ns, self.canary_name())
+        self.kube.delete("Service", self.ns, self.canary_name())
+        if self.dynamic:
+            self.kube.delete("ConfigMap", self.ns, render.adapter_set_name(self.name, True))
         if cand is not None:
             self.kube.delete("Job", self.ns, render.eval_job_name(self.name, cand.generation))
         if outcome is not None and cand is not None:
@@ -632,7 +770,7 @@ class _Tick:
         if self.status.serving:
             self.status.deployment_name = self.stable_name()
             if not self.spec.server.deployment_ref:
-                self.status.endpoint = render.service_url(render.stable_name(self.name), self.ns, self.spec.server.port)
+                self.status.endpoint = render.service_url(self.stable_name(), self.ns, self.spec.server.port)
 
     def watch_stable(self, keep_phase: bool = True) -> None:
         """Between rollouts: report the stable server's health; recreate it if someone deleted it."""
@@ -642,6 +780,8 @@ class _Tick:
         dep = self.kube.get("Deployment", self.ns, self.stable_name())
         if dep is None and not self.spec.server.deployment_ref:
             self.kube.create(render.service(self.spec, self.owner, canary=False))
+            if self.dynamic:
+                self.write_set(self.status.serving, canary=False, generation=self.status.observed_generation or 0)
             self.kube.create(self.desired_stable(self.status.serving, None))
             self.event("Warning", "StableRecreated", f"{self.stable_name()} was missing; recreated it")
             dep = None

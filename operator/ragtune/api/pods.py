@@ -173,6 +173,64 @@ class FetchResult(ApiModel):
     adapters: list[FetchedAdapter] = Field(default_factory=list)
 
 
+# --- vLLM adapter-sync sidecar (`ragtune adapters sync`) ------------------------------------
+
+ADAPTER_SET_KEY = "adapters.json"
+"""Key of the desired-set ConfigMap the operator writes (an `AdapterSetDocument`)."""
+ADAPTER_SET_MOUNT = "/etc/ragtune/adapter-set"
+"""Where the sidecar sees that ConfigMap (the kubelet updates the files when it changes)."""
+SYNC_STATUS_PORT_NAME = "ragtune-sync"
+"""Container port of the sidecar's status document (`SYNC_STATUS_PATH`) and readiness (`SYNC_READY_PATH`)."""
+SYNC_STATUS_PATH = "/status"
+SYNC_READY_PATH = "/ready"
+"""200 once the sidecar has loaded the desired set (and vLLM answers), 503 before."""
+LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+"""vLLM's runtime LoRA endpoints: the sidecar's serving proxy refuses them (403), only the sidecar
+calls them, on loopback."""
+
+
+class DesiredAdapter(ApiModel):
+    name: str
+    uri: str
+    """Run prefix holding `manifest.json`."""
+    sha256: str
+    """Pinned sha256 of the run's manifest.json."""
+
+
+class AdapterSetDocument(ApiModel):
+    """The desired set, as the operator writes it into the ConfigMap key `ADAPTER_SET_KEY`."""
+
+    generation: int
+    """The AdapterDeployment generation whose rollout wrote it."""
+    digest: str
+    """Digest of the set (names + manifest digests), as in the pod template annotation of TGI."""
+    adapters: list[DesiredAdapter]
+
+
+class AdapterSyncError(ApiModel):
+    reason: str
+    """`DigestMismatch`, `ChecksumMismatch`, `UnsupportedAdapter`, `LoadFailed`, `ServerUnreachable`, ..."""
+    message: str = ""
+    sha256: Optional[str] = None
+    """The manifest digest that failed (an error about an older digest is history)."""
+
+
+class AdapterSyncStatus(ApiModel):
+    """The sidecar's status document (`GET SYNC_STATUS_PATH`): what this pod serves. The operator
+    reads it once per pod per tick while a set change is pending (no Secrets, no S3)."""
+
+    generation: int = 0
+    """Generation of the last desired set the sidecar acted on."""
+    desired: str = ""
+    """Digest of that set."""
+    loaded: dict[str, str] = Field(default_factory=dict)
+    """Adapter name -> manifest sha256 vLLM serves now."""
+    errors: dict[str, AdapterSyncError] = Field(default_factory=dict)
+    """Adapter name -> why the desired version is not loaded (the old version, if any, keeps serving)."""
+    ready: bool = False
+    """The desired set was loaded once since the sidecar started, and vLLM answers."""
+
+
 # --- Online evaluator (the canary evaluation Job) -----------------------------------------
 
 EVAL_CONFIG_ENV = "RAGTUNE_EVAL_CONFIG"

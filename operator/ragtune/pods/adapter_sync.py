@@ -14,8 +14,11 @@ vLLM's runtime LoRA endpoints are only enabled with `VLLM_ALLOW_RUNTIME_LORA_UPD
 calls risky: the sidecar talks to the server on a loopback address only (`--server` must be one),
 and the rendered pod keeps those endpoints off the Service port.
 
-What the pod serves is written to `--status` (JSON: desired generation, `name -> digest` loaded,
-per-adapter errors) after every change, for the operator to read from the pod's own report.
+What the pod serves (`api.pods.AdapterSyncStatus`: desired generation and set digest, `name ->
+digest` loaded, per-adapter errors) is served on `--status-listen` (`GET /status`; `GET /ready` is
+200 once the desired set was loaded since start and vLLM answers: the pod's readiness probe) and
+written to `--status`. In a rendered pod the sidecar also owns the serving port (`--listen`): the
+proxy in `serving_proxy.py` forwards everything to vLLM on loopback except the LoRA endpoints.
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ import shutil
 import signal
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Optional
 
+from ragtune.api.pods import SYNC_READY_PATH, SYNC_STATUS_PATH
+
 from .fetch import FetchError, base_target_modules, fetch_adapter, parse_adapter_arg
+from .serving_proxy import ServingProxy, parse_hostport, serve_in_thread
 
 log = logging.getLogger("ragtune.adapter_sync")
 
@@ -46,18 +52,29 @@ class Desired:
     generation: int
     adapters: dict[str, tuple[str, str]]
     """name -> (run uri, manifest sha256)."""
+    digest: str = ""
+    """The operator's digest of the set (`api.pods.AdapterSetDocument.digest`)."""
 
 
 def read_desired(path: Path) -> Desired:
-    """The ConfigMap key: `{"generation": N, "adapters": [{"name", "uri", "sha256"}]}`."""
+    """The ConfigMap key (`api.pods.AdapterSetDocument`): `{"generation": N, "digest": D,
+    "adapters": [{"name", "uri", "sha256"}]}`."""
     try:
-        raw = json.loads(Path(path).read_text())
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: not a desired adapter set ({exc})") from None
+    return read_desired_text(text, path)
+
+
+def read_desired_text(text: str, path) -> Desired:
+    try:
+        raw = json.loads(text)
         adapters = {}
         for a in raw["adapters"]:
             name, uri, digest = parse_adapter_arg(f"{a['name']}={a['uri']}#{a['sha256']}")
             adapters[name] = (uri, digest)
-        return Desired(int(raw.get("generation", 0)), adapters)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return Desired(int(raw.get("generation", 0)), adapters, str(raw.get("digest") or ""))
+    except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a desired adapter set ({exc})") from None
 
 
@@ -126,6 +143,9 @@ class Syncer:
     """name -> manifest sha256 served now."""
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     generation: int = 0
+    desired_digest: str = ""
+    synced: bool = False
+    """The desired set was fully loaded once since start (the pod may then take traffic)."""
 
     def folder(self, name: str, digest: str) -> Path:
         return self.dest / f"{name}@{digest}"
@@ -173,12 +193,58 @@ class Syncer:
             if old and old != digest:
                 shutil.rmtree(self.folder(name, old), ignore_errors=True)
             log.info("loaded %s@%s%s", name, digest[:12], f" (replacing {old[:12]})" if old else "")
-        self.generation = desired.generation
-        return all(self.loaded.get(n) == d for n, (_, d) in desired.adapters.items())
+        self.generation, self.desired_digest = desired.generation, desired.digest
+        done = all(self.loaded.get(n) == d for n, (_, d) in desired.adapters.items())
+        self.synced = self.synced or done
+        return done
 
     def report(self) -> dict:
         return {"generation": self.generation, "loaded": dict(sorted(self.loaded.items())),
                 "errors": dict(sorted(self.errors.items()))}
+
+    def status(self, healthy: bool) -> dict:
+        """`api.pods.AdapterSyncStatus` in wire form."""
+        return {**self.report(), "desired": self.desired_digest, "ready": bool(healthy and self.synced)}
+
+
+class StatusServer(ThreadingHTTPServer):
+    """`GET /status` (the status document) and `GET /ready` (the pod's readiness) of the sidecar."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, listen: tuple[str, int]):
+        super().__init__(listen, _StatusHandler)
+        self.lock = threading.Lock()
+        self.document: dict = {"generation": 0, "desired": "", "loaded": {}, "errors": {}, "ready": False}
+
+    def publish(self, document: dict) -> None:
+        with self.lock:
+            self.document = document
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    server: StatusServer
+
+    def log_message(self, fmt, *args) -> None:  # probes every few seconds: not worth a log line
+        pass
+
+    def do_GET(self) -> None:
+        with self.server.lock:
+            doc = self.server.document
+        path = self.path.split("?", 1)[0]
+        if path == SYNC_STATUS_PATH:
+            code, body = 200, doc
+        elif path == SYNC_READY_PATH:
+            code, body = (200 if doc["ready"] else 503), {"ready": doc["ready"]}
+        else:
+            code, body = 404, {"error": f"{path}: not found (try {SYNC_STATUS_PATH} or {SYNC_READY_PATH})"}
+        data = json.dumps(body, sort_keys=True).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 def write_status(path: Optional[Path], report: dict) -> None:
@@ -206,28 +272,42 @@ def run(args, storage=None, stop: Optional[threading.Event] = None,
     syncer = Syncer(storage, VllmAdmin(args.server), Path(args.dest), args.max_rank, allowed, expect)
     syncer.dest.mkdir(parents=True, exist_ok=True)
     status = Path(args.status) if args.status else None
+    stoppers = []
+    server: Optional[StatusServer] = None
+    if getattr(args, "status_listen", None):
+        server = StatusServer(parse_hostport(args.status_listen, "--status-listen"))
+        stoppers.append(serve_in_thread(server))
+    if getattr(args, "listen", None):
+        upstream = urllib.parse.urlsplit(syncer.admin.base_url)
+        stoppers.append(serve_in_thread(ServingProxy(parse_hostport(args.listen, "--listen"),
+                                                     (upstream.hostname, upstream.port or 80))))
     last: Optional[dict] = None
     recovered = False
-    while not stop.is_set():
-        if not syncer.admin.healthy():  # still starting (or restarting): nothing can be loaded yet
+    try:
+        while not stop.is_set():
+            healthy = syncer.admin.healthy()
+            if healthy:  # else still starting (or restarting): nothing can be loaded yet
+                try:
+                    if not recovered:
+                        syncer.recover()
+                        recovered = True
+                    syncer.sync(read_desired(Path(args.desired)))
+                except (ValueError, OSError) as exc:
+                    log.error("%s", exc)
+            report = syncer.status(healthy)
+            if server is not None:
+                server.publish(report)
+            if report != last:
+                write_status(status, report)
+                if on_report:
+                    on_report(report)
+                last = report
+            if args.once and healthy:
+                break
             stop.wait(args.interval)
-            continue
-        try:
-            if not recovered:
-                syncer.recover()
-                recovered = True
-            syncer.sync(read_desired(Path(args.desired)))
-        except (ValueError, OSError) as exc:
-            log.error("%s", exc)
-        report = syncer.report()
-        if report != last:
-            write_status(status, report)
-            if on_report:
-                on_report(report)
-            last = report
-        if args.once:
-            break
-        stop.wait(args.interval)
+    finally:
+        for stop_server in stoppers:
+            stop_server()
     return 0
 
 

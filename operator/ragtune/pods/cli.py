@@ -33,8 +33,9 @@ def add_commands(sub) -> None:
     adapters = _group(sub, "adapters", "adapter artifacts (the serving pods' init container)")
     fetch = adapters.add_parser(
         "fetch", help="download adapters from S3, verify every sha256 against the manifest, place them for TGI")
-    fetch.add_argument("--adapter", action="append", required=True, metavar="NAME=URI#SHA256",
-                       help="adapter id, run prefix and the sha256 of its manifest.json (repeatable)")
+    fetch.add_argument("--adapter", action="append", default=[], metavar="NAME=URI#SHA256",
+                       help="adapter id, run prefix and the sha256 of its manifest.json (repeatable; none: "
+                            "base weights only, as for vLLM, whose sidecar loads the adapters)")
     fetch.add_argument("--dest", default="/data/adapters", help="folder that gets one sub-folder per adapter")
     fetch.add_argument("--expect-base-model", metavar="ID@REVISION",
                        help="fail unless every manifest names this base model")
@@ -54,6 +55,10 @@ def add_commands(sub) -> None:
     sync.add_argument("--server", default="http://127.0.0.1:8000", help="vLLM on loopback (nothing else is accepted)")
     sync.add_argument("--dest", default="/data/adapters", help="folder for the verified adapters")
     sync.add_argument("--status", help="write what the pod serves here (JSON) after every change")
+    sync.add_argument("--status-listen", metavar="HOST:PORT",
+                      help="serve the status document (GET /status) and readiness (GET /ready) here")
+    sync.add_argument("--listen", metavar="HOST:PORT",
+                      help="the pod's serving port: proxy to --server, refusing vLLM's LoRA load/unload endpoints")
     sync.add_argument("--expect-base-model", metavar="ID@REVISION", help="fail adapters trained on another base")
     sync.add_argument("--allowed-target-module", action="append", metavar="MODULE", help="as for fetch")
     sync.add_argument("--target-modules-from-base", metavar="DIR", help="as for fetch")

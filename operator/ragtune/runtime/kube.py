@@ -30,6 +30,7 @@ MERGE_PATCH = "application/merge-patch+json"
 KINDS = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Service": ("/api/v1", "services"),
+    "ConfigMap": ("/api/v1", "configmaps"),
     "Job": ("/apis/batch/v1", "jobs"),
     "Pod": ("/api/v1", "pods"),
     "FineTuneJob": (f"/apis/{API_GROUP}/{API_VERSION}", "finetunejobs"),
