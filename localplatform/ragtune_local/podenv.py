@@ -162,6 +162,44 @@ def prepare_volumes(pod: dict, pod_dir: Path, shm_dir: Path, objects: ObjectCach
     return out
 
 
+def refresh_configmap_volumes(pod: dict, volumes: dict[str, Path], kube: Kube) -> list[str]:
+    """Rewrite the files of configMap volumes whose ConfigMap changed, as a kubelet does (eventually:
+    its sync period; here the pod worker calls this every few seconds). Each file is replaced
+    atomically, so a reader sees the old or the new content, never half; the volume's directory
+    stays the same (containers bind-mount it). A ConfigMap that went missing keeps the last content.
+    Returns the names of the volumes that changed."""
+    objects = ObjectCache(kube, pod["metadata"]["namespace"])
+    changed = []
+    for vol in pod["spec"].get("volumes") or []:
+        src = vol.get("configMap")
+        if src is None or vol["name"] not in volumes:
+            continue
+        try:
+            data = objects.data("ConfigMap", src["name"], src.get("optional", False))
+        except (ConfigError, ApiError):
+            continue
+        items = src.get("items")
+        selected = [(i["key"], i["path"], i.get("mode")) for i in items] if items else [(k, k, None) for k in data]
+        wrote = False
+        for key, rel, mode in selected:
+            if key not in data:
+                continue
+            path = volumes[vol["name"]] / rel
+            try:
+                if path.read_bytes() == data[key]:
+                    continue
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data[key])
+            tmp.chmod(mode if mode is not None else src.get("defaultMode", 0o644))
+            os.replace(tmp, path)
+            wrote = True
+        if wrote:
+            changed.append(vol["name"])
+    return changed
+
+
 def _reset(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -222,7 +260,9 @@ def hosts_file(pod: dict, pod_ip: str, services: dict[tuple[str, str], str]) -> 
     `NodeAgent.service_ips`); short names only in the pod's own namespace, as its DNS search path does."""
     namespace = pod["metadata"]["namespace"]
     host, subdomain = pod_hostname(pod)
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost",
+    # `localhost` is the pod itself, as in its own network namespace: here, its own loopback IP (pods
+    # share the host's namespace, so 127.0.0.1 would be every pod's and the host's at once).
+    lines = [f"{pod_ip}\tlocalhost", "::1\tip6-localhost ip6-loopback",
              f"{pod_ip}\t{host}.{subdomain}.{namespace}.svc.cluster.local\t{host}" if subdomain
              else f"{pod_ip}\t{host}"]
     for (ns, svc), ip in sorted(services.items()):

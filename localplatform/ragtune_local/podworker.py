@@ -35,6 +35,7 @@ from .podenv import (
     expand,
     pod_hostname,
     prepare_volumes,
+    refresh_configmap_volumes,
 )
 from .procs import ProcRef, stop_group
 
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ragtune.podrunner")
 NSEXEC = Path(__file__).resolve().parent / "nsexec.py"
 BACKOFF_BASE, BACKOFF_MAX = 2.0, 60.0  # kubelet uses 10 s / 300 s; shorter keeps local iterations quick
+CONFIGMAP_SYNC_SECONDS = 2.0
+"""How often a running pod's configMap volumes are compared with their ConfigMaps (a kubelet: ~1 min)."""
 TERMINATION_LOG_LIMIT = 4096
 
 
@@ -123,6 +126,8 @@ class PodWorker(threading.Thread):
         self.finished = threading.Event()
         self._last_status: Optional[str] = None
         self.hosts_path = self.dir / "hosts"
+        self.has_configmaps = any("configMap" in v for v in pod["spec"].get("volumes") or [])
+        self._configmaps_at = 0.0
         self._cond_times: dict[str, tuple[bool, str]] = {}
 
     # -- control from the sync loop --
@@ -341,6 +346,13 @@ class PodWorker(threading.Thread):
                                           f"pod={self.pod_name}_{self.ns}({self.uid}) (exit code {term['exitCode']})"}}
 
     def _tick(self, volumes: dict[str, Path]) -> None:
+        if self.has_configmaps and time.monotonic() >= self._configmaps_at:
+            self._configmaps_at = time.monotonic() + CONFIGMAP_SYNC_SECONDS
+            try:
+                for name in refresh_configmap_volumes(self.pod, volumes, self.kube):
+                    log.info("pod %s/%s: configMap volume %s updated", self.ns, self.pod_name, name)
+            except OSError as exc:
+                log.warning("pod %s/%s: configMap volumes not refreshed: %s", self.ns, self.pod_name, exc)
         for c in self.containers:
             if c.done:
                 continue

@@ -145,3 +145,38 @@ def test_helper_processes_die_with_the_process_that_started_them(tmp_path):
     if alive:
         os.kill(child.pid, 9)
     assert not alive, "the child outlived its killed parent"
+
+
+def test_localhost_in_a_pod_is_the_pod_itself():
+    """No network namespaces here: `localhost` must not be 127.0.0.1 (every pod's and the host's at
+    once), or two vLLM pods' loopback-only servers would collide (adapterdeployment/render.py)."""
+    text = hosts_file(_pod("pod-1", "a"), "127.100.0.5", {})
+    assert "127.100.0.5\tlocalhost" in text.splitlines()
+    assert not any(line.startswith("127.0.0.1") for line in text.splitlines())
+    assert "localhost" not in next(line for line in text.splitlines() if line.startswith("::1")).split()
+
+
+def test_configmap_volumes_follow_their_configmap_atomically(tmp_path):
+    from ragtune_local.podenv import refresh_configmap_volumes
+
+    class Kube:
+        data = {"adapters.json": '{"v": 1}'}
+
+        def get(self, path):
+            assert path == "/api/v1/namespaces/a/configmaps/set"
+            return {"data": dict(self.data)}
+
+    pod = {"metadata": {"name": "p", "namespace": "a"}, "spec": {"volumes": [
+        {"name": "set", "configMap": {"name": "set", "items": [{"key": "adapters.json", "path": "adapters.json"}]}},
+        {"name": "data", "emptyDir": {}}]}}
+    vol = tmp_path / "set"
+    vol.mkdir()
+    (vol / "adapters.json").write_text('{"v": 1}')
+    inode = vol.stat().st_ino
+    kube = Kube()
+    assert refresh_configmap_volumes(pod, {"set": vol, "data": tmp_path / "data"}, kube) == []
+    kube.data = {"adapters.json": '{"v": 2}'}
+    assert refresh_configmap_volumes(pod, {"set": vol, "data": tmp_path / "data"}, kube) == ["set"]
+    assert (vol / "adapters.json").read_text() == '{"v": 2}'
+    assert vol.stat().st_ino == inode, "the bind-mounted directory stays the same"
+    assert [p.name for p in vol.iterdir()] == ["adapters.json"], "no temporary file left behind"
