@@ -1,6 +1,10 @@
 """The TGI stand-in (localplatform/ragtune_local/testdoubles/tgi_standin) behaves like TGI where ragtune depends on it, and its
 responses validate against TGI's OpenAPI schemas (the subset ragtune depends on, kept in the repository
-at tests/platform/data/tgi-openapi-subset.json with the TGI version it was taken from)."""
+at tests/platform/data/tgi-openapi-subset.json with the TGI version it was taken from).
+
+The stand-in only grows where TGI's real contract does: `/v1/completions` (used by ragtune's one
+client for both backends) follows TGI's router (`model` read as `adapter_id` unless "tgi", TGI >= 2.2)
+and TGI's `CompletionFinal` schema."""
 
 from __future__ import annotations
 
@@ -213,3 +217,39 @@ def test_adapter_that_does_not_fit_the_base_crashes_at_start(tmp_path, models):
     s = StandIn({"MODEL_ID": str(models[0]), "LORA_ADAPTERS": f"bad={bad}"})
     out, _ = s.proc.communicate(timeout=120)
     assert s.proc.returncode == 1 and "failed to load" in out
+
+
+def test_completions_model_selects_the_adapter_like_tgi_router(server, openapi):
+    """TGI's `/v1/completions` (router, since 2.2): `model` other than "tgi" is the adapter id, "tgi"
+    the base model, an unknown id silently the base; greedy at temperature 0, the same generation as
+    `/generate` (both add special tokens); `CompletionFinal` names the base model; `suffix` refused."""
+    def complete(model, prompt=PROMPT, **extra):
+        return post(server.url + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 12,
+                                                      "temperature": 0, **extra})
+
+    status, a1 = complete("a1")
+    assert status == 200
+    validate(openapi, "CompletionFinal", a1)
+    assert a1["object"] == "text_completion" and a1["model"] == get(server.url + "/info")[1]["model_id"]
+    assert a1["choices"][0]["text"] == generate(server, "a1")[1]["generated_text"]
+    base = complete("tgi")[1]["choices"][0]["text"]
+    assert base == generate(server)[1]["generated_text"] != a1["choices"][0]["text"]
+    assert complete("no-such-adapter")[1]["choices"][0]["text"] == base
+    assert a1["choices"][0]["finish_reason"] in ("length", "stop")
+    _, batch = complete("a2", prompt=[PROMPT, "Question: Who wrote Hamlet? Answer:"])
+    assert [c["index"] for c in batch["choices"]] == [0, 1]
+    assert batch["usage"]["completion_tokens"] <= 24
+    status, body = complete("a1", suffix="!")
+    assert status == 422
+    validate(openapi, "ErrorResponse", body)
+    assert complete("a1", prompt=[PROMPT] * 5)[0] == 422
+
+
+def test_the_one_client_drives_the_standin(server):
+    """ragtune's client (`online_eval.Completions`, the openai client) against TGI's protocol."""
+    from ragtune.pods.online_eval import Completions
+
+    client = Completions(server.url, backend="tgi", base_model="ignored-for-tgi")
+    assert client(PROMPT, "a1", 12) == generate(server, "a1")[1]["generated_text"]
+    assert client(PROMPT, None, 12) == generate(server)[1]["generated_text"]
+    assert client(PROMPT, "no-such-adapter", 12) == client(PROMPT, None, 12)  # TGI's silent fallback

@@ -114,6 +114,28 @@ def test_unreachable_canary_is_an_error_not_a_pass(world):
     assert result.outcome == "Error" and result.reason == "CanaryUnreachable"
 
 
+def test_a_name_the_server_does_not_serve_fails_the_proof(world):
+    """vLLM answers a model name it does not serve with 404 (TGI would serve the base model)."""
+    from ragtune.pods.online_eval import AdapterNotServed
+
+    def vllm(url, prompt, adapter):
+        if adapter:
+            raise AdapterNotServed(f"{url} serves no model {adapter!r}: The model does not exist.")
+        return BASE["q1"]
+    result = evaluate(config(world), Storage(), vllm)
+    assert result.outcome == "Failed" and result.reason == "AdapterNotServed"
+    assert result.message == "adapter support: the canary http://canary serves no model 'support': The model does not exist."
+
+
+def test_the_client_names_the_base_model_per_backend():
+    from ragtune.pods.online_eval import Completions
+
+    assert Completions("http://tgi:80/", backend="tgi", base_model="org/base").base_name == "tgi"
+    assert Completions("http://vllm:8000", backend="vllm", base_model="org/base").base_name == "org/base"
+    with pytest.raises(ValueError, match="served name"):
+        Completions("http://vllm:8000", backend="vllm")
+
+
 def test_sampling_is_bounded_and_deterministic(world):
     gen = scripted({"support": GOOD, "base": BASE})
     cfg = config(world, samples=2)

@@ -262,7 +262,8 @@ class OnlineEvalConfig(ApiModel):
     s3: S3Config = Field(default_factory=S3Config)
     seed: int = 0
     backend: Literal["tgi", "vllm"] = "tgi"
-    """The server's API: TGI's `/generate`, or vLLM's `/v1/completions` (adapters are model names)."""
+    """The server's kind; both are asked through `/v1/completions` with the adapter as `model`, and
+    this names the base model: TGI's `tgi`, vLLM's served name (`base_model`)."""
     base_model: Optional[str] = None
     """The base model's served name (vLLM: `--served-model-name`, i.e. `spec.baseModel.id`)."""
 
@@ -272,8 +273,8 @@ class OnlineEvalResult(ApiModel):
 
     outcome: Literal["Passed", "Failed", "Error"]
     reason: str
-    """`Passed`, `GateFailed`, `NoAdapterEffect`, `Regression`, or an error reason
-    (`CanaryUnreachable`, `InvalidEvalSet`, `S3...`)."""
+    """`Passed`, `GateFailed`, `NoAdapterEffect`, `AdapterNotServed` (vLLM: 404 for the name),
+    `Regression`, or an error reason (`CanaryUnreachable`, `InvalidEvalSet`, `S3...`)."""
     message: str = ""
     results: list[OnlineGateResult] = Field(default_factory=list)
     offline: dict[str, list[GateResult]] = Field(default_factory=dict)

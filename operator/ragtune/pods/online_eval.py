@@ -4,8 +4,13 @@ Reads rag records from S3, asks the canary for answers with each candidate adapt
 base model (no adapter id), and the stable server with the adapter of the same name that serves
 now (if any); scores them with `ragtune.rag.metrics.score`; applies the online gate
 (thresholds, maximum regression against what serves now, proof that the adapter is applied:
-TGI silently serves the base model for an unknown adapter id); writes an `OnlineEvalResult`
-JSON termination message. Configuration comes as JSON in `RAGTUNE_EVAL_CONFIG`.
+TGI silently serves the base model for an unknown adapter id, vLLM answers 404); writes an
+`OnlineEvalResult` JSON termination message. Configuration comes as JSON in `RAGTUNE_EVAL_CONFIG`.
+
+Both backends are asked through ONE client (`Completions`): the `openai` client on the
+OpenAI-compatible `/v1/completions`, which TGI (>= 2.2) and vLLM both serve, with the adapter as
+`model`. The prompt is rendered here with the adapter's own chat template, as in training, and
+sent as is, so what is measured does not depend on a server's chat templating.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from ragtune.api.pods import (
     OnlineEvalConfig,
     OnlineEvalResult,
 )
-from ragtune.rag.prompt import DEFAULT_REFUSAL, FALLBACK_CHAT_TEMPLATE, build_messages
+from ragtune.rag.prompt import FALLBACK_CHAT_TEMPLATE, PromptContract
 from ragtune.rag.records import RagRecord
 
 log = logging.getLogger("ragtune.online_eval")
@@ -35,6 +40,55 @@ log = logging.getLogger("ragtune.online_eval")
 
 Generate = Callable[[str, str, Optional[str]], str]
 """(base_url, prompt, adapter id or None) -> answer."""
+
+TGI_BASE_MODEL = "tgi"
+"""TGI's name for the base model on its OpenAI-compatible routes: any other `model` is read as the
+`adapter_id` (router: `model.filter(|m| m != "tgi")`, TGI >= 2.2)."""
+
+
+class AdapterNotServed(RuntimeError):
+    """The server says it serves no model of that name (vLLM: 404). TGI never says so: it answers
+    an unknown adapter id with the base model, which the `differsFromBase` gate catches."""
+
+
+class Completions:
+    """Greedy completions from a TGI or vLLM server, the same request for both: `POST /v1/completions`
+    with `model` = the adapter's name, or the base model's name for no adapter (vLLM: its served
+    name, `--served-model-name`; TGI: "tgi")."""
+
+    def __init__(self, base_url: str, *, backend: str, base_model: Optional[str] = None,
+                 timeout: float = 120.0, max_retries: int = 2):
+        from openai import OpenAI
+
+        if backend == "vllm" and not base_model:
+            raise ValueError("backend vllm: the base model's served name is needed to ask it without an adapter")
+        self.base_url = base_url.rstrip("/")
+        self.base_name = base_model if backend == "vllm" else TGI_BASE_MODEL
+        # The servers take no API key in-cluster; the client insists on one and would otherwise
+        # read OPENAI_API_KEY from the environment and send it.
+        self.client = OpenAI(base_url=self.base_url + "/v1", api_key="none", timeout=timeout,
+                             max_retries=max_retries)
+
+    def __call__(self, prompt: str, adapter: Optional[str], max_tokens: int) -> str:
+        from openai import NotFoundError
+
+        model = adapter or self.base_name
+        try:
+            out = self.client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        except NotFoundError as exc:
+            raise AdapterNotServed(f"{self.base_url} serves no model {model!r}: {exc.message}"[:400]) from None
+        return out.choices[0].text
+
+
+def server_generate(config: OnlineEvalConfig) -> Generate:
+    """`Generate` over one `Completions` client per server URL."""
+    clients: dict[str, Completions] = {}
+
+    def generate(url: str, prompt: str, adapter: Optional[str]) -> str:
+        if url not in clients:
+            clients[url] = Completions(url, backend=config.backend, base_model=config.base_model)
+        return clients[url](prompt, adapter, config.gate.max_new_tokens)
+    return generate
 
 
 def load_records(storage, uri: str) -> list[dict[str, Any]]:
@@ -65,9 +119,28 @@ def sample(records: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, A
     return random.Random(seed).sample(records, n)
 
 
-def messages_for(record: dict[str, Any], refusal: str = DEFAULT_REFUSAL) -> list[dict[str, str]]:
+def messages_for(record: dict[str, Any], prompt: PromptContract = PromptContract()) -> list[dict[str, str]]:
     """System + user turns for a rag record, exactly as in training (`ragtune.rag.prompt`)."""
-    return build_messages(RagRecord.from_dict({"id": "", **record}), refusal=refusal)
+    return prompt.messages(RagRecord.from_dict({"id": "", **record}))
+
+
+def adapter_prompt(storage, cand: CandidateRef) -> PromptContract:
+    """The prompt contract the adapter was trained with: its run's `adapter/prompt.json`, verified
+    against the manifest (pinned by digest); ragtune's default prompt for runs that predate it."""
+    from ragtune.api.pods import MANIFEST, PROMPT_JSON, Manifest
+    from ragtune.storage import sha256_bytes
+
+    base = cand.uri.rstrip("/") + "/"
+    raw = storage.get_bytes(base + MANIFEST)
+    if cand.sha256 and sha256_bytes(raw) != cand.sha256:
+        raise ValueError(f"adapter {cand.name}: {base}{MANIFEST} does not match the pinned sha256")
+    listed = {f.path: f.sha256 for f in Manifest.model_validate_json(raw).files}
+    if PROMPT_JSON not in listed:
+        return PromptContract()
+    data = storage.get_bytes(base + PROMPT_JSON)
+    if sha256_bytes(data) != listed[PROMPT_JSON]:
+        raise ValueError(f"adapter {cand.name}: {base}{PROMPT_JSON} does not match its sha256 in the manifest")
+    return PromptContract.loads(data, base + PROMPT_JSON)
 
 
 def chat_template(storage, run_uri: str) -> tuple[str, dict[str, str]]:
@@ -104,11 +177,12 @@ def render_prompt(template: str, specials: dict[str, str], messages: list[dict[s
 
 
 def gate_candidate(name: str, gate: OnlineGate, items: list[dict[str, Any]], candidate: list[str],
-                   base: list[str], baseline: Optional[list[str]]) -> OnlineGateResult:
+                   base: list[str], baseline: Optional[list[str]],
+                   prompt: PromptContract = PromptContract()) -> OnlineGateResult:
     from ragtune.rag.metrics import score
 
-    cand_m, base_m = score(items, candidate), score(items, base)
-    baseline_m = score(items, baseline) if baseline is not None else None
+    cand_m, base_m = score(items, candidate, prompt=prompt), score(items, base, prompt=prompt)
+    baseline_m = score(items, baseline, prompt=prompt) if baseline is not None else None
     results = evaluate_gates(gate.thresholds, cand_m, base_m)
     if baseline_m is not None:
         for metric in ("f1", "refusalRate"):
@@ -176,15 +250,22 @@ def evaluate(config: OnlineEvalConfig, storage, generate: Generate) -> OnlineEva
         return OnlineEvalResult(outcome="Error", reason="InvalidEvalSet", message=str(exc))
     budget = config.gate.max_new_tokens
     results = []
-    base_cache: dict[str, list[str]] = {}
+    base_cache: dict[tuple[str, PromptContract], list[str]] = {}
     for cand in config.candidates:
         template, specials = chat_template(storage, cand.uri)
-        prompts = [render_prompt(template, specials, messages_for(r)) for r in items]
-        key = template
+        try:
+            contract = adapter_prompt(storage, cand)
+        except (ValueError, ValidationError) as exc:
+            return OnlineEvalResult(outcome="Error", reason="InvalidPrompt", message=str(exc)[:500], offline=offline)
+        prompts = [render_prompt(template, specials, messages_for(r, contract)) for r in items]
+        key = (template, contract)  # the base model's answers depend on both
         try:
             if key not in base_cache:
                 base_cache[key] = [generate(config.canary_url, p, None) for p in prompts]
             answers = [generate(config.canary_url, p, cand.name) for p in prompts]
+        except AdapterNotServed as exc:  # vLLM's answer to a name it does not serve: no proof of the adapter
+            return OnlineEvalResult(outcome="Failed", reason="AdapterNotServed", offline=offline,
+                                    message=f"adapter {cand.name}: the canary {exc}")
         except Exception as exc:
             return OnlineEvalResult(outcome="Error", reason="CanaryUnreachable",
                                     message=f"querying the canary at {config.canary_url}: {type(exc).__name__}: {exc}")
@@ -196,7 +277,7 @@ def evaluate(config: OnlineEvalConfig, storage, generate: Generate) -> OnlineEva
                 return OnlineEvalResult(outcome="Error", reason="StableUnreachable",
                                         message=f"querying the stable server at {config.stable_url}: {exc}")
         log.info("adapter %s: %d items answered (budget %d tokens)", cand.name, len(items), budget)
-        results.append(gate_candidate(cand.name, config.gate, items, answers, base_cache[key], baseline))
+        results.append(gate_candidate(cand.name, config.gate, items, answers, base_cache[key], baseline, contract))
     failed = [r for r in results if not r.passed]
     if not failed:
         return OnlineEvalResult(outcome="Passed", reason="Passed", offline=offline,
@@ -229,7 +310,6 @@ def _fit(result: OnlineEvalResult) -> OnlineEvalResult:
 
 
 def main(args) -> int:
-    from ragtune.adapterdeployment.backends import TGI, VllmBackend
     from ragtune.storage import Storage, StorageError
 
     from .fetch import write_termination_message
@@ -243,16 +323,8 @@ def main(args) -> int:
                                   message=f"{EVAL_CONFIG_ENV}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
     else:
         storage = Storage(config.s3)
-        max_new = config.gate.max_new_tokens
-
-        def generate(url: str, prompt: str, adapter: Optional[str]) -> str:
-            if config.backend == "vllm":
-                return VllmBackend().generate(url, prompt, adapter=adapter, max_new_tokens=max_new,
-                                              base_name=config.base_model)
-            return TGI.generate(url, prompt, adapter=adapter, max_new_tokens=max_new)
-
         try:
-            result = evaluate(config, storage, generate)
+            result = evaluate(config, storage, server_generate(config))
         except StorageError as exc:  # S3 unreachable, denied, missing, or a forbidden address
             result = OnlineEvalResult(outcome="Error", reason=exc.reason, message=str(exc)[:500])
     write_termination_message(_fit(result))

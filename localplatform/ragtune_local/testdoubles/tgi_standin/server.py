@@ -1,7 +1,8 @@
 """TEST DOUBLE of Hugging Face TGI's HTTP API (see the package docstring).
 
 Routes: `POST /` (compat: array of GenerateResponse), `POST /generate`, `POST /generate_stream`
-(SSE), `POST /v1/chat/completions` (non-streaming), `GET /health`, `GET /info`, `GET /v1/models`.
+(SSE), `POST /v1/chat/completions` and `POST /v1/completions` (non-streaming; `model` other than
+"tgi" is the adapter id, as TGI's router reads it since 2.2), `GET /health`, `GET /info`, `GET /v1/models`.
 Requests are served one at a time under a lock: peft switches the active adapter on the shared
 model (`set_adapter`), so two concurrent requests must not interleave.
 """
@@ -25,6 +26,8 @@ from ragtune.rag.prompt import FALLBACK_CHAT_TEMPLATE
 log = logging.getLogger("tgi-standin")
 
 VERSION = "3.3.6-standin"
+ADAPTERS_HEADER = "X-Standin-Adapters"
+MAX_CLIENT_BATCH_SIZE = 4  # TGI's default --max-client-batch-size (also in /info)
 
 
 class ConfigError(ValueError):
@@ -229,6 +232,8 @@ def make_handler(engine: Engine):
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
+            # Not TGI's: which adapter set answered, so traffic-split tests can tell stable from canary.
+            self.send_header(ADAPTERS_HEADER, ",".join(sorted(config.adapters)))
             self.end_headers()
             self.wfile.write(data)
 
@@ -251,7 +256,8 @@ def make_handler(engine: Engine):
                     "max_concurrent_requests": config.max_concurrent_requests, "max_best_of": 2,
                     "max_stop_sequences": 4, "max_input_tokens": config.max_input_tokens,
                     "max_total_tokens": config.max_total_tokens, "validation_workers": 2,
-                    "max_client_batch_size": 4, "router": "text-generation-router", "version": VERSION,
+                    "max_client_batch_size": MAX_CLIENT_BATCH_SIZE, "router": "text-generation-router",
+                    "version": VERSION,
                     "sha": None, "docker_label": None,
                 })
             elif self.path == "/v1/models":
@@ -267,6 +273,8 @@ def make_handler(engine: Engine):
                     self._generate(body)
                 elif self.path == "/v1/chat/completions":
                     self._chat(body)
+                elif self.path == "/v1/completions":
+                    self._completions(body)
                 else:
                     self._send(404, {"error": f"no route {self.path}", "error_type": "not_found"})
             except ApiError as exc:
@@ -333,6 +341,44 @@ def make_handler(engine: Engine):
                              "logprobs": None, "finish_reason": gen.finish_reason}],
                 "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.token_ids),
                           "total_tokens": gen.prompt_tokens + len(gen.token_ids)},
+            })
+
+        def _completions(self, body: dict[str, Any]) -> None:
+            """TGI's `/v1/completions`: one generation per prompt (a string or a list of up to
+            `max_client_batch_size`), greedy only at temperature 0 (TGI samples when it is unset),
+            `suffix` refused, the answer in `CompletionFinal`'s shape with the base model's id."""
+            if body.get("stream"):
+                raise ApiError(422, "Input validation error: the stand-in does not stream completions", "validation")
+            if body.get("suffix") is not None:
+                raise ApiError(422, "Suffix is not supported and can be achieved by preprocessing the prompt.",
+                               "suffix not supported")
+            prompts = body.get("prompt")
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ApiError(422, "Failed to deserialize the JSON body: `prompt` must be a string or a non-empty "
+                               "list of strings", "validation")
+            if len(prompts) > MAX_CLIENT_BATCH_SIZE:
+                raise ApiError(422, f"Number of prompts exceeds the maximum allowed batch size of "
+                               f"{MAX_CLIENT_BATCH_SIZE}", "batch size exceeded")
+            model = body.get("model")
+            temperature = body.get("temperature")
+            params = {
+                "adapter_id": model if model != "tgi" else None,
+                "max_new_tokens": body.get("max_tokens"),
+                "do_sample": temperature != 0, "temperature": temperature or None,
+                "top_p": body.get("top_p"), "seed": body.get("seed"), "stop": body.get("stop"),
+                "repetition_penalty": body.get("repetition_penalty"),
+            }
+            gens = [engine.generate(p, params) for p in prompts]
+            self._send(200, {
+                "object": "text_completion", "id": "", "created": int(time.time()), "model": config.model_id,
+                "system_fingerprint": f"{VERSION}-native",
+                "choices": [{"index": i, "text": g.text, "logprobs": None,
+                             "finish_reason": "stop" if g.finish_reason == "eos_token" else g.finish_reason}
+                            for i, g in enumerate(gens)],
+                "usage": {"prompt_tokens": sum(g.prompt_tokens for g in gens),
+                          "completion_tokens": sum(len(g.token_ids) for g in gens),
+                          "total_tokens": sum(g.prompt_tokens + len(g.token_ids) for g in gens)},
             })
 
     return Handler
