@@ -1,6 +1,8 @@
 """The chart's NetworkPolicies: ragtune's pods (the operator, and the trainer, TGI server with its
 adapter fetcher and online evaluator the operator starts) may not reach cloud-metadata or
-link-local addresses; on by default, per served namespace, configurable and schema-checked."""
+link-local addresses; on by default, per served namespace, configurable and schema-checked. vLLM
+server pods take requests on the serving port from anyone, on the sidecar's status port only
+from the operator."""
 
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def _denied(policy: dict) -> set[str]:
 
 @pytest.mark.platform
 def test_default_render_denies_metadata_egress_for_operator_and_workloads():
-    policies = _policies()
+    policies = {k: v for k, v in _policies().items() if k[1].endswith("-egress")}
     assert set(policies) == {("ragtune-system", "ragtune-operator-egress"), ("ragtune-system", "ragtune-workloads-egress")}
     operator = policies[("ragtune-system", "ragtune-operator-egress")]
     assert operator["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
@@ -96,6 +98,7 @@ def test_every_served_namespace_gets_the_workload_policy():
     cluster = _policies({"watch.mode": "cluster", "networkPolicy.namespaces": ["ml"]})
     assert {ns for ns, name in cluster if name.endswith("workloads-egress")} == {"ml"}
     assert set(_policies({"watch.mode": "cluster"})) == {("ragtune-system", "ragtune-operator-egress")}
+    assert {ns for ns, name in policies if name.endswith("vllm-ingress")} == {"team-a", "team-b"}
 
 
 @pytest.mark.platform
@@ -103,7 +106,9 @@ def test_disabled_extra_egress_and_custom_ranges():
     assert _policies({"networkPolicy.enabled": False}) == {}
     extra = {"to": [{"ipBlock": {"cidr": "169.254.20.10/32"}}], "ports": [{"port": 53, "protocol": "UDP"}]}
     policies = _policies({"networkPolicy.extraEgress": [extra], "networkPolicy.deniedCIDRs": ["169.254.0.0/16"]})
-    for policy in policies.values():
+    for key, policy in policies.items():
+        if key[1].endswith("vllm-ingress"):
+            continue
         assert policy["spec"]["egress"][-1] == extra
         blocks = [p["ipBlock"] for r in policy["spec"]["egress"][:-1] for p in r["to"] if "ipBlock" in p]
         assert {b["cidr"]: b.get("except") for b in blocks} == {"0.0.0.0/0": ["169.254.0.0/16"], "::/0": None}
@@ -116,3 +121,28 @@ def test_loopback_allowance_reaches_the_operator():
     for value, expected in ((False, "false"), (True, "true")):
         env = {e["name"]: e.get("value") for e in render({"s3AllowLoopback": value}).container["env"]}
         assert env["RAGTUNE_S3_ALLOW_LOOPBACK"] == expected
+
+
+@pytest.mark.platform
+def test_vllm_pods_take_requests_on_the_serving_port_and_the_status_port_only_from_the_operator():
+    """The names the policy uses are the ones the operator renders (port names, pod labels)."""
+    from ragtune.adapterdeployment import render as ad_render
+    from ragtune.api.adapterdeployment import AdapterDeploymentSpec
+
+    policy = _policies({"watch.namespaces": ["team-a"]})[("team-a", "ragtune-vllm-ingress")]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    serving, status = policy["spec"]["ingress"]
+    assert serving == {"ports": [{"port": "http", "protocol": "TCP"}]}  # every client
+    assert status["ports"] == [{"port": "ragtune-sync", "protocol": "TCP"}]
+    (peer,) = status["from"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "ragtune-system"}}
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+
+    spec = AdapterDeploymentSpec.model_validate({
+        "baseModel": {"id": "m", "revision": "r"}, "server": {"backend": "vllm"},
+        "adapters": [{"name": "a", "uri": "s3://models/r/", "sha256": "a" * 64}]})
+    dep = ad_render.deployment(spec, [], ad_render.Owner("chat", "team-a", "u"), canary=False, operator_image="i")
+    template = dep["spec"]["template"]
+    assert all(template["metadata"]["labels"][k] == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+    ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    assert ports == {"http", "ragtune-sync"}, "vLLM's own port is not a container port: loopback only"

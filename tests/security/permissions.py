@@ -46,6 +46,8 @@ PERMISSIONS: list[Permission] = [
     *_many("", "pods/log", "get", "finetunejob", "sample RAGTUNE_PROGRESS lines from the trainer log"),
     *_many("apps", "deployments", "create get update delete", "adapterdeployment", "TGI stable and canary Deployments"),
     *_many("", "services", "create get delete", "adapterdeployment", "TGI stable and canary Services (get: adopt one that exists)"),
+    *_many("", "configmaps", "create get update delete", "adapterdeployment",
+           "the desired adapter set of a vLLM server and canary (its sidecars load it; update: a new set, no restart)"),
     *_many("", "events", "create", "kopf", "an Event on every transition"),
     *_many("coordination.k8s.io", "leases", "create get update", "leader",
            "leader election between replicas (release namespace only; get/update only the Lease ragtune-operator)"),

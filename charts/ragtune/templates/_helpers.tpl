@@ -94,6 +94,11 @@ runs with peering and cluster scanning off.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "get", "delete"]
+# The desired-set ConfigMap of a vLLM server (its sidecars load the set from it): only ConfigMaps
+# the operator creates; never a Secret.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "get", "update", "delete"]
 # Events on every transition.
 - apiGroups: [""]
   resources: ["events"]
