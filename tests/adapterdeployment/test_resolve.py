@@ -86,3 +86,20 @@ def test_offline_gate_requires_the_jobs_own_verdict_unless_disabled():
     failed = {"adapter": {"f1": 0.9}, "passed": False}
     assert not all(r.passed for r in offline_gate(GatesSpec(), failed))
     assert offline_gate(GatesSpec(requireOfflinePass=False), failed) == []
+
+
+def test_a_finetunejob_rank_above_the_servers_limit_is_refused_before_anything_rolls():
+    vllm = AdapterDeploymentSpec.model_validate({"baseModel": BASE, "server": {"backend": "vllm", "vllm": {"maxLoraRank": 16}},
+                                                 "adapters": [{"name": "big", "fineTuneJobRef": {"name": "j"}}]})
+    wide = job()
+    wide["spec"]["lora"] = {"r": 32}
+    with pytest.raises(ResolveError, match=r"adapter big \(FineTuneJob j\) has LoRA rank 32, above the server's "
+                                           r"limit 16 \(spec.server.vllm.maxLoraRank\)") as err:
+        resolve(vllm, {"j": wide}.get)
+    assert err.value.reason == "AdapterRankTooLarge"
+    fits = job()
+    fits["spec"]["lora"] = {"r": 16}
+    assert resolve(vllm, {"j": fits}.get).adapters[0].name == "big"
+    assert resolve(vllm, {"j": job()}.get).adapters  # no lora section: the FineTuneJob default rank (16)
+    tgi = spec({"name": "big", "fineTuneJobRef": {"name": "j"}})  # TGI holds up to 128
+    assert resolve(tgi, {"j": wide}.get).adapters

@@ -1,5 +1,6 @@
 """Adapter resolution and the checks the operator can make without S3: FineTuneJob state,
-base-model identity, names, and the offline gate on the FineTuneJob's evaluation.
+base-model identity, the LoRA rank a FineTuneJob trains against the server's limit, names, and the
+offline gate on the FineTuneJob's evaluation.
 
 Checks that need the manifest or `adapter_config.json` run in the fetch init container
 (`ragtune adapters fetch`), whose termination message the operator surfaces.
@@ -17,6 +18,7 @@ from ragtune.api.adapterdeployment import (
     ResolvedAdapter,
 )
 from ragtune.api.common import EvalMetrics, GateResult
+from ragtune.api.finetunejob import LoraSpec
 from ragtune.api.gates import describe_failures, evaluate_gates
 
 # A FineTuneJob getter: name -> the object as a dict, or None when it does not exist.
@@ -54,6 +56,12 @@ def _same_base(spec: AdapterDeploymentSpec, ftj_spec: dict[str, Any]) -> Optiona
     return None
 
 
+def _max_rank(spec: AdapterDeploymentSpec) -> int:
+    from .backends import backend_for
+
+    return backend_for(spec.server).max_lora_rank
+
+
 def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: FtjGetter) -> tuple[ResolvedAdapter, Optional[dict], Optional[str]]:
     if source.uri:
         assert source.sha256  # the CRD's CEL rule guarantees it; models validated by pydantic too
@@ -73,6 +81,14 @@ def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: Ftj
     mismatch = _same_base(spec, ftj.get("spec") or {})
     if mismatch:
         raise ResolveError("BaseModelMismatch", f"adapter {source.name} (FineTuneJob {ref.name}) was {mismatch}")
+    rank = (((ftj.get("spec") or {}).get("lora") or {}).get("r")) or LoraSpec().r
+    limit = _max_rank(spec)
+    if rank > limit:
+        # Known from the FineTuneJob's spec: refused before anything rolls (a `uri` adapter's rank is
+        # only known from its files, which the fetcher/sidecar checks in the pod).
+        raise ResolveError("AdapterRankTooLarge", f"adapter {source.name} (FineTuneJob {ref.name}) has LoRA rank "
+                                                  f"{rank}, above the server's limit {limit}"
+                                                  f"{' (spec.server.vllm.maxLoraRank)' if spec.server.backend.value == 'vllm' else ''}")
     artifact = status.get("adapter") or {}
     if not artifact.get("uri") or not artifact.get("sha256"):
         raise ResolveError("AdapterMissing", f"adapter {source.name}: FineTuneJob {ref.name} is Succeeded "
@@ -112,7 +128,8 @@ def offline_gate(gates: GatesSpec, metrics: Optional[dict[str, Any]]) -> list[Ga
     metrics = metrics or {}
     adapter = EvalMetrics.model_validate(metrics.get("adapter") or {})
     base = EvalMetrics.model_validate(metrics["base"]) if metrics.get("base") else None
-    results = evaluate_gates(gates.offline, adapter, base)
+    foreign = EvalMetrics.model_validate(metrics["foreignPrompt"]) if metrics.get("foreignPrompt") else None
+    results = evaluate_gates(gates.offline, adapter, base, foreign)
     if gates.require_offline_pass:
         # A Succeeded FineTuneJob without gates of its own reports no verdict: that is a pass.
         passed = 0.0 if metrics.get("passed") is False else 1.0
