@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local platform's Go binaries from their published modules, once per version.
 #
-#   localplatform/build.sh [part ...]     parts: kube etcd kwok minio helm vllm (default: all)
+#   localplatform/build.sh [part ...]     parts: kube etcd kwok minio helm vllm traefik gatewayapi
+#                                         (default: all)
 #
 # Binaries land in $RAGTUNE_CACHE/bin/<part>-<version>/ (default ~/.cache/ragtune); Go's
 # module and build caches stay in their usual persistent places, so a second run is a no-op
@@ -15,6 +16,8 @@ ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # MinIO publishes pseudo-versions only
+TRAEFIK_VERSION=v3.6.12     # opt-in gateway part; v3.7.x does not build (deps missing from the proxy)
+GATEWAYAPI_VERSION=v1.4.0   # Gateway API CRDs: the version Traefik v3.6.12's go.mod requires
 
 CACHE=${RAGTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ragtune}
 BIN=$CACHE/bin
@@ -33,7 +36,9 @@ if ! flock -n 9; then say "another build is running (lock $CACHE/build.lock); wa
 run_part() {
   local name=$1 dest=$2 fn=$3; shift 3
   local missing=0 b
-  for b in "$@"; do [ -x "$dest/$b" ] || missing=1; done
+  for b in "$@"; do  # binaries must be executable; data files (*.yaml) only present
+    case $b in *.yaml) [ -f "$dest/$b" ] || missing=1 ;; *) [ -x "$dest/$b" ] || missing=1 ;; esac
+  done
   if [ $missing = 0 ]; then say "$name: cached in $dest"; return 0; fi
   local tmp; tmp=$(mktemp -d "$CACHE/tmp-$name-XXXX")
   local log=$LOGS/build-$name.log
@@ -123,7 +128,28 @@ build_minio() {
   GOBIN=$1/out go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
 }
 
-parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(kube etcd kwok minio helm vllm)
+# Traefik's go.mod has replace directives, so `go install ...@version` refuses it: build it
+# from a copy of its module directory instead (its web UI is embedded from webui/static).
+build_traefik() {
+  local work=$1 dir
+  dir=$(go mod download -json "github.com/traefik/traefik/v3@$TRAEFIK_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -n "$dir" ] && [ -d "$dir" ] || { echo "go mod download gave no module dir for traefik $TRAEFIK_VERSION"; return 1; }
+  mkdir -p "$work/out"; cp -r "$dir" "$work/mod"; chmod -R u+w "$work/mod"; cd "$work/mod"
+  go build -trimpath -ldflags "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION" \
+    -o "$work/out/traefik" ./cmd/traefik
+}
+
+# Gateway API's standard-channel CRDs, taken from the published Go module (config/crd/standard).
+build_gatewayapi() {
+  local work=$1 dir
+  dir=$(go mod download -json "sigs.k8s.io/gateway-api@$GATEWAYAPI_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -n "$dir" ] && [ -d "$dir/config/crd/standard" ] || { echo "no config/crd/standard in gateway-api $GATEWAYAPI_VERSION"; return 1; }
+  mkdir -p "$work/out"
+  cat "$dir"/config/crd/standard/*.yaml > "$work/out/standard-crds.yaml"
+  ls "$dir"/config/crd/standard/ > "$work/out/SOURCES"
+}
+
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(kube etcd kwok minio helm vllm traefik gatewayapi)
 status=0
 for p in "${parts[@]}"; do
   case $p in
@@ -132,8 +158,10 @@ for p in "${parts[@]}"; do
     kwok)  run_part kwok  "$BIN/kwok-$KWOK_VERSION" build_kwok kwok || status=1 ;;
     helm)  run_part helm  "$BIN/helm-$HELM_VERSION" build_helm helm || status=1 ;;
     minio) run_part minio "$BIN/minio-$MINIO_VERSION" build_minio minio || status=1 ;;
+    traefik)    run_part traefik    "$BIN/traefik-$TRAEFIK_VERSION" build_traefik traefik || status=1 ;;
+    gatewayapi) run_part gatewayapi "$BIN/gatewayapi-$GATEWAYAPI_VERSION" build_gatewayapi standard-crds.yaml || status=1 ;;
     vllm)  bash "$(dirname "${BASH_SOURCE[0]}")/build_vllm.sh" || status=1 ;;
-    *) say "unknown part '$p' (parts: kube etcd kwok minio helm vllm)"; exit 2 ;;
+    *) say "unknown part '$p' (parts: kube etcd kwok minio helm vllm traefik gatewayapi)"; exit 2 ;;
   esac
 done
 exit $status

@@ -52,7 +52,9 @@ class Part:
         return cache_dir() / "bin" / f"{self.name}-{self.version}"
 
     def missing(self) -> list[str]:
-        return [b for b in self.binaries if not os.access(self.dir / b, os.X_OK)]
+        # as build.sh checks: binaries executable, data files (*.yaml) present
+        return [b for b in self.binaries
+                if not (os.path.isfile(self.dir / b) if b.endswith(".yaml") else os.access(self.dir / b, os.X_OK))]
 
 
 PARTS = {
@@ -61,6 +63,8 @@ PARTS = {
     "kwok": Part("kwok", ("kwok",)),
     "minio": Part("minio", ("minio",)),
     "helm": Part("helm", ("helm",)),
+    "traefik": Part("traefik", ("traefik",)),  # opt-in: `dev up --with gateway`
+    "gatewayapi": Part("gatewayapi", ("standard-crds.yaml",)),
 }
 
 

@@ -37,7 +37,8 @@ SCHEDULER = Identity("scheduler", "system:kube-scheduler")
 KWOK = Identity("kwok", "ragtune:kwok", ("system:masters",))
 RUNNER = Identity("runner", "ragtune:local-runner")
 APISERVER_KUBELET_CLIENT = Identity("apiserver-kubelet-client", "kube-apiserver-kubelet-client")
-CLIENT_IDENTITIES = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, RUNNER, APISERVER_KUBELET_CLIENT)
+GATEWAY = Identity("gateway", "ragtune:local-gateway")  # Traefik (opt-in part), see gateway.py's RBAC
+CLIENT_IDENTITIES = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, RUNNER, APISERVER_KUBELET_CLIENT, GATEWAY)
 
 
 def _key() -> ec.EllipticCurvePrivateKey:

@@ -33,7 +33,10 @@ from .procs import ProcRef, group_members, stop_group
 RUNNER_NODE = "ragtune-local"
 SERVICE_CIDR = "10.96.0.0/16"
 # Start order; `down` stops in reverse. The pod runner goes first so pods get their SIGTERM.
-PART_ORDER = ("etcd", "kube-apiserver", "minio", "kube-controller-manager", "kube-scheduler", "kwok", "pod-runner")
+PART_ORDER = ("etcd", "kube-apiserver", "minio", "kube-controller-manager", "kube-scheduler", "kwok", "pod-runner",
+              "gateway")
+OPTIONAL_PARTS = {"gateway": ("traefik", "gatewayapi")}
+"""Parts `up(with_parts=...)` adds (`ragtune dev up --with gateway`) -> the build.sh parts they need."""
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
@@ -151,7 +154,8 @@ class LocalPlatform:
 
     # ---- up ----------------------------------------------------------------------------
 
-    def up(self, timeout: float = 120.0, build: bool = True, log: Callable[[str], None] = print) -> PlatformInfo:
+    def up(self, timeout: float = 120.0, build: bool = True, log: Callable[[str], None] = print,
+           with_parts: tuple[str, ...] = ()) -> PlatformInfo:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / ".lock", "w") as lock:
             try:
@@ -163,11 +167,18 @@ class LocalPlatform:
                 raise PlatformError(
                     f"a local platform is already running in {self.state_dir} (parts: {', '.join(sorted(running))}); "
                     "use it (KUBECONFIG=" + str(self.state_dir / "kubeconfig") + ") or run `ragtune dev down` first")
-            ensure_binaries(("etcd", "kube", "kwok", "minio"), build=build, log=log)
+            unknown = sorted(set(with_parts) - set(OPTIONAL_PARTS))
+            if unknown:
+                raise PlatformError(f"unknown optional part(s) {', '.join(unknown)} (known: {', '.join(OPTIONAL_PARTS)})")
+            extra = tuple(b for part in with_parts for b in OPTIONAL_PARTS[part])
+            ensure_binaries(("etcd", "kube", "kwok", "minio") + extra, build=build, log=log)
             t0 = self._t0 = time.monotonic()
             self._ready_after, self._log = {}, log
             try:
                 info = self._start_all(timeout, log)
+                self._save(info)
+                if "gateway" in with_parts:
+                    info = self._start_gateway(timeout)
             except BaseException:
                 self._stop_all(log=lambda _m: None)
                 raise
@@ -272,7 +283,8 @@ class LocalPlatform:
         ca.issue("kubelet", f"system:node:{RUNNER_NODE}", server=True, dns=("localhost", RUNNER_NODE), ips=("127.0.0.1",))
         pki.write_service_account_keys(info.pki)
         kubeconfigs = {"admin": "kubeconfig", "controller-manager": "controller-manager.kubeconfig",
-                       "scheduler": "scheduler.kubeconfig", "kwok": "kwok.kubeconfig", "runner": "runner.kubeconfig"}
+                       "scheduler": "scheduler.kubeconfig", "kwok": "kwok.kubeconfig", "runner": "runner.kubeconfig",
+                       "gateway": "gateway.kubeconfig"}
         for ident in pki.CLIENT_IDENTITIES:
             crt, key = ca.issue(ident.stem, ident.user, ident.groups)
             if ident.stem in kubeconfigs:
@@ -312,7 +324,22 @@ class LocalPlatform:
                                     f"--- last lines ---\n{_tail(log_path)}")
             time.sleep(0.2)
 
-    # ---- parts on demand (S3 outage tests) ---------------------------------------------------
+    # ---- parts on demand (S3 outage tests, the opt-in gateway) -----------------------------------
+
+    def start_gateway(self, timeout: float = 60.0, build: bool = True,
+                      log: Callable[[str], None] = print) -> PlatformInfo:
+        """Adds the Gateway API implementation (Traefik, see gateway.py) to the running platform;
+        a no-op when it runs already. `info().ports["gateway"]` is the Gateway's HTTP port."""
+        if self.running_parts().get("gateway"):
+            return self.info()
+        ensure_binaries(OPTIONAL_PARTS["gateway"], build=build, log=log)
+        self._t0, self._log = time.monotonic(), log
+        return self._start_gateway(timeout)
+
+    def _start_gateway(self, timeout: float) -> PlatformInfo:
+        from . import gateway
+
+        return gateway.start(self, timeout)
 
     def stop_part(self, part: str) -> None:
         ref = self._recorded().get(part)

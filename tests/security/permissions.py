@@ -48,6 +48,8 @@ PERMISSIONS: list[Permission] = [
     *_many("", "services", "create get delete", "adapterdeployment", "TGI stable and canary Services (get: adopt one that exists)"),
     *_many("", "configmaps", "create get update delete", "adapterdeployment",
            "the desired adapter set of a vLLM server and canary (its sidecars load it; update: a new set, no restart)"),
+    *_many("gateway.networking.k8s.io", "httproutes", "create get update delete", "adapterdeployment",
+           "the HTTPRoute of a `Canary` strategy: weights of the stable and canary Services"),
     *_many("", "events", "create", "kopf", "an Event on every transition"),
     *_many("coordination.k8s.io", "leases", "create get update", "leader",
            "leader election between replicas (release namespace only; get/update only the Lease ragtune-operator)"),

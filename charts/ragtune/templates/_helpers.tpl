@@ -99,6 +99,11 @@ runs with peering and cluster scanning off.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "get", "update", "delete"]
+# The HTTPRoute of a `strategy.type: Canary` AdapterDeployment (weights of stable vs canary);
+# never its status (the Gateway writes that), no other Gateway API object.
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["create", "get", "update", "delete"]
 # Events on every transition.
 - apiGroups: [""]
   resources: ["events"]

@@ -40,7 +40,6 @@ from ragtune.api.adapterdeployment import (
     OnlineGateResult,
     ResolvedAdapter,
     RolloutRecord,
-    StrategyType,
 )
 from ragtune.api.common import IN_CLUSTER, Condition
 from ragtune.api.keys import ANNOTATION_ROLLED_AT
@@ -55,7 +54,7 @@ from ragtune.api.pods import (
 from ragtune.runtime.conditions import now, set_condition
 from ragtune.runtime.kube import KubeError
 
-from . import render
+from . import render, traffic
 from .resolve import (
     NotReady,
     ResolveError,
@@ -299,14 +298,21 @@ class _Tick:
         self.ns, self.name, self.generation = meta["namespace"], meta["name"], meta.get("generation", 1)
         self.owner = render.Owner(self.name, self.ns, meta["uid"])
         self.waiting_for_ftj = False
+        self.hint: Optional[float] = None
+        """Seconds until the rollout needs another look (traffic pauses), instead of the poll interval."""
         self.backend = spec.server.backend.value
         self.dynamic = self.backend == "vllm"
         """The adapter set lives in a ConfigMap the pods' sidecars load (vLLM), not in the template."""
 
     # --- helpers -----------------------------------------------------------------------------
 
+    def wait_hint(self, seconds: float) -> None:
+        self.hint = seconds if self.hint is None else min(self.hint, seconds)
+
     def again(self) -> Optional[float]:
         if self.status.candidate is not None:
+            if self.hint is not None:
+                return max(self.hint, ROLLOUT_POLL_SECONDS)
             return FINETUNEJOB_WAIT_SECONDS if self.waiting_for_ftj else ROLLOUT_POLL_SECONDS
         if not self.status.serving:
             return None
@@ -423,7 +429,7 @@ class _Tick:
             self.cond("Progressing", True, "RolloutStarted", f"rolling out generation {self.generation}")
             self.event("Normal", "RolloutStarted", f"rollout of generation {self.generation} started")
         step = {"Resolving": self.resolving, "OfflineGate": self.after_offline_gate, "Canary": self.canary,
-                "OnlineGate": self.online_gate, "Promoting": self.promoting}.get(cand.step)
+                "OnlineGate": self.online_gate, "Traffic": self.traffic_step, "Promoting": self.promoting}.get(cand.step)
         if step:
             step(cand)
 
@@ -453,7 +459,7 @@ class _Tick:
             self.finish(None, "UpToDate", "the adapter set is already serving")
             return
         use_canary = self.use_canary(cand)
-        if use_canary and not self.eval_set(res.eval_sets, cand.changed):
+        if use_canary and self.spec.gates.online.enabled and not self.eval_set(res.eval_sets, cand.changed):
             self.finish("Failed", "EvalSetMissing", "the online gate needs evaluation data: set "
                         "spec.gates.online.evalSetUri (the FineTuneJobs name no dataset.eval)")
             return
@@ -465,7 +471,10 @@ class _Tick:
         self.after_offline_gate(cand)
 
     def use_canary(self, cand: Candidate) -> bool:
-        return bool(self.spec.strategy.type == StrategyType.CANARY and self.spec.gates.online.enabled
+        # Traffic steps need the canary even without the online evaluation (not the first rollout:
+        # with nothing serving there is no traffic to split).
+        shifts = self.spec.strategy.shifts_traffic and bool(self.status.serving)
+        return bool((self.spec.strategy.evaluates and self.spec.gates.online.enabled or shifts)
                     and cand.changed)
 
     def report_gated(self, cand: Candidate) -> list[str]:
@@ -570,10 +579,35 @@ class _Tick:
         if failure:
             self.rollback(cand, *failure)
             return
-        if self.job_verdict(cand, online=True) is None:
+        if self.spec.gates.online.enabled:
+            if self.job_verdict(cand, online=True) is None:
+                return
+        elif self.report_gated(cand) and self.job_verdict(cand, online=False) is None:
+            return  # traffic steps without the online evaluation: `uri` adapters still pass their offline gate
+        if self.spec.strategy.shifts_traffic and self.status.serving:  # first rollout: no traffic to split
+            cand.step = "Traffic"
+            self.traffic_step(cand)
             return
         cand.step = "Promoting"
         self.promoting(cand)
+
+    def traffic_step(self, cand: Candidate) -> None:
+        """User traffic shifts to the canary step by step (`ragtune.adapterdeployment.traffic`)."""
+        self.status.phase = Phase("RollingOut")
+        canary = self.kube.get("Deployment", self.ns, self.canary_name())
+        if canary is None:  # deleted under us: nothing to send traffic to
+            self.rollback(cand, "CanaryMissing", f"canary {self.canary_name()} disappeared during the traffic steps")
+            return
+        desired = render.deployment(self.spec, cand.adapters, self.owner, canary=True,
+                                    operator_image=self.rec.operator_image)
+        failure = pod_failure(self.pods_of(canary, desired))
+        if failure:
+            self.rollback(cand, *failure)
+            return
+        if traffic.step(self, cand):
+            cand.step = "Promoting"
+            self.status.message = "canary carries all traffic; rolling the stable server"
+            self.promoting(cand)
 
     def job_verdict(self, cand: Candidate, online: bool) -> Optional[bool]:
         """Run (create-or-adopt) the evaluation Job and read its verdict: True when it passed,
@@ -694,6 +728,8 @@ class _Tick:
             return
         if self.dynamic:
             self.set_served(name, cand.adapters, len([p for p in pods if _pod_ready(p)]))
+        if cand.traffic is not None and not traffic.back_to_stable(self, cand):
+            return  # the canary serves until the Gateway routes everything to the new stable again
         self.promoted(cand)
 
     def revert_stable(self, dep: dict[str, Any]) -> None:
@@ -737,6 +773,7 @@ class _Tick:
         """End the rollout: remove the canary and evaluation Job, record history, set the phase.
         `outcome` None: nothing to roll (the set already serves)."""
         cand = self.status.candidate
+        traffic.between_rollouts(self)  # no user request goes to the canary from here on
         self.kube.delete("Deployment", self.ns, self.canary_name())
         self.kube.delete("Service", self.ns, self.canary_name())
         if self.dynamic:
@@ -774,6 +811,7 @@ class _Tick:
 
     def watch_stable(self, keep_phase: bool = True) -> None:
         """Between rollouts: report the stable server's health; recreate it if someone deleted it."""
+        traffic.between_rollouts(self)
         if not self.status.serving:
             self.cond("Ready", False, "NothingServing", "no adapter set has been promoted yet")
             return

@@ -298,21 +298,114 @@ class GatesSpec(ApiModel):
 
 
 class StrategyType(str, Enum):
+    EVALUATE = "Evaluate"
     CANARY = "Canary"
     DIRECT = "Direct"
+
+
+PAUSE = r"^[0-9]{1,5}(s|m|h)$"
+MAX_PAUSE_SECONDS = 24 * 3600
+
+
+def pause_seconds(pause: str) -> int:
+    """`30s`, `2m`, `1h` -> seconds."""
+    return int(pause[:-1]) * {"s": 1, "m": 60, "h": 3600}[pause[-1]]
+
+
+def _check_pause(pause: str) -> str:
+    if pause_seconds(pause) > MAX_PAUSE_SECONDS:
+        raise ValueError(f"pause {pause!r} is longer than 24h")
+    return pause
+
+
+class CanaryStep(ApiModel):
+    """One traffic step: the canary's share of the route's requests, held for `pause`."""
+
+    weight: int = Field(ge=1, le=100)
+    """Percent of the requests the canary receives (1..100; 100 promotes)."""
+    pause: Annotated[str, Field(pattern=PAUSE, max_length=6, json_schema_extra=k8s_extensions(
+        cel("duration(self) <= duration('24h')", "pause must be at most 24h"))),
+        AfterValidator(_check_pause)] = "0s"
+    """How long to hold this weight once the Gateway accepted it: a number and a unit, `s`, `m`
+    or `h` (`30s`, `2m`, `1h`; at most 24h). `0s`: move on as soon as it is accepted."""
+
+
+class GatewayRef(ApiModel):
+    """The Gateway the HTTPRoute attaches to (its `parentRefs` entry)."""
+
+    name: K8sName
+    """Gateway name."""
+    namespace: Optional[K8sName] = None
+    """Gateway namespace (empty: the AdapterDeployment's); its listener must allow routes from
+    this namespace."""
+    section_name: Optional[str] = Field(None, min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Listener name to attach to (empty: every listener that allows the route)."""
+
+
+def _check_steps(steps: list[CanaryStep]) -> list[CanaryStep]:
+    for i in range(1, len(steps)):
+        if steps[i].weight <= steps[i - 1].weight:
+            raise ValueError(f"steps[{i}].weight ({steps[i].weight}) must be greater than steps[{i - 1}].weight "
+                             f"({steps[i - 1].weight}): weights only increase")
+    return steps
+
+
+class CanarySpec(ApiModel):
+    """Weighted canary on live traffic through Gateway API (`type: Canary`)."""
+
+    gateway_ref: GatewayRef
+    """The Gateway whose traffic the AdapterDeployment's HTTPRoute carries."""
+    hostnames: list[Annotated[str, Field(min_length=1, max_length=253,
+                                         pattern=r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")]] = \
+        Field(default_factory=list, max_length=16)
+    """The route's `hostnames` (empty: every host the listener accepts)."""
+    steps: Annotated[list[CanaryStep], Field(min_length=1, max_length=20, json_schema_extra=k8s_extensions(
+        cel("self.map(s, s.weight).isSorted() && self.all(s, self.exists_one(t, t.weight == s.weight))",
+            "steps[].weight must strictly increase from step to step"))),
+        AfterValidator(_check_steps)]
+    """Weights in increasing order, e.g. `[{weight: 10, pause: 2m}, {weight: 50, pause: 5m}]`; after
+    the last step (or at weight 100) the candidate is promoted onto the stable Deployment."""
 
 
 class StrategySpec(ApiModel):
     """How a new adapter set reaches the stable server."""
 
-    type: StrategyType = StrategyType.CANARY
-    """`Canary`: a canary Deployment with the candidate set is evaluated online first, then the
-    stable Deployment is rolled. `Direct`: the stable Deployment is rolled after the offline
-    gate."""
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s_extensions(
+            cel("!has(self.canary) || self.type == 'Canary'",
+                "strategy.canary (traffic steps) needs type: Canary", field_path=".canary"),
+        )
+    }
+
+    type: StrategyType = StrategyType.EVALUATE
+    """`Evaluate`: a canary Deployment with the candidate set is evaluated online (the evaluation
+    Job is its only client: it receives no user traffic), then the stable Deployment is rolled.
+    `Canary` with `canary`: the same canary, then user traffic shifted to it through Gateway API
+    in `canary.steps`, then promotion (`Canary` without `canary` is the former name of
+    `Evaluate`). `Direct`: the stable Deployment is rolled after the offline gate."""
+    canary: Optional[CanarySpec] = None
+    """Traffic steps on a Gateway (`type: Canary`); ragtune owns an HTTPRoute whose weighted
+    `backendRefs` point at the stable and canary Services."""
     auto_rollback: bool = True
     """On a failed or timed-out canary, remove it and keep the previous set serving."""
     canary_replicas: int = Field(1, ge=1, le=10)
     """Replicas of the canary Deployment."""
+
+    @model_validator(mode="after")
+    def _canary_needs_type(self) -> "StrategySpec":
+        if self.canary is not None and self.type != StrategyType.CANARY:
+            raise ValueError("strategy.canary (traffic steps) needs type: Canary")
+        return self
+
+    @property
+    def evaluates(self) -> bool:
+        """A canary Deployment is started and evaluated (Evaluate, Canary)."""
+        return self.type != StrategyType.DIRECT
+
+    @property
+    def shifts_traffic(self) -> bool:
+        """User traffic moves through a Gateway API HTTPRoute."""
+        return self.type == StrategyType.CANARY and self.canary is not None
 
 
 class AdapterDeploymentSpec(ApiModel):
@@ -325,6 +418,10 @@ class AdapterDeploymentSpec(ApiModel):
                 ": self.server.vllm.maxLoras)",
                 "more adapters than the vLLM server holds: raise spec.server.vllm.maxCpuLoras (or maxLoras)",
                 field_path=".adapters", reason="FieldValueInvalid"),
+            cel("!has(self.strategy) || !has(self.strategy.canary) || !has(self.server) || "
+                "!has(self.server.deploymentRef)",
+                "strategy.canary routes to ragtune's own stable Service: not with server.deploymentRef",
+                field_path=".strategy.canary"),
         )
     }
 
@@ -349,6 +446,8 @@ class AdapterDeploymentSpec(ApiModel):
 
     @model_validator(mode="after")
     def _fits_the_server(self) -> "AdapterDeploymentSpec":
+        if self.strategy.canary is not None and self.server.deployment_ref is not None:
+            raise ValueError("strategy.canary routes to ragtune's own stable Service: not with server.deploymentRef")
         if self.server.backend == ServerBackend.VLLM:
             capacity = self.server.vllm_settings.capacity
             if len(self.adapters) > capacity:
@@ -411,6 +510,35 @@ class GateReport(ApiModel):
     """Online gate results per candidate adapter."""
 
 
+class WeightChange(ApiModel):
+    """One write of the canary's weight to the HTTPRoute."""
+
+    step: int
+    """Index into `spec.strategy.canary.steps` (-1: back to the stable Service after promotion
+    or on an abort)."""
+    weight: int
+    """Canary weight written (percent)."""
+    at: str
+    """When (RFC 3339)."""
+
+
+class TrafficStatus(ApiModel):
+    """Where the traffic steps stand (`strategy.type: Canary`); an operator restart resumes
+    from here with the same weights."""
+
+    step: int = 0
+    """Index into `spec.strategy.canary.steps` being held."""
+    weight: int = 0
+    """Canary weight the HTTPRoute carries now (percent)."""
+    route_generation: Optional[int] = None
+    """`metadata.generation` of the HTTPRoute write that set `weight`."""
+    step_started_at: Optional[str] = None
+    """When the Gateway accepted `weight` (the step's pause counts from here); empty while
+    waiting for it."""
+    changes: list[WeightChange] = Field(default_factory=list, max_length=64)
+    """Every weight written in this rollout, oldest first."""
+
+
 class Candidate(ApiModel):
     """The adapter set being rolled out."""
 
@@ -420,8 +548,10 @@ class Candidate(ApiModel):
     """The full adapter set the server will serve after promotion."""
     changed: list[str] = Field(default_factory=list)
     """Adapters that are new or changed (and therefore gated)."""
-    step: Literal["Resolving", "OfflineGate", "Canary", "OnlineGate", "Promoting"] = "Resolving"
-    """Rollout step."""
+    step: Literal["Resolving", "OfflineGate", "Canary", "OnlineGate", "Traffic", "Promoting"] = "Resolving"
+    """Rollout step (`Traffic`: user traffic shifting to the canary, `strategy.type: Canary`)."""
+    traffic: Optional[TrafficStatus] = None
+    """Traffic steps (`strategy.type: Canary`)."""
     started_at: Optional[str] = None
     """When the rollout began."""
 
@@ -466,6 +596,8 @@ class AdapterDeploymentStatus(ApiModel):
     """In-cluster URL of the stable TGI Service."""
     deployment_name: Optional[str] = None
     """The stable TGI Deployment."""
+    route_name: Optional[str] = None
+    """The HTTPRoute ragtune owns for `strategy.type: Canary`."""
     serving_adapters: Optional[str] = None
     """Comma-separated adapter ids, for `kubectl get`."""
 

@@ -48,6 +48,8 @@ ANNOTATION_TEMPLATE_HASH = f"{API_GROUP}/template-hash"
 """On a serving Deployment: hash of the template ragtune rendered."""
 ANNOTATION_ROLLED_AT = f"{API_GROUP}/rolled-at"
 """On a serving Deployment's pod template: when ragtune last rolled it."""
+ANNOTATION_ROUTE_HASH = f"{API_GROUP}/route-hash"
+"""On the HTTPRoute of a `Canary` strategy: hash of the spec ragtune rendered (weights included)."""
 
 LABEL_LOCAL_RUNNER = f"{API_GROUP}/local-runner"
 """On the local platform's node: the pod runner runs its pods (see localplatform/)."""

@@ -35,6 +35,7 @@ KINDS = {
     "Pod": ("/api/v1", "pods"),
     "FineTuneJob": (f"/apis/{API_GROUP}/{API_VERSION}", "finetunejobs"),
     "AdapterDeployment": (f"/apis/{API_GROUP}/{API_VERSION}", "adapterdeployments"),
+    "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes"),
 }
 
 RETRYABLE_STATUSES = frozenset({0, 408, 409, 429, 500, 502, 503, 504})

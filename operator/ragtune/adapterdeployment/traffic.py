@@ -1,0 +1,231 @@
+"""Weighted canary on live traffic through Gateway API (`spec.strategy.type: Canary`).
+
+The AdapterDeployment owns one `HTTPRoute` (`<name>-route`) attached to the Gateway the spec
+names. Between rollouts its single rule sends everything to the stable Service. During a
+rollout, once the canary Deployment is ready (and passed the online evaluation when it is
+enabled), the `Traffic` step walks `spec.strategy.canary.steps`:
+
+- write the step's weight into the rule's `backendRefs` (stable `100 - w`, canary `w`);
+- wait until the Gateway accepted that route generation (`status.parents[]` Accepted and
+  ResolvedRefs with `observedGeneration` >= it), then hold it for the step's `pause`
+  (at least `ROUTE_SETTLE_SECONDS`, the time a data plane may take after writing its status);
+- after the last step (weight 100 is implied if the last step is lower) the canary carries all
+  traffic while the stable Deployment is rolled to the candidate set; once it is ready the route
+  goes back to the stable Service (weight 0 for the canary), and only when the Gateway accepted
+  that and the settle time passed is the canary removed: no request is sent to a pod going away.
+
+Everything lives in `status.candidate.traffic` (step index, weight, the route generation that
+carries it, when the Gateway accepted it): a restarted operator finds the route already at the
+recorded weight, writes nothing and resumes the pause where it was. Every weight written is
+kept in `traffic.changes` and posted as an Event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Optional
+
+from ragtune import workloads
+from ragtune.api.adapterdeployment import (
+    AdapterDeploymentSpec,
+    Candidate,
+    TrafficStatus,
+    WeightChange,
+    pause_seconds,
+)
+from ragtune.api.keys import (
+    ANNOTATION_ADAPTERDEPLOYMENT,
+    ANNOTATION_ROUTE_HASH,
+    LABEL_ADAPTERDEPLOYMENT,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+)
+
+from . import render
+
+if TYPE_CHECKING:
+    from .rollout import _Tick
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+ROUTE_SETTLE_SECONDS = 3.0
+"""After the Gateway reported a route generation Accepted: time its data plane may still take to
+apply it (Traefik writes the status when it builds its configuration)."""
+PAUSE_POLL_SECONDS = 5.0
+"""During a pause the rollout looks again this often at most (the canary's pod events bring it
+back sooner); the end of the pause is hit exactly."""
+MAX_CHANGES = 64
+
+
+def route_name(ad_name: str) -> str:
+    return workloads.child_name(ad_name, "-route")
+
+
+def plan(spec: AdapterDeploymentSpec) -> list[tuple[int, int]]:
+    """(weight, pause seconds) per step; weight 100 appended when the last step is lower."""
+    assert spec.strategy.canary is not None
+    steps = [(s.weight, pause_seconds(s.pause)) for s in spec.strategy.canary.steps]
+    if steps[-1][0] < 100:
+        steps.append((100, 0))
+    return steps
+
+
+def _stamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def build_route(spec: AdapterDeploymentSpec, owner: render.Owner, canary_weight: int) -> dict[str, Any]:
+    """The HTTPRoute: all of the Gateway's matching traffic to the stable Service, `canary_weight`
+    percent of it to the canary Service (0: the canary is not a backend at all)."""
+    canary = spec.strategy.canary
+    assert canary is not None and 0 <= canary_weight <= 100
+    stable_svc = render.service(spec, owner, canary=False)["metadata"]["name"]
+    canary_svc = render.service(spec, owner, canary=True)["metadata"]["name"]
+    port = spec.server.port
+    parent: dict[str, Any] = {"group": GATEWAY_GROUP, "kind": "Gateway", "name": canary.gateway_ref.name}
+    if canary.gateway_ref.namespace:
+        parent["namespace"] = canary.gateway_ref.namespace
+    if canary.gateway_ref.section_name:
+        parent["sectionName"] = canary.gateway_ref.section_name
+    backends = [{"group": "", "kind": "Service", "name": stable_svc, "port": port, "weight": 100 - canary_weight}]
+    if canary_weight > 0:
+        backends.append({"group": "", "kind": "Service", "name": canary_svc, "port": port, "weight": canary_weight})
+    route_spec: dict[str, Any] = {
+        "parentRefs": [parent],
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}],
+    }
+    if canary.hostnames:
+        route_spec["hostnames"] = list(canary.hostnames)
+    digest = hashlib.sha256(json.dumps(route_spec, sort_keys=True).encode()).hexdigest()[:20]
+    return {
+        "apiVersion": f"{GATEWAY_GROUP}/v1",
+        "kind": "HTTPRoute",
+        "metadata": {
+            "name": route_name(owner.name), "namespace": owner.namespace,
+            "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_ADAPTERDEPLOYMENT: workloads.label_value(owner.name)},
+            "annotations": {ANNOTATION_ADAPTERDEPLOYMENT: owner.name, ANNOTATION_ROUTE_HASH: digest},
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": route_spec,
+    }
+
+
+def live_weights(route: dict[str, Any]) -> dict[str, int]:
+    """Service name -> weight of the route's first rule (weight defaults to 1, as in Gateway API)."""
+    rules = (route.get("spec") or {}).get("rules") or [{}]
+    return {b["name"]: b.get("weight", 1) for b in rules[0].get("backendRefs") or []}
+
+
+def _matches(live: dict[str, Any], desired: dict[str, Any]) -> bool:
+    ann = (live["metadata"].get("annotations") or {}).get(ANNOTATION_ROUTE_HASH)
+    return ann == desired["metadata"]["annotations"][ANNOTATION_ROUTE_HASH] and \
+        live_weights(live) == live_weights(desired)
+
+
+def accepted(route: dict[str, Any], generation: int, spec: AdapterDeploymentSpec) -> tuple[bool, str]:
+    """(True, "") once the Gateway named in the spec reports `generation` (or later) Accepted with
+    its references resolved; else (False, what it says so far)."""
+    canary = spec.strategy.canary
+    assert canary is not None
+    want_ns = canary.gateway_ref.namespace or route["metadata"]["namespace"]
+    for parent in (route.get("status") or {}).get("parents") or []:
+        ref = parent.get("parentRef") or {}
+        if ref.get("name") != canary.gateway_ref.name or (ref.get("namespace") or route["metadata"]["namespace"]) != want_ns:
+            continue
+        conds = {c.get("type"): c for c in parent.get("conditions") or []}
+        for type_ in ("Accepted", "ResolvedRefs"):
+            c = conds.get(type_) or {}
+            if c.get("observedGeneration", 0) < generation:
+                return False, f"Gateway {want_ns}/{canary.gateway_ref.name} has not processed the route yet"
+            if c.get("status") != "True":
+                return False, (f"Gateway {want_ns}/{canary.gateway_ref.name}: {type_}={c.get('status')} "
+                               f"{c.get('reason', '')}: {c.get('message', '')}").rstrip(": ")
+        return True, ""
+    return False, f"Gateway {want_ns}/{canary.gateway_ref.name} has not reported on the route yet (is it installed?)"
+
+
+def ensure_route(t: "_Tick", canary_weight: int) -> tuple[dict[str, Any], bool]:
+    """Create-or-update the route to `canary_weight`; (live route, whether it was written)."""
+    desired = build_route(t.spec, t.owner, canary_weight)
+    live = t.kube.get("HTTPRoute", t.ns, desired["metadata"]["name"])
+    if live is None:
+        return t.kube.create(desired), True
+    if _matches(live, desired):
+        return live, False
+    desired["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+    return t.kube.replace(desired), True
+
+
+def _record(t: "_Tick", tr: TrafficStatus, step: int, weight: int, route: dict[str, Any], total: int) -> None:
+    tr.weight, tr.route_generation, tr.step_started_at = weight, route["metadata"].get("generation"), None
+    tr.changes = (tr.changes + [WeightChange(step=step, weight=weight, at=_stamp(t.rec.clock()))])[-MAX_CHANGES:]
+    where = f"step {step + 1}/{total}" if step >= 0 else "back to stable"
+    t.event("Normal", "TrafficShifted", f"HTTPRoute {route['metadata']['name']}: canary {weight}%, stable "
+            f"{100 - weight}% ({where})")
+
+
+def _hold(t: "_Tick", tr: TrafficStatus, route: dict[str, Any], hold_seconds: float) -> Optional[float]:
+    """Seconds left to hold the current weight (0: done), None while the Gateway has not accepted it."""
+    ok, why = accepted(route, tr.route_generation or route["metadata"].get("generation", 1), t.spec)
+    if not ok:
+        t.status.message = f"canary at {tr.weight}%: {why}"
+        return None
+    now = t.rec.clock()
+    if tr.step_started_at is None:
+        tr.step_started_at = _stamp(now)
+    left = max(hold_seconds, ROUTE_SETTLE_SECONDS) - (now - _parse(tr.step_started_at))
+    return max(left, 0.0)
+
+
+def step(t: "_Tick", cand: Candidate) -> bool:
+    """One tick of the Traffic step; True when the canary carries all traffic (promote now)."""
+    steps = plan(t.spec)
+    tr = cand.traffic = cand.traffic or TrafficStatus()
+    while True:
+        weight, pause = steps[tr.step]
+        route, wrote = ensure_route(t, weight)
+        if wrote or tr.weight != weight or tr.route_generation is None:
+            _record(t, tr, tr.step, weight, route, len(steps))
+        left = _hold(t, tr, route, pause)
+        if left is None:
+            t.wait_hint(1.0)
+            return False
+        if left > 0:
+            t.status.message = f"canary at {weight}% (step {tr.step + 1}/{len(steps)}), {int(left + 0.999)}s left"
+            t.wait_hint(min(left, PAUSE_POLL_SECONDS))
+            return False
+        if tr.step + 1 >= len(steps):
+            return True
+        tr.step += 1
+
+
+def back_to_stable(t: "_Tick", cand: Candidate) -> bool:
+    """After the stable Deployment serves the candidate set: route everything to it again. True once
+    the Gateway accepted that and the settle time passed (the canary may go)."""
+    tr = cand.traffic = cand.traffic or TrafficStatus()
+    route, wrote = ensure_route(t, 0)
+    if wrote or tr.weight != 0 or tr.route_generation is None:
+        _record(t, tr, -1, 0, route, 0)
+    left = _hold(t, tr, route, 0)
+    if left is None or left > 0:
+        t.status.message = t.status.message if left is None else "traffic back on the stable Service, settling"
+        t.wait_hint(1.0 if left is None else left)
+        return False
+    return True
+
+
+def between_rollouts(t: "_Tick") -> None:
+    """The route when no rollout shifts traffic: everything to stable while something serves
+    (created on the first promotion); removed when the strategy no longer shifts traffic."""
+    name = route_name(t.name)
+    if t.spec.strategy.shifts_traffic and t.status.serving:
+        ensure_route(t, 0)
+        t.status.route_name = name
+    elif t.status.route_name:
+        t.kube.delete("HTTPRoute", t.ns, t.status.route_name)
+        t.status.route_name = None
