@@ -17,6 +17,7 @@ _COMMAND_MODULES = {
     "ragtune_trainer.cli": "trainer",  # train, dataset validate, models prepare, eval
     "ragtune_local.cli": "dev",  # dev up / down / status / build
     "ragtune.pods.cli": "operator",  # adapters fetch, eval online (the pods' entry points)
+    "ragtune.rag.cli": "base",  # prompt render
     "ragtune.operator": "operator",  # operator run
 }
 

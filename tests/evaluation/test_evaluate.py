@@ -34,7 +34,10 @@ def test_base_and_adapter_answers_differ_and_are_scored(tiny_peft_model, tiny_to
     assert outcome.samples[-1]["answerable"] is False
     assert outcome.samples[0]["reference"] == "Paris [1]"
     assert outcome.samples[0]["contexts"][0] == {"id": "1", "text": "Paris is the capital of France."}
-    assert calls[-1] == (2 * len(records), 2 * len(records))
+    # three passes: base, adapter, adapter under the foreign prompt
+    assert calls[-1] == (3 * len(records), 3 * len(records))
+    assert outcome.foreign is not None and outcome.foreign.samples == len(records)
+    assert all("foreign" in s for s in outcome.samples)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert outcome.seconds > 0
     assert tiny_peft_model.training  # mode restored after evaluation

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.rag.prompt import DEFAULT_REFUSAL, SYSTEM_TEMPLATE
+from ragtune.api.prompt import DEFAULT_REFUSAL, DEFAULT_SYSTEM
 from ragtune_trainer.synthetic import generate
 
 CHATML = (
@@ -25,7 +25,7 @@ def build_tokenizer(texts: list[str], out: Path):
     from transformers import PreTrainedTokenizerFast
 
     words = set()
-    for t in list(texts) + [SYSTEM_TEMPLATE, DEFAULT_REFUSAL, "system user assistant Contexts Question"]:
+    for t in list(texts) + [DEFAULT_SYSTEM, DEFAULT_REFUSAL, "system user assistant Contexts Question"]:
         words.update(re.findall(_WORD, t))
     specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(specials + sorted(words))}, unk_token="<unk>"))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Union
 
 from ragtune.api.finetunejob import DatasetFormat, DistractorStrategy, RaftConfig, UnanswerableMix
 from ragtune.rag.metrics import parse_citations
-from ragtune.rag.prompt import DEFAULT_REFUSAL, apply_template, build_messages
+from ragtune.rag.prompt import DEFAULT_REFUSAL, PromptContract, apply_template, build_messages
 from ragtune.rag.records import Context, RagRecord
 from ragtune.storage import Storage, StorageError, local_path
 
@@ -132,11 +132,12 @@ def parse_rag(row: Row, refusal: str = DEFAULT_REFUSAL) -> RagRecord:
     return RagRecord.from_dict(d)
 
 
-def parse_example(row: Row, fmt: DatasetFormat, refusal: str = DEFAULT_REFUSAL) -> Example:
+def parse_example(row: Row, fmt: DatasetFormat, refusal: str = DEFAULT_REFUSAL,
+                  prompt: Optional[PromptContract] = None) -> Example:
     d = row.data
     if fmt == DatasetFormat.RAG:
         record = parse_rag(row, refusal)
-        return Example(build_messages(record, refusal=refusal)[:2], record.answer, record)
+        return Example(build_messages(record, refusal=refusal, prompt=prompt)[:2], record.answer, record)
     if not isinstance(d, dict):
         raise ValueError(f"record must be a JSON object, got {type(d).__name__}")
     if fmt == DatasetFormat.MESSAGES:
@@ -205,7 +206,7 @@ class ValidationReport:
         return "\n".join(lines + [self.summary])
 
 
-def _rag_errors(record: RagRecord) -> list[tuple[str, str]]:
+def _rag_errors(record: RagRecord, prompt: Optional[PromptContract] = None) -> list[tuple[str, str]]:
     errors = []
     if not record.question.strip():
         errors.append(("empty question", "field 'question' is empty"))
@@ -221,9 +222,10 @@ def _rag_errors(record: RagRecord) -> list[tuple[str, str]]:
         if not c.text.strip():
             errors.append(("empty context", f"contexts[{i}] (id {c.id}) has empty text"))
     known = set(ids)
-    unknown = [c for c in parse_citations(record.answer) if c not in known]
+    cite = (prompt or PromptContract()).cite
+    unknown = [c for c in parse_citations(record.answer, (prompt or PromptContract()).citation) if c not in known]
     if unknown:
-        errors.append(("unknown citation", f"answer cites context id(s) {', '.join(f'[{u}]' for u in unknown)} "
+        errors.append(("unknown citation", f"answer cites context id(s) {', '.join(cite(u) for u in unknown)} "
                                            f"that are not in 'contexts' (ids: {', '.join(ids) or 'none'})"))
     missing_support = [s for s in record.supporting_context_ids if s not in known]
     if missing_support:
@@ -239,11 +241,13 @@ def validate(
     max_seq_length: Optional[int] = None,
     refusal: str = DEFAULT_REFUSAL,
     encode: Optional[Callable[[Example], dict]] = None,
+    prompt: Optional[PromptContract] = None,
 ) -> tuple[ValidationReport, list[Example]]:
     """Check every row; returns the report and the parsed examples of the valid rows. With a
     tokenizer, rows longer than `max_seq_length` tokens (prompt + answer) are errors too. `encode`
     replaces `tokenize(tokenizer, example)` (the trainer passes its memo, so an item checked here is
-    not tokenised again for training)."""
+    not tokenised again for training). `prompt` (default: ragtune's prompt with `refusal`) renders
+    the rows and gives the citation form answers are checked in."""
     fmt = DatasetFormat(fmt)
     report = ValidationReport(uri=data.uri, format=fmt.value, files=len(data.objects), rows=len(data.rows))
     examples = []
@@ -253,12 +257,12 @@ def validate(
             report.errors.append(RowError(row.where, "invalid JSON", row.parse_error))
             continue
         try:
-            example = parse_example(row, fmt, refusal)
+            example = parse_example(row, fmt, refusal, prompt)
         except ValueError as exc:
             kind = "missing field" if str(exc).startswith("missing field") else "malformed record"
             report.errors.append(RowError(row.where, kind, str(exc)))
             continue
-        problems = _rag_errors(example.record) if example.record else []
+        problems = _rag_errors(example.record, prompt) if example.record else []
         if example.record:
             first = seen_ids.setdefault(example.record.id, row.where)
             if first != row.where:

@@ -1,5 +1,7 @@
 """Held-out evaluation: the same prompts answered by the base model (adapter disabled) and by
-the adapter, scored with `ragtune.rag.metrics.score`.
+the adapter, scored with `ragtune.rag.metrics.score`; and the adapter once more under the fixed
+foreign prompt (`ragtune.rag.prompt.foreign_prompt`), so the report shows whether it keeps its
+behaviour in another application's prompt. That third pass costs 50% more generation.
 
 Generation is greedy so base and adapter are compared on their most likely answers and the
 numbers are reproducible. On CPU it is the slowest part of a small run, hence: prompts sorted by
@@ -15,11 +17,12 @@ from typing import Any, Callable, Optional
 from ragtune.api.common import EvalMetrics
 from ragtune.api.finetunejob import FineTuneJobSpec
 from ragtune.rag.metrics import construction_of, score
-from ragtune.rag.prompt import render_prompt
+from ragtune.rag.prompt import PromptContract, foreign_prompt, render_prompt
 from ragtune.rag.records import RagRecord
 
 Progress = Callable[[int, int], None]
-"""`progress(done, total)`: items generated so far over both passes (base, then adapter)."""
+"""`progress(done, total)`: items generated so far over the three passes (base, adapter, adapter
+under the foreign prompt)."""
 
 # Tokens (prompt + new) per generation batch: keeps activation + KV-cache memory bounded while
 # still batching many short prompts together.
@@ -31,9 +34,11 @@ MAX_BATCH = 32
 class EvalOutcome:
     base: EvalMetrics
     adapter: EvalMetrics
+    foreign: Optional[EvalMetrics] = None
+    """The adapter under the foreign prompt."""
     samples: list[dict[str, Any]] = field(default_factory=list)
     """Per item: id, question, contexts, answerable, construction (how the item was built),
-    reference, base, adapter (answers)."""
+    reference, base, adapter, foreign (answers)."""
     seconds: float = 0.0
 
 
@@ -105,14 +110,16 @@ def evaluate_run(
     progress: Optional[Progress] = None,
 ) -> EvalOutcome:
     """Answer at most `spec.evaluation.maxSamples` held-out records with the adapter disabled
-    (base) and enabled (adapter) and score both. `model` must be a peft model."""
+    (base) and enabled (adapter) under the spec's prompt, and with the adapter under the foreign
+    prompt; score all three. `model` must be a peft model."""
     if not hasattr(model, "disable_adapter"):
         raise TypeError(f"evaluate_run needs a peft model (with disable_adapter()), got {type(model).__name__}")
     started = time.monotonic()
     records = records[: spec.evaluation.max_samples]
-    refusal = spec.dataset.raft.refusal
-    prompts = [render_prompt(tokenizer, r, refusal=refusal) for r in records]
-    total, done = 2 * len(records), 0
+    contract = PromptContract.from_spec(spec)
+    prompts = [render_prompt(tokenizer, r, prompt=contract) for r in records]
+    foreign_prompts = [render_prompt(tokenizer, r, prompt=foreign_prompt(contract)) for r in records]
+    total, done = 3 * len(records), 0
 
     def advance(n: int) -> None:
         nonlocal done
@@ -127,6 +134,7 @@ def evaluate_run(
         with model.disable_adapter():
             base_answers = generate_answers(model, tokenizer, prompts, max_new, advance)
         adapter_answers = generate_answers(model, tokenizer, prompts, max_new, advance)
+        foreign_answers = generate_answers(model, tokenizer, foreign_prompts, max_new, advance)
     finally:
         model.train(was_training)
 
@@ -140,12 +148,14 @@ def evaluate_run(
             "reference": r.answer,
             "base": b,
             "adapter": a,
+            "foreign": f,
         }
-        for r, b, a in zip(records, base_answers, adapter_answers)
+        for r, b, a, f in zip(records, base_answers, adapter_answers, foreign_answers)
     ]
     return EvalOutcome(
-        base=score(records, base_answers, refusal),
-        adapter=score(records, adapter_answers, refusal),
+        base=score(records, base_answers, prompt=contract),
+        adapter=score(records, adapter_answers, prompt=contract),
+        foreign=score(records, foreign_answers, prompt=contract),
         samples=samples,
         seconds=round(time.monotonic() - started, 3),
     )

@@ -11,8 +11,9 @@ from typing import Optional
 
 from ragtune.api.common import GateResult
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.api.pods import ADAPTER_DIR, MANIFEST, Manifest, ManifestFile
+from ragtune.api.pods import ADAPTER_DIR, MANIFEST, PROMPT_JSON, Manifest, ManifestFile
 from ragtune.clock import utc_now_iso
+from ragtune.rag.prompt import PromptContract
 from ragtune.storage import folder_digests, join, sha256_bytes, sha256_file
 
 from .run import RunContext, TrainerFailure
@@ -23,6 +24,7 @@ class Published:
     manifest_sha256: str
     adapter_size_bytes: int
     report_uri: Optional[str]
+    prompt_sha256: str
 
 
 def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[dict], gates: list[GateResult],
@@ -30,6 +32,7 @@ def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[di
     """Write the adapter (and the report when there was an evaluation), upload, manifest last."""
     out = ctx.work_dir / "run"
     adapter_files = write_adapter(model, tokenizer, ctx.spec, out / ADAPTER_DIR)
+    prompt_path = out / PROMPT_JSON
     report_files: list[Path] = []
     if outcome is not None:
         from .report import write_report
@@ -38,13 +41,15 @@ def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[di
     manifest = publish(ctx, out, adapter_files + report_files, datasets, passed)
     return Published(
         manifest_sha256=sha256_bytes(manifest),
-        adapter_size_bytes=sum(p.stat().st_size for p in adapter_files),
+        adapter_size_bytes=sum(p.stat().st_size for p in adapter_files if p != prompt_path),
         report_uri=join(ctx.run_uri, "eval/report.html") if report_files else None,
+        prompt_sha256=sha256_file(prompt_path),
     )
 
 
 def write_adapter(model, tokenizer, spec: FineTuneJobSpec, out: Path) -> list[Path]:
-    """adapter_config.json + adapter_model.safetensors at top level (what TGI loads) + tokenizer."""
+    """adapter_config.json + adapter_model.safetensors at top level (what TGI loads) + tokenizer,
+    and prompt.json: the prompt contract clients format requests with."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -57,6 +62,7 @@ def write_adapter(model, tokenizer, spec: FineTuneJobSpec, out: Path) -> list[Pa
     config = json.loads(config_path.read_text())
     config.update(base_model_name_or_path=spec.base_model.id, revision=spec.base_model.revision)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "prompt.json").write_text(PromptContract.from_spec(spec).dumps(), encoding="utf-8")
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 

@@ -15,10 +15,11 @@ from typing import Any, Optional
 
 from ragtune.api.common import EvalMetrics, GateResult
 from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.api.gates import prompt_gap
 from ragtune.api.pods import REPORT_HTML, REPORT_JSON
 from ragtune.clock import utc_now_iso
 from ragtune.rag.metrics import is_refusal
-from ragtune.rag.prompt import DEFAULT_REFUSAL
+from ragtune.rag.prompt import DEFAULT_REFUSAL, PromptContract, foreign_prompt
 
 from .evaluate import EvalOutcome
 
@@ -70,6 +71,7 @@ def _spec_summary(spec: FineTuneJobSpec) -> dict[str, Any]:
         "lora": wire["lora"],
         "training": wire["training"],
         "evaluation": wire["evaluation"],
+        "prompt": wire["prompt"],
     }
 
 
@@ -88,11 +90,18 @@ def build_report(
 ) -> dict[str, Any]:
     """`construction`: the RAFT construction counts of the train and eval splits
     (`build_raft(stats=...)`), reported as they are."""
+    contract = PromptContract.from_spec(spec)
+    metrics = {"base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire()}
+    if outcome.foreign is not None:
+        metrics["foreignPrompt"] = outcome.foreign.to_wire()
+        metrics["foreignPromptGap"] = prompt_gap(outcome.adapter, outcome.foreign).to_wire()
     return _finite({
         "schema": REPORT_SCHEMA,
         "createdAt": utc_now_iso(),
         "passed": all(g.passed for g in gates),
-        "metrics": {"base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire()},
+        "metrics": metrics,
+        "prompt": {"trained": contract.to_wire(), "foreign": foreign_prompt(contract).to_wire(),
+                   "augment": spec.prompt.augment},
         "refusalByConstruction": construction_summary(outcome.samples, outcome.base, outcome.adapter),
         "construction": construction or {},
         "gates": [g.to_wire() for g in gates],
@@ -191,7 +200,7 @@ th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}
 .badge{display:inline-block;padding:.15rem .6rem;border-radius:1rem;color:#fff}.badge.pass{background:#1a7f37}.badge.fail{background:#cf222e}
 .example{border:1px solid #ddd;border-radius:6px;padding:.8rem;margin:1rem 0}
-.example .answers{display:grid;grid-template-columns:1fr 1fr 1fr;gap:.6rem}
+.example .answers{display:grid;grid-template-columns:repeat(auto-fit,minmax(200px,1fr));gap:.6rem}
 .example .answers div{background:#f8f8f8;padding:.5rem;border-radius:4px;white-space:pre-wrap}
 .ctx{font-size:.85rem;color:#555;white-space:pre-wrap;margin:.2rem 0}
 .muted{color:#777}img{max-width:100%}
@@ -218,6 +227,25 @@ def _metrics_table(base: dict, adapter: dict) -> str:
                     f"<td class=num>{delta}</td></tr>")
     return ("<table><tr><th>metric</th><th>base</th><th>adapter</th><th>adapter - base</th></tr>"
             + "".join(rows) + "</table>")
+
+
+def _foreign_section(report: dict) -> str:
+    metrics = report["metrics"]
+    foreign = metrics.get("foreignPrompt")
+    if foreign is None:
+        return "<p class=muted>The foreign prompt was not evaluated.</p>"
+    adapter, gap = metrics["adapter"], metrics.get("foreignPromptGap") or {}
+    rows = "".join(f"<tr><td>{_e(ALL_METRICS[n])}</td><td class=num>{_fmt(adapter.get(n))}</td>"
+                   f"<td class=num>{_fmt(foreign.get(n))}</td><td class=num>{_fmt(gap.get(n))}</td></tr>"
+                   for n in ("f1", "refusalRate", "falseRefusalRate", "citationValidity", "groundingScore"))
+    f = report["prompt"]["foreign"]
+    augment = "with" if report["prompt"].get("augment") else "without"
+    return (f"<p>The adapter ({augment} prompt augmentation) on the same items under a fixed foreign prompt it "
+            f"never saw in training; gap = |trained - foreign|, largest {_fmt(gap.get('max'))}.</p>"
+            "<table><tr><th>metric</th><th>trained prompt</th><th>foreign prompt</th><th>gap</th></tr>"
+            + rows + "</table>"
+            f"<details><summary>foreign prompt</summary><div class=ctx>{_e(f['system'])}\n\n"
+            f"{_e(f['userTemplate'])}</div></details>")
 
 
 def _gates_table(gates: list[dict]) -> str:
@@ -265,7 +293,9 @@ def _example(sample: dict) -> str:
             f"<span class=muted>({_e(sample.get('id'))}, {kind})</span></div>{contexts}"
             f"<div class=answers><div><b>reference</b>\n{_e(sample.get('reference'))}</div>"
             f"<div><b>base</b>\n{_e(sample.get('base'))}</div>"
-            f"<div><b>adapter</b>\n{_e(sample.get('adapter'))}</div></div></div>")
+            f"<div><b>adapter</b>\n{_e(sample.get('adapter'))}</div>"
+            + (f"<div><b>adapter, foreign prompt</b>\n{_e(sample['foreign'])}</div>" if "foreign" in sample else "")
+            + "</div></div>")
 
 
 def _img(png: Optional[str], alt: str, missing: str) -> str:
@@ -280,7 +310,7 @@ def render_html(report: dict, outcome: EvalOutcome) -> str:
     passed = report["passed"]
     badge = f'<span class="badge {"pass" if passed else "fail"}">{"gates passed" if passed else "gates failed"}</span>'
     base, adapter = report["metrics"]["base"], report["metrics"]["adapter"]
-    refusal = spec["dataset"].get("raft", {}).get("refusal", DEFAULT_REFUSAL)
+    refusal = report["prompt"]["trained"]["refusal"]
     examples = "".join(_example(s) for s in pick_examples(report["samples"], refusal=refusal)) \
         or "<p class=muted>No samples.</p>"
     return f"""<!DOCTYPE html>
@@ -296,6 +326,7 @@ from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation t
 <h2>Base vs adapter</h2>{_metrics_table(base, adapter)}
 {_img(metrics_plot(outcome.base, outcome.adapter), "base vs adapter metrics", "No metrics measured.")}
 <h2>Refusal by construction</h2>{_construction_table(report['refusalByConstruction'])}
+<h2>Trained vs foreign prompt</h2>{_foreign_section(report)}
 <h2>Training loss</h2>
 {_img(loss_plot(report['lossHistory']), "loss curve", "No loss history recorded.")}
 <h2>Examples (unanswerable: hardest cases first)</h2>{examples}

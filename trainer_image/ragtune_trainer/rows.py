@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ragtune.api.finetunejob import DatasetFormat
-from ragtune.rag.prompt import build_messages
+from ragtune.rag.prompt import PromptContract, augmented_messages
 from ragtune.rag.records import RagRecord
 from ragtune.storage import StorageError
 
@@ -60,19 +60,37 @@ class Tokenised:
         return row
 
 
-def rag_example(record: RagRecord, refusal: str) -> D.Example:
-    return D.Example(build_messages(record, refusal=refusal)[:2], record.answer, record)
+def rag_example(record: RagRecord, prompt: PromptContract) -> D.Example:
+    return D.Example(prompt.messages(record), record.answer, record)
+
+
+def augmented_examples(records: list[RagRecord], ctx: RunContext, prompt: PromptContract, tokenised: Tokenised,
+                       ) -> tuple[list[D.Example], int]:
+    """`prompt.augment`: a share of the items under prompt variations (an item whose variation
+    would exceed maxSeqLength keeps the contract's rendering) -> (examples, variations used)."""
+    spec = ctx.spec
+    examples, varied = [], 0
+    for i, r in enumerate(records):
+        turns = augmented_messages(prompt, r, spec.training.seed, i, spec.prompt.augment_fraction)
+        example = D.Example(turns[:2], turns[2]["content"], r)
+        if turns[:2] != prompt.messages(r) and tokenised(example)["length"] <= spec.training.max_seq_length:
+            varied += 1
+        else:
+            example = rag_example(r, prompt)
+        examples.append(example)
+    return examples, varied
 
 
 def load_and_check(uri: str, ctx: RunContext, tokenised: Tokenised) -> tuple[D.LoadedData, list[D.Example]]:
     spec = ctx.spec
+    prompt = PromptContract.from_spec(spec)
     try:
         loaded = D.load_rows(uri, ctx.storage)
     except StorageError as err:
         raise TrainerFailure(err.reason, f"dataset: {err}") from err
     report, examples = D.validate(loaded, spec.dataset.format, tokenizer=tokenised.tokenizer,
-                                  max_seq_length=spec.training.max_seq_length, refusal=spec.dataset.raft.refusal,
-                                  encode=tokenised)
+                                  max_seq_length=spec.training.max_seq_length, refusal=prompt.refusal,
+                                  encode=tokenised, prompt=prompt)
     if not report.ok:
         raise TrainerFailure("InvalidDataset", report.render())
     return loaded, examples
@@ -81,6 +99,7 @@ def load_and_check(uri: str, ctx: RunContext, tokenised: Tokenised) -> tuple[D.L
 def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
     spec = ctx.spec
     ds, seed = spec.dataset, spec.training.seed
+    prompt = PromptContract.from_spec(spec)
     tokenised = Tokenised(tokenizer)
     train_data, train_ex = load_and_check(ds.train, ctx, tokenised)
     objects = list(train_data.objects)
@@ -95,16 +114,20 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         max_len = spec.training.max_seq_length
 
         def fits(record: RagRecord) -> bool:
-            return tokenised(rag_example(record, ds.raft.refusal))["length"] <= max_len
+            return tokenised(rag_example(record, prompt))["length"] <= max_len
 
         train_stats, eval_stats = Counter(), Counter()
-        train_recs = D.build_raft([e.record for e in train_ex], ds.raft, seed, fits=fits, stats=train_stats)
+        raft = ds.raft.model_copy(update={"refusal": prompt.refusal})  # unanswerable items target the contract's refusal
+        train_recs = D.build_raft([e.record for e in train_ex], raft, seed, fits=fits, stats=train_stats)
         # The held-out items are built the hard way whatever the recipe: recipes are gated on one test.
-        eval_records = D.build_raft([e.record for e in eval_ex], D.evaluation_raft(ds.raft), seed + 1, fits=fits,
+        eval_records = D.build_raft([e.record for e in eval_ex], D.evaluation_raft(raft), seed + 1, fits=fits,
                                     stats=eval_stats)
+        if spec.prompt.augment:
+            train_ex, train_stats["promptVariants"] = augmented_examples(train_recs, ctx, prompt, tokenised)
+        else:
+            train_ex = [rag_example(r, prompt) for r in train_recs]
+        eval_ex = [rag_example(r, prompt) for r in eval_records]
         construction = {"train": dict(train_stats), "eval": dict(eval_stats)}
-        train_ex = [rag_example(r, ds.raft.refusal) for r in train_recs]
-        eval_ex = [rag_example(r, ds.raft.refusal) for r in eval_records]
     train_rows = [tokenised(ex) for ex in train_ex]
     if not train_rows:
         raise TrainerFailure("InvalidDataset", f"{ds.train}: no training records left after the eval split")

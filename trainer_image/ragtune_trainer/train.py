@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from ragtune.api.common import EvalMetrics
-from ragtune.api.gates import describe_failures, evaluate_gates
+from ragtune.api.gates import describe_failures, evaluate_gates, prompt_gap
 from ragtune.api.pods import TrainerResult
 from ragtune.storage import StorageError
 
@@ -90,7 +90,8 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
                                                                    percent=int(100 * done / max(n, 1))))
     base_m = outcome.base if outcome else EvalMetrics()
     adapter_m = outcome.adapter if outcome else EvalMetrics()
-    gates = evaluate_gates(spec.evaluation.thresholds, adapter_m, base_m)
+    foreign_m = outcome.foreign if outcome else None
+    gates = evaluate_gates(spec.evaluation.thresholds, adapter_m, base_m, foreign_m)
     passed = all(g.passed for g in gates)
 
     # --- publish ---
@@ -103,7 +104,9 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
         message=f"trained {steps} steps; " + ("all gates passed" if passed else "gates failed: " + describe_failures(gates)),
         run_id=ctx.run_id, adapter_uri=ctx.run_uri, manifest_sha256=published.manifest_sha256,
         adapter_size_bytes=published.adapter_size_bytes, report_uri=published.report_uri,
-        base=base_m, adapter=adapter_m, passed=passed, gates=gates, steps=steps, train_seconds=train_seconds,
+        prompt_sha256=published.prompt_sha256,
+        base=base_m, adapter=adapter_m, foreign_prompt=foreign_m, foreign_prompt_gap=prompt_gap(adapter_m, foreign_m),
+        passed=passed, gates=gates, steps=steps, train_seconds=train_seconds,
     )
 
 

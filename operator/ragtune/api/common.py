@@ -414,6 +414,21 @@ class EvalMetrics(ApiModel):
     """Mean answer length in words."""
 
 
+class PromptGap(ApiModel):
+    """How much the adapter's behaviour moves under a foreign prompt: absolute differences
+    between its metrics under the trained prompt and under the foreign one (docs/architecture.md,
+    The RAG contract)."""
+
+    refusal_rate: Optional[float] = None
+    """|refusalRate(trained) - refusalRate(foreign)|."""
+    false_refusal_rate: Optional[float] = None
+    """|falseRefusalRate(trained) - falseRefusalRate(foreign)|."""
+    f1: Optional[float] = None
+    """|f1(trained) - f1(foreign)|."""
+    max: Optional[float] = None
+    """The largest of the three measured (what `maxForeignPromptGap` gates)."""
+
+
 class MetricThresholds(ApiModel):
     """Gates: every threshold that is set must hold. `*GainOverBase` compare the adapter with
     the base model on the same items."""
@@ -441,6 +456,10 @@ class MetricThresholds(ApiModel):
     """Minimum F1 improvement over the base model (adapter - base)."""
     min_refusal_gain_over_base: Optional[float] = Field(None, ge=-1, le=1)
     """Minimum refusal-rate improvement over the base model (adapter - base)."""
+    max_foreign_prompt_gap: Optional[float] = Field(None, ge=0, le=1)
+    """Maximum `foreignPromptGap.max`: the largest absolute difference of refusal rate,
+    false-refusal rate and F1 between the trained prompt and the foreign prompt. Measured by
+    the offline (FineTuneJob) evaluation only; an online gate that sets it fails as not measured."""
 
 
 class GateResult(ApiModel):

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from .keys import GROUP_VERSION
 from .base import ApiModel, cel, k8s_extensions
+from .prompt import DEFAULT_REFUSAL, PromptSpec
 from .common import (
     ArtifactUri,
     BaseModelRef,
@@ -22,6 +23,7 @@ from .common import (
     MemoryQuantity,
     MetricThresholds,
     NodeSelector,
+    PromptGap,
     S3Config,
 )
 
@@ -95,8 +97,9 @@ class RaftConfig(ApiModel):
     unanswerable_mix: UnanswerableMix = Field(default_factory=UnanswerableMix)
     """How the unanswerable items are built. An item that still contains the answer string in
     a remaining context after construction is dropped and counted."""
-    refusal: str = Field("I cannot answer this from the provided context.", min_length=1, max_length=512)
-    """The refusal the model is taught to give. Evaluation also recognises common paraphrases."""
+    refusal: str = Field(DEFAULT_REFUSAL, min_length=1, max_length=512)
+    """The refusal the model is taught to give (`prompt.refusal`, when set, takes its place).
+    Evaluation also recognises common paraphrases."""
 
 
 class DatasetSpec(ApiModel):
@@ -291,6 +294,9 @@ class FineTuneJobSpec(ApiModel):
     """Optimisation settings."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     """Evaluation and gates."""
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
+    """The prompt contract: how questions and contexts are put to the model in training,
+    evaluation and serving (published with the adapter as `adapter/prompt.json`)."""
     output: OutputSpec
     """Where artifacts go."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -351,6 +357,11 @@ class AdapterArtifact(ApiModel):
     """Total size of the adapter files."""
     report_uri: Optional[str] = None
     """Human-readable evaluation report."""
+    prompt_uri: Optional[str] = None
+    """The prompt contract the adapter was trained with (`adapter/prompt.json`): format requests
+    with it (`ragtune prompt render`)."""
+    prompt_sha256: Optional[str] = None
+    """sha256 of `prompt.json` (also listed in `manifest.json`)."""
 
 
 class FineTuneJobMetrics(ApiModel):
@@ -364,6 +375,12 @@ class FineTuneJobMetrics(ApiModel):
     """Whether every gate held."""
     gates: list[GateResult] = Field(default_factory=list)
     """One entry per configured threshold."""
+    foreign_prompt: Optional[EvalMetrics] = None
+    """The adapter on the same held-out items under a fixed foreign prompt (other wording,
+    layout and context format, never used in training): does it keep its behaviour in another
+    application's prompt?"""
+    foreign_prompt_gap: Optional[PromptGap] = None
+    """`adapter` vs `foreignPrompt`: the gate `maxForeignPromptGap` holds `max`."""
 
 
 class FineTuneJobStatus(ApiModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .common import EvalMetrics, GateResult, MetricThresholds
+from .common import EvalMetrics, GateResult, MetricThresholds, PromptGap
 
 # threshold field -> (metric or derived metric name, comparison)
 _RULES = {
@@ -18,7 +18,22 @@ _RULES = {
     "min_grounding_score": ("groundingScore", ">="),
     "min_f1_gain_over_base": ("f1GainOverBase", ">="),
     "min_refusal_gain_over_base": ("refusalRateGainOverBase", ">="),
+    "max_foreign_prompt_gap": ("foreignPromptGap", "<="),
 }
+
+
+def prompt_gap(trained: EvalMetrics, foreign: Optional[EvalMetrics]) -> Optional[PromptGap]:
+    """Absolute differences of refusal rate, false-refusal rate and F1 between the adapter under
+    its trained prompt and under the foreign one; `max` is the largest measured (None: nothing
+    measured on both sides)."""
+    if foreign is None:
+        return None
+    diffs = {}
+    for name in ("refusal_rate", "false_refusal_rate", "f1"):
+        a, b = getattr(trained, name), getattr(foreign, name)
+        diffs[name] = None if a is None or b is None else round(abs(a - b), 6)
+    measured = [v for v in diffs.values() if v is not None]
+    return PromptGap(**diffs, max=max(measured) if measured else None)
 
 
 def _value(metric: str, adapter: EvalMetrics, base: Optional[EvalMetrics]) -> Optional[float]:
@@ -41,9 +56,11 @@ def _refusal_metric(construction: str, adapter: EvalMetrics) -> tuple[str, Optio
 
 
 def evaluate_gates(
-    thresholds: MetricThresholds, adapter: EvalMetrics, base: Optional[EvalMetrics] = None
+    thresholds: MetricThresholds, adapter: EvalMetrics, base: Optional[EvalMetrics] = None,
+    foreign: Optional[EvalMetrics] = None,
 ) -> list[GateResult]:
-    """One GateResult per threshold that is set. A metric that could not be measured fails."""
+    """One GateResult per threshold that is set. A metric that could not be measured fails
+    (`foreign`: the adapter under the foreign prompt, for `maxForeignPromptGap`)."""
     results = []
     for field, (metric, comparison) in _RULES.items():
         threshold = getattr(thresholds, field)
@@ -51,6 +68,9 @@ def evaluate_gates(
             continue
         if field == "min_refusal_rate":
             metric, value = _refusal_metric(thresholds.refusal_construction, adapter)
+        elif field == "max_foreign_prompt_gap":
+            gap = prompt_gap(adapter, foreign)
+            value = gap.max if gap else None
         else:
             value = _value(metric, adapter, base)
         if value is None:

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from .adapterdeployment import GatesSpec, OnlineGate, OnlineGateResult
 from .base import ApiModel
-from .common import EvalMetrics, GateResult, S3Config
+from .common import EvalMetrics, GateResult, PromptGap, S3Config
 
 # --- Images ---------------------------------------------------------------------------
 
@@ -75,6 +75,8 @@ ADAPTER_DIR = "adapter/"
 CHECKPOINTS_DIR = "checkpoints/"
 REPORT_JSON = "eval/report.json"
 REPORT_HTML = "eval/report.html"
+PROMPT_JSON = "adapter/prompt.json"
+"""The prompt contract the adapter was trained with (`ragtune.rag.prompt.PromptContract`)."""
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = "ragtune.dev/manifest/v1"
 
@@ -128,8 +130,13 @@ class TrainerResult(ApiModel):
     manifest_sha256: Optional[str] = None
     adapter_size_bytes: Optional[int] = None
     report_uri: Optional[str] = None
+    prompt_sha256: Optional[str] = None
+    """sha256 of `PROMPT_JSON` (the status names it beside its URI)."""
     base: Optional[EvalMetrics] = None
     adapter: Optional[EvalMetrics] = None
+    foreign_prompt: Optional[EvalMetrics] = None
+    """The adapter under the foreign prompt."""
+    foreign_prompt_gap: Optional[PromptGap] = None
     passed: Optional[bool] = None
     gates: list[GateResult] = Field(default_factory=list)
     steps: Optional[int] = None

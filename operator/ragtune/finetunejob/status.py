@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ragtune.api.finetunejob import FineTuneJobStatus, Phase
 from ragtune.api.gates import describe_failures
 from ragtune.api.keys import GROUP_VERSION
-from ragtune.api.pods import EXIT_PERMANENT, OOM_REMEDIES, TrainerResult
+from ragtune.api.pods import EXIT_PERMANENT, OOM_REMEDIES, PROMPT_JSON, TrainerResult
 from ragtune.runtime.conditions import get_condition, set_condition
 
 from .render import (
@@ -303,6 +303,9 @@ def result_fields(result: TrainerResult) -> dict[str, Any]:
             adapter["sizeBytes"] = result.adapter_size_bytes
         if result.report_uri:
             adapter["reportUri"] = result.report_uri
+        if result.prompt_sha256:
+            adapter["promptUri"] = result.adapter_uri.rstrip("/") + "/" + PROMPT_JSON
+            adapter["promptSha256"] = result.prompt_sha256
         out["adapter"] = adapter
     if result.adapter is not None or result.base is not None or result.gates:
         metrics: dict[str, Any] = {
@@ -312,6 +315,10 @@ def result_fields(result: TrainerResult) -> dict[str, Any]:
         }
         if result.passed is not None:
             metrics["passed"] = result.passed
+        if result.foreign_prompt is not None:
+            metrics["foreignPrompt"] = result.foreign_prompt.to_wire()
+        if result.foreign_prompt_gap is not None:
+            metrics["foreignPromptGap"] = result.foreign_prompt_gap.to_wire()
         out["metrics"] = metrics
     score = _score(result)
     if score:

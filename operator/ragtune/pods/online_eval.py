@@ -131,6 +131,8 @@ def adapter_prompt(storage, cand: CandidateRef) -> PromptContract:
     from ragtune.storage import sha256_bytes
 
     base = cand.uri.rstrip("/") + "/"
+    if not storage.exists(base + MANIFEST):  # never deployed (the fetcher refuses it): nothing to read
+        return PromptContract()
     raw = storage.get_bytes(base + MANIFEST)
     if cand.sha256 and sha256_bytes(raw) != cand.sha256:
         raise ValueError(f"adapter {cand.name}: {base}{MANIFEST} does not match the pinned sha256")

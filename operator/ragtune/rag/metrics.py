@@ -18,11 +18,11 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from ragtune.api.common import EvalMetrics, RefusalByConstruction
-
-from .prompt import DEFAULT_REFUSAL
+from ragtune.api.prompt import DEFAULT_CITATION, DEFAULT_REFUSAL
 
 # --- Normalisation ------------------------------------------------------------------------
 
@@ -44,24 +44,51 @@ def tokens(text: str) -> list[str]:
 
 # --- Citations ----------------------------------------------------------------------------
 
-# A context id: word characters plus `.:-` (`2`, `doc-1`, `kb:42`). One bracket holds one id or a
-# comma/semicolon separated list; adjacent brackets (`[2][3]`) are just two citations.
+# A context id: word characters plus `.:-` (`2`, `doc-1`, `kb:42`). One mark holds one id or a
+# comma/semicolon separated list; adjacent marks (`[2][3]`) are just two citations. The marks are
+# the prompt contract's `citation` (`[{id}]` by default, e.g. `[doc{id}]`): text before and after `{id}`.
 _ID = r"[A-Za-z0-9][\w.:-]*"
-_CITATION = re.compile(rf"\[\s*({_ID}(?:\s*[,;]\s*{_ID})*)\s*\]")
 
 
-def parse_citations(text: str) -> list[str]:
+def _marks(citation: str) -> tuple[str, str, str]:
+    """(opening bracket, what each id of a list repeats, closing text): `[doc{id}]` is `[`, `doc`,
+    `]` and lists as `[doc1, doc2]`."""
+    before, _, after = citation.partition("{id}")
+    before, after = before.rstrip(), after.lstrip()
+    if before[:1] in ("[", "(", "<"):
+        return before[:1], before[1:].strip(), after
+    return "", before, after
+
+
+@lru_cache(maxsize=64)
+def citation_regex(citation: str = DEFAULT_CITATION) -> re.Pattern[str]:
+    """Citations in the form `citation`; group 1 is the list of ids inside the marks."""
+    lead, inner, after = _marks(citation)
+    one = f"{re.escape(inner)}{_ID}" if inner else _ID
+    return re.compile(rf"{re.escape(lead)}\s*({one}(?:\s*[,;]\s*{one})*)\s*{re.escape(after)}")
+
+
+def split_citation_group(group: str, citation: str = DEFAULT_CITATION) -> list[str]:
+    """The ids of one mark's id list."""
+    inner = _marks(citation)[1]
+    ids = []
+    for cid in re.split(r"\s*[,;]\s*", group.strip()):
+        ids.append(cid[len(inner):] if inner and cid.startswith(inner) else cid)
+    return ids
+
+
+def parse_citations(text: str, citation: str = DEFAULT_CITATION) -> list[str]:
     """Cited context ids in order of first appearance, without duplicates."""
     cited: dict[str, None] = {}
-    for group in _CITATION.findall(text):
-        for cid in re.split(r"\s*[,;]\s*", group.strip()):
+    for group in citation_regex(citation).findall(text):
+        for cid in split_citation_group(group, citation):
             cited.setdefault(cid, None)
     return list(cited)
 
 
-def strip_citations(text: str) -> str:
+def strip_citations(text: str, citation: str = DEFAULT_CITATION) -> str:
     """The answer without its citation markers (and without the space left before them)."""
-    text = _CITATION.sub("", text)
+    text = citation_regex(citation).sub("", text)
     text = re.sub(r"\s+([.,;:!?])", r"\1", text)
     return " ".join(text.split())
 
@@ -181,14 +208,14 @@ answer
 """.split())
 
 
-def content_tokens(text: str) -> list[str]:
-    return [t for t in tokens(strip_citations(text)) if t not in STOPWORDS]
+def content_tokens(text: str, citation: str = DEFAULT_CITATION) -> list[str]:
+    return [t for t in tokens(strip_citations(text, citation)) if t not in STOPWORDS]
 
 
-def grounding_score(answer: str, contexts: Iterable[str]) -> Optional[float]:
+def grounding_score(answer: str, contexts: Iterable[str], citation: str = DEFAULT_CITATION) -> Optional[float]:
     """Share of the answer's content tokens (stopwords removed) that occur in the contexts;
     None when the answer has no content tokens."""
-    words = content_tokens(answer)
+    words = content_tokens(answer, citation)
     if not words:
         return None
     vocabulary = set()
@@ -197,8 +224,8 @@ def grounding_score(answer: str, contexts: Iterable[str]) -> Optional[float]:
     return sum(w in vocabulary for w in words) / len(words)
 
 
-def answer_words(text: str) -> int:
-    return len(strip_citations(text).split())
+def answer_words(text: str, citation: str = DEFAULT_CITATION) -> int:
+    return len(strip_citations(text, citation).split())
 
 
 # --- Scoring a set ------------------------------------------------------------------------
@@ -280,13 +307,16 @@ def score(
     items: Sequence[Any],
     predictions: Sequence[str],
     refusal: str = DEFAULT_REFUSAL,
+    prompt: Any = None,
 ) -> EvalMetrics:
     """Score model answers against rag records.
 
     `items` are rag records (dicts with `question`, `contexts[{id, text}]`, `answer`,
     `answerable`, `supportingContextIds`, or objects with the same snake_case attributes);
-    `predictions[i]` is the model's answer to `items[i]`. The prompt shows each context as
-    `[<id>] text`, so cited labels are compared with context ids as they are.
+    `predictions[i]` is the model's answer to `items[i]`. `prompt` (a
+    `ragtune.rag.prompt.PromptContract`) gives the refusal sentence and the citation form (default:
+    `refusal` and `[<id>]`); prompts show each context under its record id, so cited ids are
+    compared with context ids as they are.
 
     - F1 / exact match / ROUGE-L: answerable items, citations stripped from both sides.
     - refusal rate: unanswerable items, pooled and per construction (`construction` of the
@@ -301,6 +331,9 @@ def score(
     """
     if len(items) != len(predictions):
         raise ValueError(f"{len(items)} items but {len(predictions)} predictions")
+    citation = DEFAULT_CITATION
+    if prompt is not None:
+        refusal, citation = prompt.refusal, prompt.citation
 
     f1s, ems, rouges, refused_unans, refused_ans = [], [], [], [], []
     cited_total = cited_valid = 0
@@ -312,14 +345,14 @@ def score(
         labelled = labelled or bool(_get(record, "construction"))
         prediction = prediction or ""
         refused = is_refusal(prediction, refusal)
-        lengths.append(answer_words(prediction))
+        lengths.append(answer_words(prediction, citation))
 
-        cited = parse_citations(prediction)
+        cited = parse_citations(prediction, citation)
         cited_total += len(cited)
         cited_valid += sum(c in item.context_ids for c in cited)
 
         if item.answerable:
-            answer, reference = strip_citations(prediction), strip_citations(item.answer)
+            answer, reference = strip_citations(prediction, citation), strip_citations(item.answer, citation)
             f1s.append(f1_score(answer, reference))
             ems.append(exact_match(answer, reference))
             rouges.append(rouge_l(answer, reference))
@@ -335,7 +368,7 @@ def score(
             refused_by.setdefault(UNANSWERABLE_CONSTRUCTIONS[item.construction], []).append(float(refused))
 
         if not refused:
-            grounded = grounding_score(prediction, item.context_texts)
+            grounded = grounding_score(prediction, item.context_texts, citation)
             if grounded is not None:
                 groundings.append(grounded)
 
