@@ -184,3 +184,25 @@ def test_foreign_prompt_gap_is_the_largest_absolute_difference_and_gateable():
     assert result.passed
     [result] = evaluate_gates(gate, trained)  # not measured (e.g. an online gate): fails
     assert not result.passed and result.value is None
+
+
+def test_ragtune_prompt_render_formats_a_request_as_the_adapter_was_trained(tmp_path, capsys):
+    from ragtune.cli import main
+
+    contract = PromptContract(context_template='<doc id="{id}">{text}</doc>', refusal="No answer in the documents.")
+    (tmp_path / "prompt.json").write_text(contract.dumps())
+    contexts = [{"id": "1", "text": "Paris is the capital of France."}, {"id": "2", "text": "Lyon."}]
+    (tmp_path / "ctx.jsonl").write_text("".join(json.dumps(c) + "\n" for c in contexts))
+    args = ["prompt", "render", "--prompt", str(tmp_path / "prompt.json"), "--question", "Capital of France?",
+            "--contexts", str(tmp_path / "ctx.jsonl")]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["messages"] == contract.messages(question="Capital of France?",
+                                                                               contexts=contexts)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>")}))
+    assert main(args + ["--tokenizer-config", str(tmp_path / "tokenizer_config.json")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("<|system|>") and '<doc id="1">Paris' in text and text.endswith("<|assistant|>")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(contexts[0]) + "\n{\"id\": 3}\n")
+    assert main(args[:-1] + [str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:2: a context must be an object with 'id' and 'text'" in capsys.readouterr().err
