@@ -4,6 +4,7 @@ and compare base vs adapter on a disjoint held-out set built the hard way. Print
     python bench/rag_quality.py                        # the default (new) recipe
     python bench/rag_quality.py --recipe old           # random distractors, off-topic refusals only
     python bench/rag_quality.py --train 48 --eval 16 --independent 8 --max-steps 4   # smoke run
+    python bench/rag_quality.py --augment              # train with prompt.augment (issue 12)
 
 Recipes (the training set's RAFT construction; issue 11):
 - `new`: BM25-similar distractors, unanswerables mixed near-miss 0.4 / answer-removed 0.4 /
@@ -34,6 +35,12 @@ becomes a `rag` record whose contexts are the knowledge paragraphs (ids 1, 2) an
 
 Targets (issue 11, hard held-out split): refusal >= 0.8 on near-miss and on answer-removed items,
 false refusals <= 0.15, answer F1 above the base model's, citation precision >= 0.7.
+
+Prompt robustness (issue 12): the trainer scores the adapter on the held-out items under the
+trained prompt and under the fixed foreign prompt (`ragtune.rag.prompt.FOREIGN_PROMPT`);
+`promptRobustness` gives both, the gap |trained - foreign| with paired bootstrap 95% intervals
+(items resampled, 1,000 draws, seed 0), and the goal: with `--augment`, refusal and false-refusal
+rates within 0.10 of the trained prompt's, F1 within 0.05.
 """
 
 from __future__ import annotations
@@ -160,6 +167,51 @@ RECIPES = {
 }
 
 
+def bootstrap_robustness(samples: list[dict], refusal: str, draws: int = 1000, seed: int = 0) -> dict:
+    """Trained vs foreign prompt per item (refused?, F1) -> each rate, the gap |trained - foreign|
+    and paired bootstrap 95% intervals (the same resampled items on both sides)."""
+    from ragtune.rag.metrics import f1_score, is_refusal, strip_citations
+
+    rows = []
+    for s in samples:
+        trained, foreign = s.get("adapter") or "", s.get("foreign")
+        if foreign is None:
+            return {}
+        rows.append((s["answerable"], is_refusal(trained, refusal), is_refusal(foreign, refusal),
+                     f1_score(strip_citations(trained), strip_citations(s["reference"])) if s["answerable"] else None,
+                     f1_score(strip_citations(foreign), strip_citations(s["reference"])) if s["answerable"] else None))
+
+    def figures(items) -> dict:
+        ans = [r for r in items if r[0]]
+        unans = [r for r in items if not r[0]]
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        out = {}
+        for name, pop, t, f in (("refusalRate", unans, 1, 2), ("falseRefusalRate", ans, 1, 2), ("f1", ans, 3, 4)):
+            a, b = mean([float(r[t]) for r in pop]), mean([float(r[f]) for r in pop])
+            out[name] = (a, b, None if a is None or b is None else abs(a - b))
+        return out
+
+    point = figures(rows)
+    rng = random.Random(seed)
+    boots = [figures([rows[rng.randrange(len(rows))] for _ in rows]) for _ in range(draws)] if rows else []
+
+    def interval(name: str, k: int):
+        values = sorted(b[name][k] for b in boots if b[name][k] is not None)
+        if not values:
+            return None
+        return [round(values[int(0.025 * (len(values) - 1))], 4), round(values[int(0.975 * (len(values) - 1))], 4)]
+
+    result = {}
+    for name, (a, b, gap) in point.items():
+        r = lambda v: None if v is None else round(v, 4)  # noqa: E731
+        result[name] = {"trained": r(a), "foreign": r(b), "gap": r(gap), "trainedCI95": interval(name, 0),
+                        "foreignCI95": interval(name, 1), "gapCI95": interval(name, 2)}
+    goal = {"refusalRate": 0.10, "falseRefusalRate": 0.10, "f1": 0.05}
+    result["goal"] = {f"{n}Gap<={g}": result[n]["gap"] is not None and result[n]["gap"] <= g for n, g in goal.items()}
+    result["goalMet"] = all(result["goal"].values())
+    return result
+
+
 def make_spec(args: argparse.Namespace, train_uri: str, eval_uri: str, out_uri: str):
     from ragtune.api.finetunejob import FineTuneJobSpec
 
@@ -182,6 +234,7 @@ def make_spec(args: argparse.Namespace, train_uri: str, eval_uri: str, out_uri: 
         # The trainer builds the held-out items the hard way whatever the recipe (data.evaluation_raft).
         "evaluation": {"maxSamples": args.eval, "maxNewTokens": args.max_new_tokens,
                        "thresholds": {"minRefusalRate": 0.8, "maxFalseRefusalRate": 0.15, "minF1GainOverBase": 0.0}},
+        "prompt": {"augment": args.augment},
         "output": {"uri": out_uri},
         "resources": {"gpus": 0},
     })
@@ -205,6 +258,7 @@ def score_sets(spec, adapter_dir: Path, sets: dict[str, list]) -> dict[str, dict
         results[name] = {
             "items": len(records), "unanswerable": sum(1 for r in records if not r.answerable),
             "seconds": outcome.seconds, "base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire(),
+            "foreignPrompt": outcome.foreign.to_wire() if outcome.foreign else None,
             "misses": misses(outcome.samples, spec.dataset.raft.refusal),
         }
     return results
@@ -244,6 +298,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--unanswerable", type=float, default=0.3, help="RAFT unanswerable fraction (train and eval)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--augment", action="store_true", help="train with prompt.augment (prompt variations)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep data, adapter and report here")
     args = p.parse_args(argv)
 
@@ -281,7 +336,8 @@ def main(argv: list[str] | None = None):
     trained = time.monotonic()
     print("[rag_quality] scoring the independent set", file=sys.stderr, flush=True)
     try:
-        scored = score_sets(spec, run_dir / "adapter", {"independent": [RagRecord.from_dict(r) for r in independent]})
+        scored = score_sets(spec, run_dir / "adapter", {"independent": [RagRecord.from_dict(r) for r in independent]}) \
+            if independent else {"independent": {"items": 0}}
     except Exception as exc:  # keep the held-out figures of a long run even if this part breaks
         scored = {"independent": {"error": f"{type(exc).__name__}: {exc}"}}
     report = json.loads((run_dir / "eval/report.json").read_text())
@@ -301,6 +357,7 @@ def main(argv: list[str] | None = None):
     return {
         "bench": "rag_quality",
         "recipe": args.recipe,
+        "augment": args.augment,
         "model": "SmolLM2-135M-Instruct (LoRA r16 all-linear, fp32, CPU)",
         "cpu": cpu_flags(),
         "data": {
@@ -321,6 +378,10 @@ def main(argv: list[str] | None = None):
                     "refusalByConstruction": report["refusalByConstruction"],
                     "gates": report["gates"],
                     "misses": misses(report["samples"], spec.dataset.raft.refusal)},
+        "promptRobustness": dict(
+            bootstrap_robustness(report["samples"], spec.dataset.raft.refusal),
+            foreignPrompt=report["metrics"].get("foreignPrompt"), foreignPromptGap=report["metrics"].get("foreignPromptGap"),
+            promptVariants=(report.get("construction") or {}).get("train", {}).get("promptVariants", 0)),
         "independent": dict(scored["independent"], source=(
             "HaluEval records used by neither split: retrieval misses (top BM25 passage of other unused "
             "records, answer absent) + answerable counterparts; no PyPI package ships a SQuAD 2.0-style set")),
