@@ -218,12 +218,15 @@ def test_the_configmap_is_written_before_the_first_deployment_and_deleted_when_n
     "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/load_lora_adapter/", "//v1//load_lora_adapter",
     "/v1/./load_lora_adapter", "/v1/x/../load_lora_adapter", "/v1/%6coad_lora_adapter", "/v1/%256coad_lora_adapter",
     "/V1/LOAD_LORA_ADAPTER", "/v1/load_lora_adapter?x=1", "http://pod:8080/v1/load_lora_adapter",
+    # vLLM 0.32 also mounts SageMaker's register/unregister routes on the same loader
+    "/adapters", "/adapters/support", "//Adapters/", "/%61dapters/x",
 ])
 def test_the_lora_endpoints_are_refused_in_every_spelling(target):
     assert serving_proxy.refused(target)
 
 
-@pytest.mark.parametrize("target", ["/v1/completions", "/v1/models", "/health", "/metrics", "/v1/chat/completions?a=b"])
+@pytest.mark.parametrize("target", ["/v1/completions", "/v1/models", "/health", "/metrics", "/v1/chat/completions?a=b",
+                                    "/invocations", "/adaptersx"])
 def test_everything_else_is_forwarded(target):
     assert not serving_proxy.refused(target)
 

