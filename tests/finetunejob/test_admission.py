@@ -59,6 +59,12 @@ INVALID = [
     ("ftj-negative-gpus", _with(FTJ, "resources", {"gpus": -1}), "spec.resources.gpus"),
     ("ftj-bad-memory", _with(FTJ, "resources", {"memory": "lots"}), "spec.resources.memory"),
     ("ftj-unknown-field", _with(FTJ, "epochs", 3), "spec.epochs"),
+    ("ftj-prompt-unknown-placeholder", _with(FTJ, "prompt", {"userTemplate": "{contexts}\n{question} {context}"}),
+     "spec.prompt.userTemplate"),
+    ("ftj-prompt-no-question", _with(FTJ, "prompt", {"userTemplate": "Contexts: {contexts}"}), "spec.prompt.userTemplate"),
+    ("ftj-prompt-system-placeholder", _with(FTJ, "prompt", {"system": "Say {refusal} or {answer}"}), "spec.prompt.system"),
+    ("ftj-prompt-context-no-id", _with(FTJ, "prompt", {"contextTemplate": "{text}"}), "spec.prompt.contextTemplate"),
+    ("ftj-prompt-citation-no-marks", _with(FTJ, "prompt", {"citation": "{id}"}), "spec.prompt.citation"),
     ("ad-both-sources", _with(AD, "adapters.0", {"name": "a1", "fineTuneJobRef": {"name": "x"},
                                                  "uri": "s3://out/r/", "sha256": "a" * 64}), "spec.adapters[0]"),
     ("ad-uri-without-sha", _with(AD, "adapters.0", {"name": "a1", "uri": "s3://out/r/"}), "spec.adapters[0].sha256"),
@@ -85,3 +91,14 @@ def test_invalid_specs_are_refused_naming_the_field(platform, crds, obj, field):
 def test_examples_are_accepted(platform, crds, example):
     out = platform.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", str(example))
     assert "(server dry run)" in out
+
+
+def test_a_custom_prompt_contract_is_accepted(platform, crds):
+    prompt = {"system": "Answer from the documents only. Cite like {citation}. Else say: {refusal}",
+              "userTemplate": 'Reply as {"answer": ...}.\n<documents>\n{contexts}\n</documents>\nQuestion: {question}',
+              "contextTemplate": '<doc id="{id}">{text}</doc>', "citation": "[doc{id}]",
+              "refusal": "The documents do not answer this.", "augment": True}
+    obj = _with(_with(FTJ, "prompt", prompt), "evaluation", {"thresholds": {"maxForeignPromptGap": 0.1}})
+    out = platform.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", "default", "-f", "-",
+                           input=yaml.safe_dump(obj), check=False)
+    assert "created (server dry run)" in out, out
