@@ -324,3 +324,51 @@ def test_the_status_server_reports_readiness_only_once_the_set_is_loaded():
         assert get("/ready")[0] == 503
     finally:
         stop()
+
+
+def test_a_restarted_operator_does_not_rewrite_the_set_while_pods_load_it(served):
+    c = served
+    c.edit([_adapter("support", V2)])
+    c.tick()
+    c.kube.writes.clear()
+    for _ in range(3):  # every tick is a fresh Reconciler, as after an operator restart
+        s = c.tick()
+    assert s.candidate is not None and [w for w in c.kube.writes if w[1] != "AdapterDeployment"] == []
+
+
+def test_the_vllm_canary_gets_its_own_configmap_and_is_promoted_only_when_its_pods_serve_the_set():
+    from ragtune.pods.online_eval import OnlineEvalResult
+
+    c = Cluster(replicas=1)
+    c.ad([_adapter("support", V1)], strategy={"type": "Direct"})
+    c.tick()
+    c.start_pods()
+    c.serve("chat-server-0", {"support": V1})
+    assert c.tick().phase == "Ready"
+    body = c.kube.objects[("AdapterDeployment", "ns", "chat")]
+    body["spec"]["strategy"] = {"type": "Canary"}
+    body["spec"]["gates"]["online"] = {"evalSetUri": "s3://data/eval.jsonl"}
+    c.edit([_adapter("support", V2)])
+    s = c.tick()
+    assert s.candidate.step == "Canary"
+    writes = [w for w in c.kube.writes if w[1] in ("ConfigMap", "Deployment")]
+    assert writes[-2:] == [("create", "ConfigMap", "chat-server-canary-adapters"),
+                           ("create", "Deployment", "chat-server-canary")]
+    cm = c.kube.objects[("ConfigMap", "ns", "chat-server-canary-adapters")]
+    assert {a.name: a.sha256 for a in AdapterSetDocument.model_validate_json(cm["data"]["adapters.json"]).adapters} \
+        == {"support": V2}
+    assert c.desired_set() == {"support": V1}, "the stable set is untouched during the canary"
+    c.start_pods("chat-server-canary")
+    c.serve("chat-server-canary-0", {"support": V1})  # ready, but not serving the candidate yet
+    assert c.tick().candidate.step == "Canary"
+    c.serve("chat-server-canary-0", {"support": V2})
+    assert c.tick().candidate.step == "OnlineGate"
+    job = render.eval_job_name("chat", 2)
+    c.kube.finish_job(job, OnlineEvalResult(outcome="Passed", reason="Passed", message="ok", results=[
+        {"adapter": "support", "passed": True, "differsFromBase": 0.8}]).model_dump_json(by_alias=True))
+    s = c.tick()
+    assert s.candidate.step == "Promoting" and c.desired_set() == {"support": V2}
+    c.serve("chat-server-0", {"support": V2})
+    s = c.tick()
+    assert s.phase == "Ready" and "chat-server-canary-adapters" not in c.kube.kinds("ConfigMap")
+    assert "chat-server-canary" not in c.kube.kinds("Deployment")
