@@ -372,3 +372,24 @@ def test_the_vllm_canary_gets_its_own_configmap_and_is_promoted_only_when_its_po
     s = c.tick()
     assert s.phase == "Ready" and "chat-server-canary-adapters" not in c.kube.kinds("ConfigMap")
     assert "chat-server-canary" not in c.kube.kinds("Deployment")
+
+
+def test_switching_a_served_tgi_deployment_to_vllm_replaces_the_server_once_vllm_serves():
+    c = Cluster(replicas=1)
+    c.ad([_adapter("support", V1)])
+    body = c.kube.objects[("AdapterDeployment", "ns", "chat")]
+    body["spec"]["server"] = {"gpus": 0}  # TGI
+    c.tick()
+    c.kube.ready("chat-tgi")
+    s = c.tick()
+    assert s.phase == "Ready" and s.deployment_name == "chat-tgi"
+    c.kube.merge_patch("AdapterDeployment", "ns", "chat", {"spec": {"server": {
+        "backend": "vllm", "gpus": 0, "replicas": 1, "vllm": {"maxLoras": 2}}}})
+    c.tick()
+    assert set(c.kube.kinds("Deployment")) == {"chat-tgi", "chat-server"}, "TGI keeps serving meanwhile"
+    c.start_pods()
+    c.serve("chat-server-0", {"support": V1})
+    s = c.tick()
+    assert s.phase == "Ready" and s.deployment_name == "chat-server" and s.endpoint == "http://chat-server.ns.svc:8080"
+    assert c.kube.kinds("Deployment") == ["chat-server"] and c.kube.kinds("Service") == ["chat-server"]
+    assert ("Normal", "ServerReplaced") in [e[:2] for e in c.kube.events]

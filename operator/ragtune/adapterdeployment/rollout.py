@@ -762,7 +762,26 @@ class _Tick:
             a.model_copy(update={"since": since[a.name] if old.get(a.name) == a.sha256 else stamp})
             for a in cand.adapters
         ]
+        self.retire_other_backend()
         self.finish("Promoted", "Promoted", f"serving {', '.join(render.short_set(cand.adapters))}")
+
+    def retire_other_backend(self) -> None:
+        """After a switch of `spec.server.backend`, the new server serves: remove the previous
+        backend's server (names differ: `<ad>-tgi` vs `<ad>-server`), if it is ours."""
+        previous = self.status.deployment_name
+        if self.spec.server.deployment_ref or not previous or previous == self.stable_name():
+            return
+        other = "tgi" if self.dynamic else "vllm"
+        if previous != render.stable_name(self.name, other):
+            return
+        dep = self.kube.get("Deployment", self.ns, previous)
+        if dep is None or self.owner.uid not in {r.get("uid") for r in dep["metadata"].get("ownerReferences") or []}:
+            return  # not ours (a user's Deployment of that name): left alone
+        self.kube.delete("Deployment", self.ns, previous)
+        self.kube.delete("Service", self.ns, previous)
+        if other == "vllm":
+            self.kube.delete("ConfigMap", self.ns, render.adapter_set_name(self.name, False))
+        self.event("Normal", "ServerReplaced", f"{self.stable_name()} ({self.backend}) serves now; removed {previous}")
 
     # --- endings ---
 
