@@ -393,3 +393,55 @@ def test_switching_a_served_tgi_deployment_to_vllm_replaces_the_server_once_vllm
     assert s.phase == "Ready" and s.deployment_name == "chat-server" and s.endpoint == "http://chat-server.ns.svc:8080"
     assert c.kube.kinds("Deployment") == ["chat-server"] and c.kube.kinds("Service") == ["chat-server"]
     assert ("Normal", "ServerReplaced") in [e[:2] for e in c.kube.events]
+
+
+def test_the_sidecar_reloads_the_set_after_vllm_restarted(tmp_path, monkeypatch):
+    """vLLM came back without its run-time adapters: the sidecar must not keep reporting them loaded."""
+    import threading as _threading
+
+    from ragtune.pods import adapter_sync
+
+    class FakeVllm:
+        def __init__(self, url):
+            self.base_url, self.served, self.loads, self.down = url, {}, [], 0
+
+        def healthy(self):
+            if len(self.loads) == 1 and self.down == 0:  # restart once, right after the first load
+                self.served, self.down = {}, 1
+            if 0 < self.down <= 2:
+                self.down += 1
+                return False
+            return True
+
+        def served_loras(self):
+            return dict(self.served)
+
+        def load(self, name, path):
+            self.loads.append(name)
+            self.served[name] = str(path)
+
+        def unload(self, name):
+            self.served.pop(name, None)
+
+    admins = []
+    monkeypatch.setattr(adapter_sync, "VllmAdmin", lambda url: admins.append(FakeVllm(url)) or admins[-1])
+    monkeypatch.setattr(adapter_sync, "fetch_adapter",
+                        lambda storage, name, uri, digest, target, **kw: target.mkdir(parents=True, exist_ok=True))
+    desired = tmp_path / "adapters.json"
+    desired.write_text(json.dumps({"generation": 1, "digest": "d", "adapters": [_adapter("support", V1)]}))
+    reports, stop = [], _threading.Event()
+
+    def on_report(report):
+        reports.append(report)
+        if len(admins[0].loads) == 2 and report["ready"]:
+            stop.set()
+    args = SimpleNamespace(desired=str(desired), server="http://127.0.0.1:1", dest=str(tmp_path / "a"), status=None,
+                           expect_base_model=None, allowed_target_module=None, target_modules_from_base=None,
+                           max_rank=16, interval=0.01, once=False, status_listen=None, listen=None)
+    timer = _threading.Timer(10, stop.set)
+    timer.start()
+    adapter_sync.run(args, storage=object(), stop=stop, on_report=on_report)
+    timer.cancel()
+    assert admins[0].loads == ["support", "support"], "loaded again after the restart"
+    assert [r["ready"] for r in reports] == [True, False, True], "not ready while vLLM is down"
+    assert reports[-1]["loaded"] == {"support": V1}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -180,7 +181,9 @@ def test_a_finetunejobs_adapter_is_served_by_vllm_behind_the_sidecar(env):
 
 
 def test_replacing_the_adapter_serves_the_new_digest_without_restarting_the_pod(env):
+    started = time.monotonic()
     status = change(env, [{"name": "support", "fineTuneJobRef": {"name": "ftj-v2"}}])
+    print(f"\nspec change -> every pod serves the new digest (status Ready): {time.monotonic() - started:.1f}s")
     assert status["phase"] == "Ready", status
     v2 = env.runs["v2"]["sha256"]
     assert [(a["name"], a["sha256"]) for a in status["serving"]] == [("support", v2)]

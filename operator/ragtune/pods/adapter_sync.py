@@ -153,7 +153,8 @@ class Syncer:
     def recover(self) -> None:
         """What the server already serves (a restarted sidecar, or `--lora-modules` at start): a
         folder of ours names its digest; anything else counts as unknown and is replaced in place
-        by a verified copy."""
+        by a verified copy. Also after vLLM restarted (it came back without run-time adapters)."""
+        self.loaded, self.synced = {}, False
         for name, root in self.admin.served_loras().items():
             folder = Path(root)
             prefix = f"{name}@"
@@ -286,7 +287,9 @@ def run(args, storage=None, stop: Optional[threading.Event] = None,
     try:
         while not stop.is_set():
             healthy = syncer.admin.healthy()
-            if healthy:  # else still starting (or restarting): nothing can be loaded yet
+            if not healthy:  # starting or restarting: read what it serves again once it answers
+                recovered = False
+            else:
                 try:
                     if not recovered:
                         syncer.recover()
