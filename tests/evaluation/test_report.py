@@ -11,7 +11,7 @@ from PIL import Image
 
 from ragtune.api.common import EvalMetrics, MetricThresholds
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.api.gates import evaluate_gates
+from ragtune.api.gates import evaluate_gates, prompt_gap
 from ragtune_trainer.evaluate import EvalOutcome, evaluate_run
 from ragtune_trainer.report import write_report
 
@@ -125,14 +125,19 @@ def test_per_construction_metrics_fit_the_termination_message():
                                              "userLabelled": rate})
     thresholds = MetricThresholds(min_f1=0.99, min_exact_match=0.99, min_rouge_l=0.99, min_refusal_rate=0.99,
                                   max_false_refusal_rate=0.01, min_citation_validity=0.99, min_grounding_score=0.99,
-                                  min_f1_gain_over_base=0.5, min_refusal_gain_over_base=0.5)
-    gates = evaluate_gates(thresholds, m, m)
+                                  min_f1_gain_over_base=0.5, min_refusal_gain_over_base=0.5,
+                                  max_foreign_prompt_gap=0.01)
+    foreign = m.model_copy(update={"f1": 0.654321})
+    gates = evaluate_gates(thresholds, m, m, foreign)
     assert not any(g.passed for g in gates) and "refusalRate.answerRemoved" in {g.metric for g in gates}
     result = TrainerResult(outcome="Failed", reason="GateFailed", message="x" * 1000, run_id="r" * 40,
                            adapter_uri="s3://bucket/" + "k" * 200, manifest_sha256="a" * 64, adapter_size_bytes=10**9,
                            report_uri="s3://bucket/" + "k" * 200 + "/eval/report.html", base=m, adapter=m,
+                           prompt_sha256="b" * 64, foreign_prompt=foreign, foreign_prompt_gap=prompt_gap(m, foreign),
                            passed=False, gates=gates, steps=100000, train_seconds=123456.7)
     text = encode_termination_message(result)
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
     decoded = TrainerResult.model_validate_json(text)
     assert decoded.adapter.refusal_by_construction.near_miss == rate and len(decoded.gates) == len(gates)
+    # what the foreign-prompt gap needs survives (the report keeps the full foreign metrics)
+    assert decoded.foreign_prompt.f1 == 0.654321 and decoded.foreign_prompt_gap.max == round(0.654321 - rate, 6)

@@ -41,7 +41,7 @@ def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[di
     manifest = publish(ctx, out, adapter_files + report_files, datasets, passed)
     return Published(
         manifest_sha256=sha256_bytes(manifest),
-        adapter_size_bytes=sum(p.stat().st_size for p in adapter_files if p != prompt_path),
+        adapter_size_bytes=sum(p.stat().st_size for p in adapter_files),
         report_uri=join(ctx.run_uri, "eval/report.html") if report_files else None,
         prompt_sha256=sha256_file(prompt_path),
     )

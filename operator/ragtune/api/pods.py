@@ -144,9 +144,14 @@ class TrainerResult(ApiModel):
 
 
 def encode_termination_message(result: ApiModel) -> str:
-    """Compact JSON within the kubelet's 4 KiB limit (drops gate details first, then the message)."""
+    """Compact JSON within the kubelet's 4 KiB limit (keeps of the foreign-prompt metrics only what
+    the gap uses, then drops gate details, then the message)."""
     data = result.to_wire()
     text = json.dumps(data, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and isinstance(data.get("foreignPrompt"), dict):
+        data["foreignPrompt"] = {k: v for k, v in data["foreignPrompt"].items()
+                                 if k in ("samples", "f1", "refusalRate", "falseRefusalRate")}
+        text = json.dumps(data, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and "gates" in data:
         data["gates"] = [g for g in data["gates"] if not g.get("passed")][:5]
         text = json.dumps(data, separators=(",", ":"))
