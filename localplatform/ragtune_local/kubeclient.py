@@ -33,8 +33,13 @@ class Kube:
                 content_type: str = "application/json") -> dict:
         url = self.server + path + ("?" + urlencode(params) if params else "")
         data = None if body is None else json.dumps(body).encode()
-        resp = self._http.request(method, url, body=data, headers={"Content-Type": content_type,
-                                                                    "Accept": "application/json"})
+        try:
+            resp = self._http.request(method, url, body=data, headers={"Content-Type": content_type,
+                                                                        "Accept": "application/json"})
+        except urllib3.exceptions.HTTPError as exc:
+            # No answer (a read timeout on a loaded machine, a refused connection): status 0, which
+            # every caller already handles as an API error; a raw urllib3 error would kill its thread.
+            raise ApiError(0, "NoAnswer", f"{method} {path}: {exc}") from None
         if resp.status >= 300:
             raise ApiError.from_response(resp.status, method, path, resp.data)
         return json.loads(resp.data) if resp.data else {}

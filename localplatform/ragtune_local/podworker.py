@@ -351,7 +351,7 @@ class PodWorker(threading.Thread):
             try:
                 for name in refresh_configmap_volumes(self.pod, volumes, self.kube):
                     log.info("pod %s/%s: configMap volume %s updated", self.ns, self.pod_name, name)
-            except OSError as exc:
+            except Exception as exc:  # an API timeout under load: keep the last content, try again later
                 log.warning("pod %s/%s: configMap volumes not refreshed: %s", self.ns, self.pod_name, exc)
         for c in self.containers:
             if c.done:

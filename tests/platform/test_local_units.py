@@ -180,3 +180,23 @@ def test_configmap_volumes_follow_their_configmap_atomically(tmp_path):
     assert (vol / "adapters.json").read_text() == '{"v": 2}'
     assert vol.stat().st_ino == inode, "the bind-mounted directory stays the same"
     assert [p.name for p in vol.iterdir()] == ["adapters.json"], "no temporary file left behind"
+
+
+def test_an_api_server_that_does_not_answer_is_an_api_error_not_a_crash(tmp_path):
+    """The pod runner's threads handle ApiError; a raw urllib3 timeout used to end the node heartbeat
+    (node NotReady, pods evicted) and kill pod workers on a loaded machine."""
+    import socket
+
+    from ragtune_local.kubeclient import ApiError, Kube
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        kube = Kube(f"http://127.0.0.1:{silent.getsockname()[1]}", tmp_path / "ca", tmp_path / "c", tmp_path / "k",
+                    timeout=0.3)
+        with pytest.raises(ApiError) as err:
+            kube.get("/api/v1/namespaces/a/configmaps/x")
+        assert err.value.status == 0 and "configmaps/x" in err.value.message
+    finally:
+        silent.close()
