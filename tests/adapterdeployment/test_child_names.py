@@ -31,9 +31,13 @@ def _children(name: str, namespace: str = "team-a") -> list[dict]:
     owner = render.Owner(name, namespace, "0b5c7d1e-0000-4000-8000-000000000001")
     adapters = [ResolvedAdapter(name="support", uri="s3://models/runs/r1/", sha256="a" * 64)]
     spec = _spec()
+    vllm = AdapterDeploymentSpec.model_validate({**spec.to_wire(), "server": {"backend": "vllm"}})
     return [render.deployment(spec, adapters, owner, canary=canary, operator_image="op:1") for canary in (False, True)] \
         + [render.service(spec, owner, canary=canary) for canary in (False, True)] \
-        + [render.eval_job(spec, owner, 3, {"candidates": []}, "op:1")]
+        + [render.eval_job(spec, owner, 3, {"candidates": []}, "op:1")] \
+        + [render.deployment(vllm, adapters, owner, canary=canary, operator_image="op:1") for canary in (False, True)] \
+        + [render.service(vllm, owner, canary=canary) for canary in (False, True)] \
+        + [render.adapter_set_configmap(vllm, adapters, owner, canary=canary, generation=3) for canary in (False, True)]
 
 
 def _labels(obj: dict) -> list[str]:
@@ -56,6 +60,9 @@ def test_children_have_valid_names_and_label_values(name):
 def test_derived_names_are_deterministic_distinct_and_unchanged_when_they_fit():
     assert render.stable_name("chat") == "chat-tgi" and render.canary_name("chat") == "chat-tgi-canary"
     assert render.eval_job_name("chat", 2) == "chat-eval-g2"
+    assert (render.stable_name("chat", "vllm"), render.canary_name("chat", "vllm")) == ("chat-server", "chat-server-canary")
+    assert (render.adapter_set_name("chat", False), render.adapter_set_name("chat", True)) == \
+        ("chat-server-adapters", "chat-server-canary-adapters")
     long_a, long_b = "x" * 62 + "a", "x" * 62 + "b"
     assert render.stable_name(long_a) != render.stable_name(long_b)
     assert render.stable_name(long_a) == render.stable_name(long_a)
