@@ -42,6 +42,8 @@ def add_commands(subparsers) -> None:
     validate.add_argument("--format", default="rag", choices=["rag", "messages", "prompt-completion"])
     validate.add_argument("--tokenizer", help="tokenizer folder, to check lengths against --max-seq-length")
     validate.add_argument("--max-seq-length", type=int, default=None)
+    validate.add_argument("--prompt", help="a prompt.json (spec.prompt's keys): render and check citations with it "
+                                           "(default: ragtune's default prompt)")
     validate.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     validate.set_defaults(func=cmd_dataset_validate)
 
@@ -262,7 +264,17 @@ def cmd_dataset_validate(args: argparse.Namespace) -> int:
     except StorageError as err:
         print(f"{err.reason}: {err}", file=sys.stderr)
         return 1
-    report, _ = D.validate(loaded, args.format, tokenizer=tokenizer, max_seq_length=args.max_seq_length)
+    prompt = None
+    if args.prompt:
+        from ragtune.rag.prompt import PromptContract
+
+        try:
+            prompt = PromptContract.load(args.prompt)
+        except (OSError, ValueError) as exc:
+            print(f"--prompt: {exc}", file=sys.stderr)
+            return 1
+    report, _ = D.validate(loaded, args.format, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
+                           refusal=prompt.refusal if prompt else D.DEFAULT_REFUSAL, prompt=prompt)
     print(report.render())
     return 0 if report.ok else 1
 
