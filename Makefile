@@ -8,7 +8,7 @@ PYTEST := $(VENV)/bin/pytest
 RAGTUNE := $(VENV)/bin/ragtune
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help install platform crds check-crds test test-fast demo bench images lint-images clean
+.PHONY: help install platform browser crds check-crds test test-fast demo bench images lint-images clean
 
 help:
 	@echo "make demo       run a FineTuneJob end to end on the local platform"
@@ -31,6 +31,10 @@ install: $(STAMP)
 platform:
 	bash localplatform/build.sh
 
+# Chromium + chromedriver from Debian, for the tests that open the HTML reports in a real browser.
+browser:
+	bash localplatform/install_browser.sh
+
 crds: $(STAMP)
 	$(RAGTUNE) crds
 	$(RAGTUNE) docs
@@ -42,7 +46,7 @@ check-crds: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not platform"
 
-test: $(STAMP) platform
+test: $(STAMP) platform browser
 	$(PYTEST)
 
 BACKEND ?= tgi

@@ -47,6 +47,16 @@ def add_commands(subparsers) -> None:
     validate.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     validate.set_defaults(func=cmd_dataset_validate)
 
+    report = subparsers.add_parser("report", help="evaluation report tools")
+    rsub = report.add_subparsers(dest="report_command", metavar="COMMAND", required=True)
+    compare = rsub.add_parser("compare", help="one HTML page comparing two runs' evaluations (A vs B)")
+    compare.add_argument("run_a", metavar="RUN_A", help="run folder (s3://…/<runId>, file:///… or a path) or its "
+                                                       "eval/report.json")
+    compare.add_argument("run_b", metavar="RUN_B", help="the same for the run compared with A")
+    compare.add_argument("--out", default="compare.html", help="HTML file to write (default: %(default)s)")
+    compare.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
+    compare.set_defaults(func=cmd_report_compare)
+
     models = subparsers.add_parser("models", help="base model tools")
     msub = models.add_subparsers(dest="models_command", metavar="COMMAND", required=True)
     prep = msub.add_parser("prepare-smollm2",
@@ -277,6 +287,40 @@ def cmd_dataset_validate(args: argparse.Namespace) -> int:
                            refusal=prompt.refusal if prompt else D.DEFAULT_REFUSAL, prompt=prompt)
     print(report.render())
     return 0 if report.ok else 1
+
+
+# --- ragtune report compare ------------------------------------------------------------
+
+
+def cmd_report_compare(args: argparse.Namespace) -> int:
+    from ragtune.api.common import S3Config
+    from ragtune.api.pods import REPORT_JSON
+    from ragtune.storage import Storage, StorageError, to_uri
+
+    from .compare import Run, render_compare
+
+    storage = Storage(S3Config(endpoint=args.s3_endpoint) if args.s3_endpoint else None)
+    runs = []
+    for given in (args.run_a, args.run_b):
+        uri = to_uri(given)
+        if not uri.endswith(".json"):
+            uri = uri.rstrip("/") + "/" + REPORT_JSON
+        try:
+            report = json.loads(storage.get_bytes(uri))
+        except StorageError as err:
+            print(f"{given}: {err.reason}: {err}", file=sys.stderr)
+            return 1
+        except ValueError as err:
+            print(f"{uri}: not a JSON report: {err}", file=sys.stderr)
+            return 1
+        if not isinstance(report, dict) or "metrics" not in report or "adapter" not in report["metrics"]:
+            print(f"{uri}: not a ragtune evaluation report (no metrics.adapter)", file=sys.stderr)
+            return 1
+        runs.append(Run(given, report))
+    out = Path(args.out)
+    out.write_text(render_compare(*runs), encoding="utf-8")
+    print(out)
+    return 0
 
 
 # --- ragtune models prepare-smollm2 -----------------------------------------------------
