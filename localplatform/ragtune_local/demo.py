@@ -128,7 +128,10 @@ def _start_operator(handle: PlatformHandle, namespace: str, log_path: Path) -> s
 
 
 def _get(handle: PlatformHandle, kind: str, name: str, namespace: str) -> dict:
-    out = handle.kubectl("-n", namespace, "get", kind, name, "-o", "json", check=False)
+    try:
+        out = handle.kubectl("-n", namespace, "get", kind, name, "-o", "json", check=False)
+    except subprocess.TimeoutExpired:  # a saturated machine's API server: ask again next poll
+        return {}
     try:
         return json.loads(out)
     except json.JSONDecodeError:

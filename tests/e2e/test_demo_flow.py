@@ -14,6 +14,7 @@ from ragtune_local.demo import run_flow
 pytestmark = [pytest.mark.slow, pytest.mark.platform]
 
 
+@pytest.mark.timeout(3600)  # real QLoRA steps on CPU: a shared 2-core machine takes far longer than 900 s
 def test_finetunejob_to_served_adapter(platform, namespace, tmp_path):
     result = run_flow(platform, namespace, tmp_path, quick=True)
 
