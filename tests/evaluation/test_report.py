@@ -108,6 +108,8 @@ def test_report_from_a_real_evaluation(tmp_path, tiny_peft_model, tiny_tokenizer
     report = json.loads(json_path.read_text())
     assert len(report["samples"]) == len(make_records())
     assert report["metrics"]["adapter"] == outcome.adapter.to_wire()
+    assert report["intervals"] == outcome.intervals and report["intervals"]["confidence"] == 0.95
+    assert {"base", "adapter", "delta"} <= set(report["intervals"])
     assert report["passed"] is False
     assert len(_images(html_path.read_text())) == 2
 
@@ -126,9 +128,14 @@ def test_per_construction_metrics_fit_the_termination_message():
     thresholds = MetricThresholds(min_f1=0.99, min_exact_match=0.99, min_rouge_l=0.99, min_refusal_rate=0.99,
                                   max_false_refusal_rate=0.01, min_citation_validity=0.99, min_grounding_score=0.99,
                                   min_f1_gain_over_base=0.5, min_refusal_gain_over_base=0.5,
-                                  max_foreign_prompt_gap=0.01)
+                                  max_foreign_prompt_gap=0.01, confidence=0.95)
     foreign = m.model_copy(update={"f1": 0.654321})
-    gates = evaluate_gates(thresholds, m, m, foreign)
+    ci = [0.012345, 0.234567]
+    names = ["f1", "exactMatch", "rougeL", "refusalRate", "falseRefusalRate", "citationValidity", "groundingScore",
+             "refusalRate.answerRemoved"]
+    intervals = {"adapter": {n: ci for n in names}, "delta": {"f1": ci, "refusalRate": ci}}
+    gates = evaluate_gates(thresholds, m, m, foreign, intervals=intervals)
+    assert sum(g.interval is not None for g in gates) >= 8
     assert not any(g.passed for g in gates) and "refusalRate.answerRemoved" in {g.metric for g in gates}
     result = TrainerResult(outcome="Failed", reason="GateFailed", message="x" * 1000, run_id="r" * 40,
                            adapter_uri="s3://bucket/" + "k" * 200, manifest_sha256="a" * 64, adapter_size_bytes=10**9,
@@ -139,5 +146,6 @@ def test_per_construction_metrics_fit_the_termination_message():
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
     decoded = TrainerResult.model_validate_json(text)
     assert decoded.adapter.refusal_by_construction.near_miss == rate and len(decoded.gates) == len(gates)
+    assert all(g.bound == 0.012345 or g.bound == 0.234567 for g in decoded.gates if g.metric != "foreignPromptGap")
     # what the foreign-prompt gap needs survives (the report keeps the full foreign metrics)
     assert decoded.foreign_prompt.f1 == 0.654321 and decoded.foreign_prompt_gap.max == round(0.654321 - rate, 6)

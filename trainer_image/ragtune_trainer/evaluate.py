@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from ragtune.api.common import EvalMetrics
 from ragtune.api.finetunejob import FineTuneJobSpec
+from ragtune.rag.intervals import DEFAULT_CONFIDENCE, bootstrap_intervals
 from ragtune.rag.metrics import construction_of, score
 from ragtune.rag.prompt import PromptContract, foreign_prompt, render_prompt
 from ragtune.rag.records import RagRecord
@@ -40,6 +41,8 @@ class EvalOutcome:
     """Per item: id, question, contexts, answerable, construction (how the item was built),
     reference, base, adapter, foreign (answers)."""
     seconds: float = 0.0
+    intervals: Optional[dict[str, Any]] = None
+    """Paired bootstrap intervals of base, adapter and adapter - base (`rag.intervals`)."""
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -152,10 +155,13 @@ def evaluate_run(
         }
         for r, b, a, f in zip(records, base_answers, adapter_answers, foreign_answers)
     ]
+    confidence = spec.evaluation.thresholds.confidence or DEFAULT_CONFIDENCE
     return EvalOutcome(
         base=score(records, base_answers, prompt=contract),
         adapter=score(records, adapter_answers, prompt=contract),
         foreign=score(records, foreign_answers, prompt=contract),
         samples=samples,
         seconds=round(time.monotonic() - started, 3),
+        intervals=bootstrap_intervals(records, {"base": base_answers, "adapter": adapter_answers}, contract,
+                                      confidence=confidence, seed=spec.training.seed),
     )

@@ -102,6 +102,7 @@ def build_report(
         "metrics": metrics,
         "prompt": {"trained": contract.to_wire(), "foreign": foreign_prompt(contract).to_wire(),
                    "augment": spec.prompt.augment},
+        "intervals": outcome.intervals,
         "refusalByConstruction": construction_summary(outcome.samples, outcome.base, outcome.adapter),
         "construction": construction or {},
         "gates": [g.to_wire() for g in gates],
@@ -218,15 +219,25 @@ def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _metrics_table(base: dict, adapter: dict) -> str:
+def _ci(intervals: Optional[dict], side: str, name: str) -> str:
+    ci = ((intervals or {}).get(side) or {}).get(name)
+    return "" if not ci else f"<br><span class=muted>[{ci[0]:.3f}, {ci[1]:.3f}]</span>"
+
+
+def _metrics_table(base: dict, adapter: dict, intervals: Optional[dict] = None) -> str:
     rows = []
     for name, label in ALL_METRICS.items():
         b, a = base.get(name), adapter.get(name)
         delta = "" if a is None or b is None else f"{a - b:+.3f}"
-        rows.append(f"<tr><td>{_e(label)}</td><td class=num>{_fmt(b)}</td><td class=num>{_fmt(a)}</td>"
-                    f"<td class=num>{delta}</td></tr>")
+        rows.append(f"<tr><td>{_e(label)}</td><td class=num>{_fmt(b)}{_ci(intervals, 'base', name)}</td>"
+                    f"<td class=num>{_fmt(a)}{_ci(intervals, 'adapter', name)}</td>"
+                    f"<td class=num>{delta}{_ci(intervals, 'delta', name)}</td></tr>")
+    note = "" if not intervals else (
+        f"<p class=muted>[low, high]: paired bootstrap {intervals['confidence']:.0%} intervals over the "
+        f"{base.get('samples', 0)} items ({intervals['draws']} draws); a difference whose interval spans 0 "
+        "may be noise.</p>")
     return ("<table><tr><th>metric</th><th>base</th><th>adapter</th><th>adapter - base</th></tr>"
-            + "".join(rows) + "</table>")
+            + "".join(rows) + "</table>" + note)
 
 
 def _foreign_section(report: dict) -> str:
@@ -254,9 +265,12 @@ def _gates_table(gates: list[dict]) -> str:
     rows = []
     for g in gates:
         verdict = '<span class="pass">pass</span>' if g["passed"] else '<span class="fail">FAIL</span>'
-        rows.append(f"<tr><td>{_e(g['metric'])}</td><td class=num>{_fmt(g.get('value'))}</td>"
-                    f"<td>{_e(g['comparison'])} {_e(g['threshold'])}</td><td class=num>{_fmt(g.get('margin'))}</td>"
-                    f"<td>{verdict}</td></tr>")
+        ci = g.get("interval")
+        shown = _fmt(g.get("value")) + ("" if not ci else f" <span class=muted>[{ci[0]:.3f}, {ci[1]:.3f}]</span>")
+        compared = "" if g.get("bound") is None else " (interval bound)"
+        rows.append(f"<tr><td>{_e(g['metric'])}</td><td class=num>{shown}</td>"
+                    f"<td>{_e(g['comparison'])} {_e(g['threshold'])}{compared}</td>"
+                    f"<td class=num>{_fmt(g.get('margin'))}</td><td>{verdict}</td></tr>")
     return ("<table><tr><th>metric</th><th>value</th><th>threshold</th><th>margin</th><th>result</th></tr>"
             + "".join(rows) + "</table>")
 
@@ -323,7 +337,7 @@ def render_html(report: dict, outcome: EvalOutcome) -> str:
 from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation took {_e(report['evalSeconds'])} s.
 <span class=muted>{_e(report['createdAt'])}</span></p>
 <h2>Gates</h2>{_gates_table(report['gates'])}
-<h2>Base vs adapter</h2>{_metrics_table(base, adapter)}
+<h2>Base vs adapter</h2>{_metrics_table(base, adapter, report.get('intervals'))}
 {_img(metrics_plot(outcome.base, outcome.adapter), "base vs adapter metrics", "No metrics measured.")}
 <h2>Refusal by construction</h2>{_construction_table(report['refusalByConstruction'])}
 <h2>Trained vs foreign prompt</h2>{_foreign_section(report)}

@@ -91,7 +91,8 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
     base_m = outcome.base if outcome else EvalMetrics()
     adapter_m = outcome.adapter if outcome else EvalMetrics()
     foreign_m = outcome.foreign if outcome else None
-    gates = evaluate_gates(spec.evaluation.thresholds, adapter_m, base_m, foreign_m)
+    gates = evaluate_gates(spec.evaluation.thresholds, adapter_m, base_m, foreign_m,
+                           intervals=outcome.intervals if outcome else None)
     passed = all(g.passed for g in gates)
 
     # --- publish ---

@@ -460,6 +460,12 @@ class MetricThresholds(ApiModel):
     """Maximum `foreignPromptGap.max`: the largest absolute difference of refusal rate,
     false-refusal rate and F1 between the trained prompt and the foreign prompt. Measured by
     the offline (FineTuneJob) evaluation only; an online gate that sets it fails as not measured."""
+    confidence: Optional[float] = Field(None, ge=0.5, le=0.999)
+    """Gate on the bootstrap confidence interval instead of the point estimate: a `min*` gate
+    passes only when the interval's lower bound holds, a `max*` gate when its upper bound does,
+    `*GainOverBase` on the interval of the adapter-minus-base difference (paired over the same
+    items). E.g. 0.95, so a gate cannot pass on noise. `maxForeignPromptGap` stays on the point
+    value. Unset: point estimates (the intervals are reported either way)."""
 
 
 class GateResult(ApiModel):
@@ -476,4 +482,10 @@ class GateResult(ApiModel):
     passed: bool
     """Whether the threshold holds."""
     margin: Optional[float] = None
-    """How far `value` is on the good side of `threshold` (negative: by how much it failed)."""
+    """How far the compared figure (`value`, or `bound` under `confidence`) is on the good side
+    of `threshold` (negative: by how much it failed)."""
+    interval: Optional[list[float]] = Field(None, min_length=2, max_length=2)
+    """Bootstrap confidence interval `[low, high]` of `value`, where one was computed."""
+    bound: Optional[float] = None
+    """Under `confidence`: the end of `interval` compared with `threshold` (the lower end for
+    `>=`, the upper for `<=`)."""

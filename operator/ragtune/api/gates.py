@@ -3,7 +3,7 @@ gates, the AdapterDeployment offline gate and the online canary gate."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from .common import EvalMetrics, GateResult, MetricThresholds, PromptGap
 
@@ -57,10 +57,13 @@ def _refusal_metric(construction: str, adapter: EvalMetrics) -> tuple[str, Optio
 
 def evaluate_gates(
     thresholds: MetricThresholds, adapter: EvalMetrics, base: Optional[EvalMetrics] = None,
-    foreign: Optional[EvalMetrics] = None,
+    foreign: Optional[EvalMetrics] = None, intervals: Optional[dict[str, Any]] = None,
 ) -> list[GateResult]:
     """One GateResult per threshold that is set. A metric that could not be measured fails
-    (`foreign`: the adapter under the foreign prompt, for `maxForeignPromptGap`)."""
+    (`foreign`: the adapter under the foreign prompt, for `maxForeignPromptGap`). `intervals`
+    (`rag.intervals.bootstrap_intervals`) attach each gated value's interval; with
+    `thresholds.confidence` the interval's bound is compared, and a gate without an interval
+    fails as not measured at that confidence."""
     results = []
     for field, (metric, comparison) in _RULES.items():
         threshold = getattr(thresholds, field)
@@ -73,18 +76,34 @@ def evaluate_gates(
             value = gap.max if gap else None
         else:
             value = _value(metric, adapter, base)
-        if value is None:
+        interval = None if field == "max_foreign_prompt_gap" else interval_of(intervals, "adapter", metric)
+        compared, bound = value, None
+        if thresholds.confidence is not None and field != "max_foreign_prompt_gap":
+            bound = None if interval is None else (interval[0] if comparison == ">=" else interval[1])
+            compared = bound
+        if compared is None:
             passed, margin = False, None
         elif comparison == ">=":
-            passed, margin = value >= threshold, value - threshold
+            passed, margin = compared >= threshold, compared - threshold
         else:
-            passed, margin = value <= threshold, threshold - value
+            passed, margin = compared <= threshold, threshold - compared
         results.append(GateResult(
             metric=metric, comparison=comparison, threshold=threshold,
             value=None if value is None else round(value, 6),
             passed=passed, margin=None if margin is None else round(margin, 6),
+            interval=interval, bound=bound,
         ))
     return results
+
+
+def interval_of(intervals: Optional[dict[str, Any]], side: str, metric: str) -> Optional[list[float]]:
+    """`[low, high]` of one metric from `rag.intervals.bootstrap_intervals` output
+    (`*GainOverBase` names read the adapter-minus-base `delta` side)."""
+    if not intervals:
+        return None
+    if metric.endswith("GainOverBase"):
+        side, metric = "delta", metric[: -len("GainOverBase")]
+    return (intervals.get(side) or {}).get(metric)
 
 
 def describe_failures(results: list[GateResult]) -> str:
@@ -95,6 +114,13 @@ def describe_failures(results: list[GateResult]) -> str:
             continue
         if r.value is None:
             parts.append(f"{r.metric} was not measured (needs {r.comparison} {r.threshold:g})")
+        elif r.bound is not None:
+            end, bad = ("lower", "<") if r.comparison == ">=" else ("upper", ">")
+            parts.append(f"{r.metric} {r.value:.3f}, interval {end} bound {r.bound:.3f} {bad} {r.threshold:g} "
+                         f"(off by {abs(r.margin):.3f})")
+        elif r.margin is None:
+            parts.append(f"{r.metric} {r.value:.3f} has no confidence interval (needs {r.comparison} "
+                         f"{r.threshold:g} at the configured confidence)")
         else:
             bad = "<" if r.comparison == ">=" else ">"
             parts.append(f"{r.metric} {r.value:.3f} {bad} {r.threshold:g} (off by {abs(r.margin):.3f})")

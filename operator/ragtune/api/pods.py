@@ -145,12 +145,16 @@ class TrainerResult(ApiModel):
 
 def encode_termination_message(result: ApiModel) -> str:
     """Compact JSON within the kubelet's 4 KiB limit (keeps of the foreign-prompt metrics only what
-    the gap uses, then drops gate details, then the message)."""
+    the gap uses, then drops the gates' confidence intervals (their bounds stay; report.json has
+    them all), then drops gate details, then the message)."""
     data = result.to_wire()
     text = json.dumps(data, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and isinstance(data.get("foreignPrompt"), dict):
         data["foreignPrompt"] = {k: v for k, v in data["foreignPrompt"].items()
                                  if k in ("samples", "f1", "refusalRate", "falseRefusalRate")}
+        text = json.dumps(data, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and any("interval" in g for g in data.get("gates") or []):
+        data["gates"] = [{k: v for k, v in g.items() if k != "interval"} for g in data["gates"]]
         text = json.dumps(data, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and "gates" in data:
         data["gates"] = [g for g in data["gates"] if not g.get("passed")][:5]

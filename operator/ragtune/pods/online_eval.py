@@ -181,11 +181,16 @@ def render_prompt(template: str, specials: dict[str, str], messages: list[dict[s
 def gate_candidate(name: str, gate: OnlineGate, items: list[dict[str, Any]], candidate: list[str],
                    base: list[str], baseline: Optional[list[str]],
                    prompt: PromptContract = PromptContract()) -> OnlineGateResult:
+    from ragtune.rag.intervals import bootstrap_intervals
     from ragtune.rag.metrics import score
 
     cand_m, base_m = score(items, candidate, prompt=prompt), score(items, base, prompt=prompt)
     baseline_m = score(items, baseline, prompt=prompt) if baseline is not None else None
-    results = evaluate_gates(gate.thresholds, cand_m, base_m)
+    intervals = None
+    if gate.thresholds.confidence is not None:  # the paired intervals the gates compare
+        intervals = bootstrap_intervals(items, {"base": base, "adapter": candidate}, prompt,
+                                        confidence=gate.thresholds.confidence)
+    results = evaluate_gates(gate.thresholds, cand_m, base_m, intervals=intervals)
     if baseline_m is not None:
         for metric in ("f1", "refusalRate"):
             was = baseline_m.to_wire().get(metric)
