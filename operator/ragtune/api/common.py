@@ -465,7 +465,10 @@ class MetricThresholds(ApiModel):
     passes only when the interval's lower bound holds, a `max*` gate when its upper bound does,
     `*GainOverBase` on the interval of the adapter-minus-base difference (paired over the same
     items). E.g. 0.95, so a gate cannot pass on noise. `maxForeignPromptGap` stays on the point
-    value. Unset: point estimates (the intervals are reported either way)."""
+    value. Unset: point estimates (the intervals are reported either way). Intervals are computed
+    where the answers are: the FineTuneJob's evaluation and the online gate; an AdapterDeployment
+    offline gate only reads the run's status, so there it fails as not measured — set it on the
+    FineTuneJob's thresholds instead."""
 
 
 class GateResult(ApiModel):
