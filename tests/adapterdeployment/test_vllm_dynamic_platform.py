@@ -154,6 +154,18 @@ def ad_events(env) -> list[dict]:
                   key=lambda e: int(e["metadata"]["resourceVersion"]))
 
 
+def wait_event(env, match, timeout: float = 60) -> dict:
+    """The first AdapterDeployment Event `match` accepts (Events go out through kopf's queue just after
+    the status write that a test waits for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in ad_events(env) if match(e)]
+        if found or time.monotonic() > deadline:
+            assert found, [(e["reason"], e["message"]) for e in ad_events(env)]
+            return found[-1]
+        time.sleep(1)
+
+
 def condition(status: dict, kind: str) -> dict:
     return next(c for c in status.get("conditions", []) if c["type"] == kind)
 
@@ -193,7 +205,7 @@ def test_replacing_the_adapter_serves_the_new_digest_without_restarting_the_pod(
     assert code == 200 and env.answers["v2"] != env.answers["v1"], "the replacement is what is served"
     loaded = condition(status, "AdaptersLoaded")
     assert loaded["status"] == "True" and "all 1 ready pod(s) of chat-server serve support@" + v2[:12] in loaded["message"]
-    assert any(e["reason"] == "Promoting" and "(no restart)" in e["message"] for e in ad_events(env))
+    wait_event(env, lambda e: e["reason"] == "Promoting" and "(no restart)" in e["message"])
 
 
 def test_a_corrupted_adapter_is_refused_in_the_pod_reported_and_rolled_back(env):
@@ -205,9 +217,8 @@ def test_a_corrupted_adapter_is_refused_in_the_pod_reported_and_rolled_back(env)
     assert cond["status"] == "False" and cond["reason"] == "AdapterLoadFailed"
     assert f"pod {name}: adapter support@{env.runs['corrupt']['sha256'][:12]} not loaded: ChecksumMismatch" \
         in cond["message"], cond
-    warning = [e for e in ad_events(env) if e["type"] == "Warning"][-1]
-    assert warning["reason"] == "AdapterLoadFailed" and f"pod {name}" in warning["message"] \
-        and "adapter support" in warning["message"], warning
+    warning = wait_event(env, lambda e: e["type"] == "Warning" and e["reason"] == "AdapterLoadFailed")
+    assert f"pod {name}" in warning["message"] and "adapter support" in warning["message"], warning
     assert status["history"][0]["outcome"] == "RolledBack"
     v2 = env.runs["v2"]["sha256"]
     assert [(a["name"], a["sha256"]) for a in status["serving"]] == [("support", v2)]
