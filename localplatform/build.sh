@@ -145,7 +145,7 @@ build_gatewayapi() {
   dir=$(go mod download -json "sigs.k8s.io/gateway-api@$GATEWAYAPI_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
   [ -n "$dir" ] && [ -d "$dir/config/crd/standard" ] || { echo "no config/crd/standard in gateway-api $GATEWAYAPI_VERSION"; return 1; }
   mkdir -p "$work/out"
-  cat "$dir"/config/crd/standard/*.yaml > "$work/out/standard-crds.yaml"
+  local f; for f in "$dir"/config/crd/standard/*.yaml; do echo "---"; cat "$f"; done > "$work/out/standard-crds.yaml"
   ls "$dir"/config/crd/standard/ > "$work/out/SOURCES"
 }
 
