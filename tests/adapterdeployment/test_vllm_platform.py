@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -100,7 +101,10 @@ def test_vllm_canary_online_gate_and_promotion_serve_the_verified_adapter(platfo
     assert [(a["name"], a["sha256"]) for a in status["serving"]] == [("support", good["sha256"])]
     online = status["gates"]["online"][0]  # the evaluator asked the vLLM canary through /v1/completions
     assert online["adapter"] == "support" and online["passed"] and online["differsFromBase"] > 0, online
-    seen = events(kube, namespace)
+    # Events go out through kopf's queue just after the status write: give them a moment on a busy machine.
+    deadline = time.monotonic() + 60
+    while "Promoted" not in (seen := events(kube, namespace)) and time.monotonic() < deadline:
+        time.sleep(1)
     assert [e for e in seen if e in ("CanaryReady", "OnlineGatePassed", "Promoted")] == \
         ["CanaryReady", "OnlineGatePassed", "Promoted"], seen
     dep = kube.get("Deployment", namespace, status["deploymentName"])
