@@ -313,7 +313,13 @@ def measure_swap(kube: Kube, platform, backend: str, base: Path, bucket: str, ru
             time.sleep(window)
             t_end = time.monotonic()
         pods_after = patient(server_pods, kube, namespace)
-        v2_answer = lone_answer(kube, namespace, service, backend)
+        try:
+            v2_answer = lone_answer(kube, namespace, service, backend)
+        except RuntimeError as exc:  # report what the pods say instead of losing the measurement
+            pods = patient(kube.list, "Pod", namespace, {"ragtune.dev/adapterdeployment": "chat"})
+            v2_answer = f"{exc}: " + json.dumps([{"pod": p["metadata"]["name"], "conditions": [
+                (c["type"], c["status"]) for c in p["status"].get("conditions") or []],
+                "containers": p["status"].get("containerStatuses")} for p in pods])[:3000]
         same_pods = set(pods_after) == set(pods_before) and all(pods_after[u] == pods_before[u] for u in pods_before)
         phases = {"before": load.window(t_change - window, t_change), "during": load.window(t_change, t_served),
                   "after": load.window(t_served, t_end)}
@@ -321,7 +327,8 @@ def measure_swap(kube: Kube, platform, backend: str, base: Path, bucket: str, ru
             "mechanism": "dynamic load, same pods, no restart" if same_pods else "rolling restart (new pods)",
             "cold_start_to_served_seconds": round(cold, 2),
             "spec_change_to_served_seconds": round(served, 2),
-            "answer_changed": v1_answer != v2_answer,
+            **({"answer_changed": None, "after_swap_problem": v2_answer} if "no ready pod" in v2_answer
+               else {"answer_changed": v1_answer != v2_answer}),
             "server_pods_before": len(pods_before), "server_pods_after": len(pods_after),
             "load": {"clients": clients, **phases, "errors": load.errors},
             "failed_requests": sum(w["failed"] for w in phases.values()),
