@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from ragtune.api.common import EvalMetrics
 from ragtune.api.finetunejob import FineTuneJobSpec
@@ -37,6 +37,8 @@ class EvalOutcome:
     adapter: EvalMetrics
     foreign: Optional[EvalMetrics] = None
     """The adapter under the foreign prompt."""
+    few_shot_base: Optional[EvalMetrics] = None
+    """The base model prompted with `evaluation.fewShot` training items first."""
     samples: list[dict[str, Any]] = field(default_factory=list)
     """Per item: id, question, contexts, answerable, construction (how the item was built),
     reference, base, adapter, foreign (answers)."""
@@ -111,10 +113,12 @@ def evaluate_run(
     records: list[RagRecord],
     spec: FineTuneJobSpec,
     progress: Optional[Progress] = None,
+    few_shot: Sequence[RagRecord] = (),
 ) -> EvalOutcome:
     """Answer at most `spec.evaluation.maxSamples` held-out records with the adapter disabled
     (base) and enabled (adapter) under the spec's prompt, and with the adapter under the foreign
-    prompt; score all three. `model` must be a peft model."""
+    prompt, and the base with the `few_shot` training items first (when given); score each.
+    `model` must be a peft model."""
     if not hasattr(model, "disable_adapter"):
         raise TypeError(f"evaluate_run needs a peft model (with disable_adapter()), got {type(model).__name__}")
     started = time.monotonic()
@@ -122,7 +126,8 @@ def evaluate_run(
     contract = PromptContract.from_spec(spec)
     prompts = [render_prompt(tokenizer, r, prompt=contract) for r in records]
     foreign_prompts = [render_prompt(tokenizer, r, prompt=foreign_prompt(contract)) for r in records]
-    total, done = 3 * len(records), 0
+    shot_prompts = [render_prompt(tokenizer, r, prompt=contract, examples=few_shot) for r in records] if few_shot else []
+    total, done = 3 * len(records) + len(shot_prompts), 0
 
     def advance(n: int) -> None:
         nonlocal done
@@ -136,6 +141,7 @@ def evaluate_run(
     try:
         with model.disable_adapter():
             base_answers = generate_answers(model, tokenizer, prompts, max_new, advance)
+            shot_answers = generate_answers(model, tokenizer, shot_prompts, max_new, advance) if shot_prompts else []
         adapter_answers = generate_answers(model, tokenizer, prompts, max_new, advance)
         foreign_answers = generate_answers(model, tokenizer, foreign_prompts, max_new, advance)
     finally:
@@ -152,14 +158,16 @@ def evaluate_run(
             "base": b,
             "adapter": a,
             "foreign": f,
+            **({"fewShotBase": shot_answers[i]} if shot_answers else {}),
         }
-        for r, b, a, f in zip(records, base_answers, adapter_answers, foreign_answers)
+        for i, (r, b, a, f) in enumerate(zip(records, base_answers, adapter_answers, foreign_answers))
     ]
     confidence = spec.evaluation.thresholds.confidence or DEFAULT_CONFIDENCE
     return EvalOutcome(
         base=score(records, base_answers, prompt=contract),
         adapter=score(records, adapter_answers, prompt=contract),
         foreign=score(records, foreign_answers, prompt=contract),
+        few_shot_base=score(records, shot_answers, prompt=contract) if shot_answers else None,
         samples=samples,
         seconds=round(time.monotonic() - started, 3),
         intervals=bootstrap_intervals(records, {"base": base_answers, "adapter": adapter_answers}, contract,

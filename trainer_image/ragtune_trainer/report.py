@@ -92,6 +92,8 @@ def build_report(
     (`build_raft(stats=...)`), reported as they are."""
     contract = PromptContract.from_spec(spec)
     metrics = {"base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire()}
+    if outcome.few_shot_base is not None:
+        metrics["fewShotBase"] = outcome.few_shot_base.to_wire()
     if outcome.foreign is not None:
         metrics["foreignPrompt"] = outcome.foreign.to_wire()
         metrics["foreignPromptGap"] = prompt_gap(outcome.adapter, outcome.foreign).to_wire()
@@ -224,19 +226,22 @@ def _ci(intervals: Optional[dict], side: str, name: str) -> str:
     return "" if not ci else f"<br><span class=muted>[{ci[0]:.3f}, {ci[1]:.3f}]</span>"
 
 
-def _metrics_table(base: dict, adapter: dict, intervals: Optional[dict] = None) -> str:
+def _metrics_table(base: dict, adapter: dict, intervals: Optional[dict] = None,
+                   few_shot: Optional[dict] = None, shots: int = 0) -> str:
     rows = []
     for name, label in ALL_METRICS.items():
         b, a = base.get(name), adapter.get(name)
         delta = "" if a is None or b is None else f"{a - b:+.3f}"
-        rows.append(f"<tr><td>{_e(label)}</td><td class=num>{_fmt(b)}{_ci(intervals, 'base', name)}</td>"
+        shot = "" if few_shot is None else f"<td class=num>{_fmt(few_shot.get(name))}</td>"
+        rows.append(f"<tr><td>{_e(label)}</td><td class=num>{_fmt(b)}{_ci(intervals, 'base', name)}</td>{shot}"
                     f"<td class=num>{_fmt(a)}{_ci(intervals, 'adapter', name)}</td>"
                     f"<td class=num>{delta}{_ci(intervals, 'delta', name)}</td></tr>")
+    shot_head = "" if few_shot is None else f"<th>base, {shots}-shot</th>"
     note = "" if not intervals else (
         f"<p class=muted>[low, high]: paired bootstrap {intervals['confidence']:.0%} intervals over the "
         f"{base.get('samples', 0)} items ({intervals['draws']} draws); a difference whose interval spans 0 "
         "may be noise.</p>")
-    return ("<table><tr><th>metric</th><th>base</th><th>adapter</th><th>adapter - base</th></tr>"
+    return (f"<table><tr><th>metric</th><th>base</th>{shot_head}<th>adapter</th><th>adapter - base</th></tr>"
             + "".join(rows) + "</table>" + note)
 
 
@@ -307,7 +312,8 @@ def _example(sample: dict) -> str:
             f"<span class=muted>({_e(sample.get('id'))}, {kind})</span></div>{contexts}"
             f"<div class=answers><div><b>reference</b>\n{_e(sample.get('reference'))}</div>"
             f"<div><b>base</b>\n{_e(sample.get('base'))}</div>"
-            f"<div><b>adapter</b>\n{_e(sample.get('adapter'))}</div>"
+            + (f"<div><b>base, few-shot</b>\n{_e(sample['fewShotBase'])}</div>" if "fewShotBase" in sample else "")
+            + f"<div><b>adapter</b>\n{_e(sample.get('adapter'))}</div>"
             + (f"<div><b>adapter, foreign prompt</b>\n{_e(sample['foreign'])}</div>" if "foreign" in sample else "")
             + "</div></div>")
 
@@ -337,7 +343,8 @@ def render_html(report: dict, outcome: EvalOutcome) -> str:
 from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation took {_e(report['evalSeconds'])} s.
 <span class=muted>{_e(report['createdAt'])}</span></p>
 <h2>Gates</h2>{_gates_table(report['gates'])}
-<h2>Base vs adapter</h2>{_metrics_table(base, adapter, report.get('intervals'))}
+<h2>Base vs adapter</h2>{_metrics_table(base, adapter, report.get('intervals'), report['metrics'].get('fewShotBase'),
+                                         report['spec']['evaluation'].get('fewShot', 0))}
 {_img(metrics_plot(outcome.base, outcome.adapter), "base vs adapter metrics", "No metrics measured.")}
 <h2>Refusal by construction</h2>{_construction_table(report['refusalByConstruction'])}
 <h2>Trained vs foreign prompt</h2>{_foreign_section(report)}

@@ -37,6 +37,8 @@ class PreparedData:
     """`{uri, etag}` of every file read (for the manifest)."""
     construction: dict[str, dict[str, int]] = field(default_factory=dict)
     """RAFT construction counts (`train`, `eval`): items per construction, fallbacks, drops."""
+    few_shot: list[RagRecord] = field(default_factory=list)
+    """Training items for the few-shot baseline (`evaluation.fewShot`)."""
 
 
 class Tokenised:
@@ -96,6 +98,19 @@ def load_and_check(uri: str, ctx: RunContext, tokenised: Tokenised) -> tuple[D.L
     return loaded, examples
 
 
+def few_shot_examples(records: list[RagRecord], k: int) -> list[RagRecord]:
+    """`k` training items, answerable and unanswerable in turn (answerable first), in data order
+    (already seeded by the RAFT construction)."""
+    answerable = [r for r in records if r.answerable]
+    unanswerable = [r for r in records if not r.answerable]
+    out: list[RagRecord] = []
+    while len(out) < k and (answerable or unanswerable):
+        for pool in (answerable, unanswerable):
+            if pool and len(out) < k:
+                out.append(pool.pop(0))
+    return out
+
+
 def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
     spec = ctx.spec
     ds, seed = spec.dataset, spec.training.seed
@@ -110,6 +125,7 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         train_ex, eval_ex = D.split(train_ex, ds.eval_split, seed)
     eval_records: list[RagRecord] = []
     construction: dict[str, dict[str, int]] = {}
+    few_shot: list[RagRecord] = []
     if ds.format == DatasetFormat.RAG:
         max_len = spec.training.max_seq_length
 
@@ -128,6 +144,7 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
             train_ex = [rag_example(r, prompt) for r in train_recs]
         eval_ex = [rag_example(r, prompt) for r in eval_records]
         construction = {"train": dict(train_stats), "eval": dict(eval_stats)}
+        few_shot = few_shot_examples(train_recs, spec.evaluation.few_shot)
     train_rows = [tokenised(ex) for ex in train_ex]
     if not train_rows:
         raise TrainerFailure("InvalidDataset", f"{ds.train}: no training records left after the eval split")
@@ -137,4 +154,5 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         eval_records=eval_records,
         datasets=objects,
         construction=construction,
+        few_shot=few_shot,
     )

@@ -87,7 +87,8 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
 
         outcome = evaluate_run(model, tokenizer, prepared.eval_records, spec,
                                progress=lambda done, n: ctx.report("evaluating", step=steps, total_steps=total,
-                                                                   percent=int(100 * done / max(n, 1))))
+                                                                   percent=int(100 * done / max(n, 1))),
+                               few_shot=prepared.few_shot)
     base_m = outcome.base if outcome else EvalMetrics()
     adapter_m = outcome.adapter if outcome else EvalMetrics()
     foreign_m = outcome.foreign if outcome else None

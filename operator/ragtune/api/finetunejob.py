@@ -191,6 +191,11 @@ class EvaluationSpec(ApiModel):
     """Evaluate at most this many held-out items."""
     max_new_tokens: int = Field(128, ge=1, le=4096)
     """Generation budget per answer."""
+    few_shot: int = Field(2, ge=0, le=8)
+    """Training items shown to the base model as earlier chat turns for the few-shot baseline the
+    report puts beside the zero-shot base ("was fine-tuning worth it?"); answerable and
+    unanswerable in turn. 0: no few-shot baseline. Costs one more pass over the held-out items,
+    with prompts this many items longer."""
     thresholds: MetricThresholds = Field(default_factory=MetricThresholds)
     """Gates; a run whose adapter fails any of them ends `Failed` with reason `GateFailed`
     (its artifacts are kept for inspection)."""

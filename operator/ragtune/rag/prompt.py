@@ -201,10 +201,15 @@ def apply_template(tokenizer, messages: list[dict], *, add_generation_prompt: bo
 
 
 def render_prompt(tokenizer, record: RagRecord, *, refusal: str = DEFAULT_REFUSAL,
-                  prompt: Optional[PromptContract] = None) -> str:
-    """The generation prompt for `record` in the tokenizer's chat template."""
-    return apply_template(tokenizer, build_messages(record, refusal=refusal, prompt=prompt),
-                          add_generation_prompt=True)
+                  prompt: Optional[PromptContract] = None, examples: Sequence[RagRecord] = ()) -> str:
+    """The generation prompt for `record` in the tokenizer's chat template; `examples` (few-shot)
+    come first as earlier user/assistant turns under the same contract, after the system turn."""
+    messages = build_messages(record, refusal=refusal, prompt=prompt)
+    if examples:
+        contract = prompt or PromptContract(refusal=refusal)
+        shots = [turn for ex in examples for turn in contract.messages(ex, answer=ex.answer)[1:]]
+        messages = messages[:1] + shots + messages[1:]
+    return apply_template(tokenizer, messages, add_generation_prompt=True)
 
 
 # --- The foreign prompt ------------------------------------------------------------------------
