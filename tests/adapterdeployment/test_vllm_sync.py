@@ -15,7 +15,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -208,12 +207,12 @@ def test_the_cli_loop_writes_the_pods_report(vllm, models, tmp_path):
 
 
 def test_the_online_evaluators_vllm_client_asks_adapters_by_name_and_refuses_unknown_ones(vllm, models, syncer):
-    from ragtune.adapterdeployment.backends import VllmBackend
+    from ragtune.pods.online_eval import AdapterNotServed, Completions
 
     assert syncer.sync(_desired(models, 1, support="v1"))
-    backend = VllmBackend()
-    adapted = backend.generate(vllm.url, "The capital of France is", adapter="support", max_new_tokens=8)
-    base = backend.generate(vllm.url, "The capital of France is", adapter=None, max_new_tokens=8, base_name="base")
+    client = Completions(vllm.url, backend="vllm", base_model="base")
+    adapted = client("The capital of France is", "support", 8)
+    base = client("The capital of France is", None, 8)
     assert adapted == _complete(vllm.url, "support")[1] and base == _complete(vllm.url, "base")[1]
-    with pytest.raises(RuntimeError, match="HTTP 404 for model 'missing'"):
-        backend.generate(vllm.url, "x", adapter="missing", max_new_tokens=2)
+    with pytest.raises(AdapterNotServed, match="serves no model 'missing'"):
+        client("x", "missing", 2)

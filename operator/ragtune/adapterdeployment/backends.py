@@ -1,12 +1,10 @@
 """The serving backend behind a small interface: TGI (adapters fixed at start via `LORA_ADAPTERS`,
 selected per request) and vLLM (`vllm serve --enable-lora`, adapters named as models). Rendering
-and the online evaluator only use what is here; `backend_for(spec.server)` picks one."""
+uses what is here; `backend_for(spec.server)` picks one. Requests to either server go through one
+client (`pods/online_eval.Completions`)."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Protocol
 
@@ -29,10 +27,6 @@ class ServingBackend(Protocol):
     def args(self, *, model_id: str, served_name: str, revision: Optional[str], adapters: dict[str, str],
              port: int) -> list[str]:
         """Container args (the image's ENTRYPOINT runs them); empty for a server configured by env."""
-
-    def generate(self, base_url: str, prompt: str, *, adapter: Optional[str], max_new_tokens: int,
-                 timeout: float = 120.0) -> str:
-        """Greedy completion of `prompt` with `adapter` (None: the base model)."""
 
 
 @dataclass(frozen=True)
@@ -67,14 +61,6 @@ class TgiBackend:
     def args(self, *, model_id: str, served_name: str, revision: Optional[str], adapters: dict[str, str],
              port: int) -> list[str]:
         return []
-
-    def generate(self, base_url: str, prompt: str, *, adapter: Optional[str], max_new_tokens: int,
-                 timeout: float = 120.0) -> str:
-        from huggingface_hub import InferenceClient
-
-        client = InferenceClient(base_url=base_url, timeout=timeout)
-        return client.text_generation(prompt, adapter_id=adapter, max_new_tokens=max_new_tokens,
-                                      details=False, do_sample=False)
 
 
 TGI = TgiBackend()
@@ -137,19 +123,6 @@ class VllmBackend:
         if adapters:
             args += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
         return args + list(s.extra_args)
-
-    def generate(self, base_url: str, prompt: str, *, adapter: Optional[str], max_new_tokens: int,
-                 timeout: float = 120.0, base_name: Optional[str] = None) -> str:
-        """Greedy `/v1/completions`; the base model is addressed by its served name."""
-        body = {"model": adapter or base_name, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0}
-        req = urllib.request.Request(base_url.rstrip("/") + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())["choices"][0]["text"]
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"vLLM {base_url}: HTTP {exc.code} for model {body['model']!r}: "
-                               f"{exc.read()[:300].decode(errors='replace')}") from None
 
 
 def backend_for(server: "ServerSpec") -> ServingBackend:
