@@ -28,9 +28,9 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import benchio  # noqa: E402
 import yaml
 
-import benchio  # noqa: E402
 from ragtune_local.apiproxy import RecordingProxy  # noqa: E402
 
 KWOK = [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import benchio
+
 from ragtune_local.paths import cache_dir
 from ragtune_local.platform import LocalPlatform
 

@@ -35,8 +35,8 @@ SEED = 0
 
 def build_data(tokenizer, n_train: int, n_eval: int):
     from ragtune.api.finetunejob import RaftConfig
-    from ragtune_trainer import data as D
     from ragtune.rag.prompt import build_messages
+    from ragtune_trainer import data as D
     from ragtune_trainer.synthetic import generate
 
     raft = RaftConfig(distractors=2, unanswerable_fraction=0.2)

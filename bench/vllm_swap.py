@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchio  # noqa: E402
+
 from ragtune.pods.adapter_sync import Desired, Syncer, VllmAdmin  # noqa: E402
 from ragtune.storage import Storage  # noqa: E402
 from ragtune_local import paths  # noqa: E402

@@ -53,7 +53,7 @@ def test_children_have_valid_names_and_label_values(name):
         for value in _labels(obj):
             assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), value
     # The full name travels in an annotation (the label may be shortened).
-    assert all(o["metadata"]["annotations"][f"ragtune.dev/adapterdeployment-name"] == name
+    assert all(o["metadata"]["annotations"]["ragtune.dev/adapterdeployment-name"] == name
                for o in _children(name) if o["kind"] != "Service")
 
 

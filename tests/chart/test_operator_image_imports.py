@@ -9,8 +9,8 @@ import ast
 import importlib.metadata as md
 import re
 import sys
-import tomllib
 
+import tomllib
 from packaging.requirements import Requirement
 
 from .chartlib import REPO_ROOT

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune_trainer.evaluate import evaluate_run, generate_answers
 from ragtune.rag.prompt import render_prompt
+from ragtune_trainer.evaluate import evaluate_run, generate_answers
 
 from .conftest import make_records
 

@@ -9,7 +9,6 @@ changes the answer, 404 for an unknown model, and the LoRA metrics.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import urllib.error
 import urllib.request

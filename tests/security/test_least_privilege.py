@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..chart.chartlib import finetunejob, free_port, kubectl, render, wait_for
 from ragtune_local.apiproxy import RecordingProxy
+
+from ..chart.chartlib import finetunejob, free_port, kubectl, render, wait_for
 from .leakscan import scan
 from .permissions import PERMISSIONS, flatten
 

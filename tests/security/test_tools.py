@@ -9,6 +9,7 @@ import json
 import pytest
 
 from ragtune_local.apiproxy import ApiCall
+
 from .leakscan import scan
 
 

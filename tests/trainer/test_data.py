@@ -1,12 +1,11 @@
-import json
 from collections import Counter
 
 import pytest
 
 from ragtune.api.finetunejob import RaftConfig
+from ragtune.rag.records import Context, RagRecord
 from ragtune.storage import Storage, StorageError
 from ragtune_trainer import data as D
-from ragtune.rag.records import Context, RagRecord
 
 from .conftest import write_jsonl
 
@@ -256,8 +255,8 @@ def test_cli_validate_prints_report_and_exit_code(tmp_path, capsys):
 def test_raft_numbers_contexts_in_display_order_and_rewrites_citations():
     """Context ids must not leak how an item was built (e.g. refusal items never showing [1])."""
     from ragtune.api.finetunejob import RaftConfig
-    from ragtune_trainer.data import build_raft
     from ragtune.rag.records import Context, RagRecord
+    from ragtune_trainer.data import build_raft
 
     records = [RagRecord(f"r{i}", f"q{i}", [Context("1", f"a{i}"), Context("2", f"b{i}")],
                          "x [1] and y [2, 1]", True, ["1", "2"]) for i in range(8)]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.api.pods import EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX, TrainerResult
 from ragtune.api.finetunejob import FineTuneJobSpec, TrainingProgress
+from ragtune.api.pods import EXIT_PERMANENT, EXIT_RETRYABLE, PROGRESS_PREFIX, TrainerResult
 from ragtune.storage import Storage
 from ragtune_trainer import base_model as B
 from ragtune_trainer import cli

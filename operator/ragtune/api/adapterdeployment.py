@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from enum import Enum
 import re
+from enum import Enum
 from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, Field, model_validator
 
-from .keys import GROUP_VERSION
 from .base import ApiModel, cel, k8s_extensions
 from .common import (
+    IMAGE_REF,
     ArtifactUri,
     Condition,
-    EvalMetrics,
-    GateResult,
     CpuQuantity,
+    EvalMetrics,
     ExtendedResourceName,
-    IMAGE_REF,
+    GateResult,
     K8sName,
     MemoryQuantity,
     MetricThresholds,
@@ -26,6 +25,7 @@ from .common import (
     ServedBaseModelRef,
 )
 from .finetunejob import Toleration
+from .keys import GROUP_VERSION
 
 DEFAULT_TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"

@@ -15,7 +15,6 @@ import yaml
 
 from .adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
 from .finetunejob import FineTuneJobSpec, FineTuneJobStatus
-
 from .keys import API_GROUP as GROUP
 from .keys import API_VERSION as VERSION
 

@@ -7,18 +7,16 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from .keys import GROUP_VERSION
 from .base import ApiModel, cel, k8s_extensions
-from .prompt import DEFAULT_REFUSAL, PromptSpec
 from .common import (
+    IMAGE_REF,
     ArtifactUri,
     BaseModelRef,
     Condition,
-    EvalMetrics,
-    GateResult,
     CpuQuantity,
+    EvalMetrics,
     ExtendedResourceName,
-    IMAGE_REF,
+    GateResult,
     K8sName,
     MemoryQuantity,
     MetricThresholds,
@@ -26,6 +24,8 @@ from .common import (
     PromptGap,
     S3Config,
 )
+from .keys import GROUP_VERSION
+from .prompt import DEFAULT_REFUSAL, PromptSpec
 
 
 class DatasetFormat(str, Enum):
