@@ -379,6 +379,19 @@ class _Tick:
         stamp = ((cm or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_ROLLED_AT)
         return float(stamp) if stamp else None
 
+    def serving_progress(self, dep: dict[str, Any], desired: dict[str, Any], adapters: list[ResolvedAdapter],
+                         ) -> tuple[list[dict[str, Any]], Optional[tuple[str, str]], list[str]]:
+        """(the pods of `desired`'s template, a pod failure or failed load, the ready pods not serving
+        `adapters` yet): what the canary and promotion steps both wait on."""
+        pods = self.pods_of(dep, desired)
+        failure = pod_failure(pods)
+        behind: list[str] = []
+        if failure is None and self.dynamic:
+            failure, behind = self.set_progress(pods, adapters)
+            if failure:
+                self.set_failed(failure)
+        return pods, failure, behind
+
     def set_progress(self, pods: list[dict[str, Any]],
                      adapters: list[ResolvedAdapter]) -> tuple[Optional[tuple[str, str]], list[str]]:
         """(a pod's load failure, the ready pods that do not serve `adapters` yet): one status
@@ -539,13 +552,7 @@ class _Tick:
             return
         if self.timed_out(dep, "canary", cand):
             return
-        pods = self.pods_of(dep, desired)
-        failure = pod_failure(pods)
-        behind: list[str] = []
-        if failure is None and self.dynamic:
-            failure, behind = self.set_progress(pods, cand.adapters)
-            if failure:
-                self.set_failed(failure)
+        _, failure, behind = self.serving_progress(dep, desired, cand.adapters)
         if failure:
             self.rollback(cand, *failure)
             return
@@ -702,13 +709,7 @@ class _Tick:
             self.event("Normal", "Promoting", f"rolling {name} to {', '.join(render.short_set(cand.adapters))}")
             self.status.message = f"rolling {name}"
             return
-        pods = self.pods_of(dep, desired)
-        failure = pod_failure(pods)
-        behind: list[str] = []
-        if failure is None and self.dynamic:
-            failure, behind = self.set_progress(pods, cand.adapters)
-            if failure:
-                self.set_failed(failure)
+        pods, failure, behind = self.serving_progress(dep, desired, cand.adapters)
         rolled_at = float((dep["metadata"].get("annotations") or {}).get(ANNOTATION_ROLLED_AT) or self.rec.clock())
         if self.dynamic:
             rolled_at = max(rolled_at, self.set_written_at(False) or 0.0)
