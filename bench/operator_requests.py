@@ -20,7 +20,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import benchio  # noqa: E402
 import yaml
 
 from ragtune_local.apiproxy import RecordingProxy  # noqa: E402
+from ragtune_local.platform import free_port  # noqa: E402
 
 KWOK = [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]
 SHA = "0" * 64
@@ -39,12 +39,6 @@ SHA = "0" * 64
 
 def log(message: str) -> None:
     print(f"[operator_requests] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finetunejob(i: int, namespace: str) -> dict:
@@ -111,7 +105,6 @@ def start_operator(kubeconfig: Path, log_path: Path) -> subprocess.Popen:
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"operator not healthy in 90 s; see {log_path}")
-
 
 
 def window(proxy: RecordingProxy, seconds: float) -> dict:

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import benchio  # noqa: E402  (bench/ is sys.path[0])
 from ragtune.api.finetunejob import FineTuneJobSpec
 from ragtune.finetunejob.render import render_job
 from ragtune.runtime.kube import Kube, KubeError
+from ragtune_local.platform import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 16
@@ -102,12 +102,6 @@ class JobWatcher(threading.Thread):
             response.release_conn()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_operator(kubeconfig: str, log: Path) -> tuple[subprocess.Popen, int]:
     health = free_port()
     env = {**os.environ, "KUBECONFIG": kubeconfig, "RAGTUNE_METRICS_PORT": str(free_port())}
@@ -137,7 +131,6 @@ def peak_rss_mb(pid: int) -> float:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 
 def create_retrying(kube: Kube, path: str, body: dict, retries: list) -> None:

@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 import benchio  # noqa: E402
 
 from ragtune.runtime.kube import Kube  # noqa: E402
+from ragtune_local.platform import free_port  # noqa: E402
 from ragtune_local.testdoubles.tiny_models import (  # noqa: E402
     TINY_BASE_ID,
     TINY_BASE_REVISION,
@@ -66,12 +67,6 @@ from ragtune_local.testdoubles.tiny_models import (  # noqa: E402
 PROMPT = "The capital of France is"
 RECORDS = [{"id": f"q{i}", "question": f"What is item {i}?", "answer": f"Item {i} [1]",
             "contexts": [{"id": "1", "text": f"Item {i} is a tiny test fact."}]} for i in range(4)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def standin_direct_start(base: Path, adapter: Path) -> float:

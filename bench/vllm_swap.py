@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import benchio  # noqa: E402
 from ragtune.pods.adapter_sync import Desired, Syncer, VllmAdmin  # noqa: E402
 from ragtune.storage import Storage  # noqa: E402
 from ragtune_local import paths  # noqa: E402
+from ragtune_local.platform import free_port  # noqa: E402
 from ragtune_local.testdoubles.tiny_models import file_put, make_adapter, make_base, publish_run  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -45,12 +45,6 @@ PROMPT = "The capital of France is"
 
 def log(msg: str) -> None:
     print(f"[vllm_swap] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_vllm(base: Path, port: int, logfile: Path, lora_modules: list[str] = ()) -> subprocess.Popen:
@@ -63,7 +57,6 @@ def start_vllm(base: Path, port: int, logfile: Path, lora_modules: list[str] = (
         argv += ["--lora-modules", *lora_modules]
     return subprocess.Popen(argv, env=env, stdout=open(logfile, "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
 
 
 def complete(url: str, model: str, timeout: float = 60) -> str:

@@ -132,7 +132,7 @@ def gateway_programmed(kube: Kube) -> Optional[str]:
 def start(platform: "LocalPlatform", timeout: float = 60.0) -> "PlatformInfo":
     """Brings the gateway up on the running `platform`; records its ports in the platform's state."""
     from .paths import kubectl_binary
-    from .platform import _free_port, _http_ok
+    from .platform import _http_ok, free_port
 
     deadline = time.monotonic() + timeout
     info = platform.info()
@@ -143,7 +143,7 @@ def start(platform: "LocalPlatform", timeout: float = 60.0) -> "PlatformInfo":
         if time.monotonic() > deadline:
             raise TimeoutError(reason)
         time.sleep(0.2)
-    web, ping = _free_port(), _free_port()
+    web, ping = free_port(), free_port()
     info.ports.update({"gateway": web, "gateway-ping": ping})
     setup_objects(admin, web)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}  # not "in-cluster"

@@ -72,7 +72,8 @@ class PlatformInfo:
         return Kube(self.server, self.pki / "ca.crt", self.pki / "admin.crt", self.pki / "admin.key")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the platform's parts, tests and benches)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -199,7 +200,7 @@ class LocalPlatform:
         self._fresh_state()
         deadline = time.monotonic() + timeout
         sd = self.state_dir
-        ports = {k: _free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler",
+        ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler",
                                            "kwok", "s3", "s3-console", "kubelet")}
         server = f"https://127.0.0.1:{ports['apiserver']}"
         info = PlatformInfo(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,7 @@ from ragtune.pods import adapter_sync
 from ragtune.pods.adapter_sync import Desired, Syncer, VllmAdmin, loopback_url
 from ragtune.storage import Storage
 from ragtune_local import paths
+from ragtune_local.platform import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,6 @@ def test_read_desired_names_the_file_on_bad_input(tmp_path):
 # -- against the real vLLM --
 
 MAX_CPU_LORAS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +77,7 @@ def models(tmp_path_factory):
 def vllm(models):
     if not paths.vllm_built():
         subprocess.run(["bash", str(paths.VLLM_BUILD_SCRIPT)], check=True)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
     log = open(models.root / "vllm.log", "wb")

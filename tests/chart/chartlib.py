@@ -87,14 +87,6 @@ def kubectl(kubeconfig: str | Path, *args: str, stdin: str | None = None, check:
     return proc.stdout if proc.returncode == 0 else proc.stdout + proc.stderr
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(what: str, check, timeout: float = 120.0, interval: float = 1.0):
     """Poll `check()` until it returns something truthy; fail naming `what` and the last value."""
     import time

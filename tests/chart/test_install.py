@@ -9,7 +9,9 @@ import secrets
 import pytest
 import yaml
 
-from .chartlib import CHART, FAKE_TRAINER_IMAGE, finetunejob, free_port, kubectl, render, wait_for
+from ragtune_local.platform import free_port
+
+from .chartlib import CHART, FAKE_TRAINER_IMAGE, finetunejob, kubectl, render, wait_for
 
 pytestmark = [pytest.mark.platform, pytest.mark.slow]
 

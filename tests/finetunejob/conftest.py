@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from ragtune_local.platform import free_port
 from ragtune_local.procs import terminate_with_parent
 
 FAKE_TRAINER_IMAGE = "ragtune.test/fake-trainer:dev"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OperatorProcess:
@@ -39,8 +33,8 @@ class OperatorProcess:
     def __init__(self, kubeconfig: str, log_path: Path, extra_env: Optional[dict] = None) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
-        self.metrics_port = _free_port()
-        self.health_port = _free_port()
+        self.metrics_port = free_port()
+        self.health_port = free_port()
         self.extra_env = extra_env or {}
         self.proc: Optional[subprocess.Popen] = None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ragtune_local.platform import free_port
 from ragtune_local.testdoubles.tiny_models import make_adapter, make_base
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,12 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 OPENAPI = Path(__file__).resolve().parent / "data" / "tgi-openapi-subset.json"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _to_jsonschema(node):

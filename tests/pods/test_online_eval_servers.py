@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from ragtune.api.pods import CandidateRef, OnlineEvalConfig
 from ragtune.pods.online_eval import AdapterNotServed, Completions, evaluate, server_generate
 from ragtune.storage import Storage
 from ragtune_local import paths
+from ragtune_local.platform import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 RECORDS = [{"id": f"q{i}", "question": f"What is item {i}?", "answer": f"Item {i} is red [1]", "answerable": True,
             "contexts": [{"id": "1", "text": f"Item {i} is red."}], "supportingContextIds": ["1"]}
            for i in range(3)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +78,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module", params=["tgi", "vllm"])
 def server(request, world):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = world.root / f"{request.param}.log"
     if request.param == "tgi":

@@ -24,8 +24,9 @@ import pytest
 import yaml
 
 from ragtune_local.apiproxy import RecordingProxy
+from ragtune_local.platform import free_port
 
-from ..chart.chartlib import finetunejob, free_port, kubectl, render, wait_for
+from ..chart.chartlib import finetunejob, kubectl, render, wait_for
 from .leakscan import scan
 from .permissions import PERMISSIONS, flatten
 
