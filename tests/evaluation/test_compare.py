@@ -38,6 +38,9 @@ def test_items_are_matched_by_question_and_contexts_and_regressions_come_first(t
     assert shared == 2  # the item whose contexts differ in B is not the same item
     assert [(c["kind"], c["a"], c["b"], c["better"]) for c in changed] == [
         ("answerable", "correct", "refused", False), ("unanswerable", "answered", "refused", True)]
+    # regressions first whatever order the items come in
+    reversed_a = Run(a.label, {**a.report, "samples": list(reversed(a.report["samples"]))})
+    assert [c["better"] for c in changed_items(reversed_a, b)[1]] == [False, True]
     same = {"question": "q", "contexts": [{"id": "9", "text": "t"}]}
     assert item_key(same) == item_key({**same, "contexts": [{"id": "1", "text": "t"}], "id": "other"})
 
