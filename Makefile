@@ -50,7 +50,10 @@ test: $(STAMP) platform browser
 	$(PYTEST)
 
 BACKEND ?= tgi
-demo: $(STAMP) platform
+# The demo needs neither the gateway (Traefik, opt-in) nor the browser: it builds only what it runs.
+DEMO_PARTS := kube etcd kwok minio helm vllm
+demo: $(STAMP)
+	bash localplatform/build.sh $(DEMO_PARTS)
 	$(RAGTUNE) dev demo --backend $(BACKEND)
 
 bench: $(STAMP) platform
