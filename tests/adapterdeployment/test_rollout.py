@@ -371,3 +371,19 @@ def test_a_metadata_write_during_a_tick_neither_loses_nor_repeats_its_events():
     assert s.phase == "Ready"
     assert [r for _, r, _ in kube.events] == ["RolloutStarted", "OfflineGatePassed", "CanaryCreated", "CanaryReady",
                                               "OnlineGatePassed", "Promoting", "Promoted"]
+
+
+def test_status_written_by_a_newer_operator_is_read_after_an_operator_rollback():
+    """helm rollback of the operator mid-rollout: the status holds fields only the newer version
+    knows; the older operator carries the rollout on instead of failing the object."""
+    kube = FakeKube()
+    ftj(kube, "ftj1")
+    ad(kube)
+    assert tick(kube).candidate.step == "Canary"
+    body = kube.objects[("AdapterDeployment", "ns", "chat")]
+    body["status"]["analysisRuns"] = [{"step": 1, "phase": "Running"}]
+    body["status"]["candidate"]["canaryWeight"] = 10
+    kube.ready("chat-tgi-canary")
+    Reconciler(kube, IMAGE, clock=lambda: kube.clock).tick("ns", "chat")
+    after = body["status"]
+    assert after["phase"] != "Failed" and after["candidate"]["step"] == "OnlineGate", after.get("message")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ragtune.api.common import GateResult
 from ragtune.finetunejob.controller import parse_progress
 from ragtune.finetunejob.status import (
@@ -252,3 +254,27 @@ def test_the_status_written_is_validated_by_its_model():
     with pytest.raises(pydantic.ValidationError):
         build_status(ftj(), job({"active": 1}), pods(pod_body(phase="Running", running=True)),
                      progress={"step": "three"})
+
+
+def test_a_newer_trainers_result_is_read_by_an_older_operator():
+    """A trainer image newer than the operator may add fields (top level and inside metrics):
+    the run's outcome and every field this operator knows still count; a known field with a
+    wrong value still makes the result untrusted."""
+    msg = json.dumps({"outcome": "Succeeded", "reason": "Completed", "runId": RUN_ID,
+                      "adapterUri": "s3://out/runs/team-a/demo/" + RUN_ID + "/", "manifestSha256": SHA,
+                      "adapterSizeBytes": 42, "adapter": {"samples": 4, "f1": 0.7, "judgeScore": 0.8},
+                      "passed": True, "stagesRun": [{"name": "sft"}, {"name": "preference"}]})
+    done = job({"succeeded": 1, "conditions": [job_condition("Complete")]})
+    s = build_status(ftj(), done, pods(pod_body(phase="Succeeded", terminated=(0, msg))))
+    assert s["phase"] == "Succeeded" and s["adapter"]["sha256"] == SHA
+    assert s["metrics"]["adapter"] == {"samples": 4, "f1": 0.7}
+
+    bad = json.dumps({"outcome": "Succeeded", "reason": "Completed", "runId": RUN_ID,
+                      "adapter": {"f1": "high"}, "futureField": 1})
+    s = build_status(ftj(), done, pods(pod_body(phase="Succeeded", terminated=(0, bad))))
+    assert s["phase"] == "Failed" and cond(s, "Failed")["reason"] == "InvalidTrainerResult"
+
+
+def test_progress_lines_of_a_newer_trainer_keep_the_fields_this_operator_knows():
+    tail = 'RAGTUNE_PROGRESS {"step": 3, "totalSteps": 10, "rank": 0, "worldSizeSeen": 2}'
+    assert parse_progress(tail) == {"step": 3, "totalSteps": 10}

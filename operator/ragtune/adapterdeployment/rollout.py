@@ -41,6 +41,7 @@ from ragtune.api.adapterdeployment import (
     ResolvedAdapter,
     RolloutRecord,
 )
+from ragtune.api.base import validate_tolerant
 from ragtune.api.common import IN_CLUSTER, Condition
 from ragtune.api.keys import ANNOTATION_ROLLED_AT
 from ragtune.api.pods import (
@@ -125,9 +126,9 @@ def pod_failure(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
                 if term and term.get("exitCode", 0) != 0:
                     message = term.get("message") or ""
                     try:
-                        result = FetchResult.model_validate_json(message)
+                        result = validate_tolerant(FetchResult, json.loads(message))
                         return result.reason, f"pod {name}: adapter fetch failed: {result.message}"
-                    except ValidationError:
+                    except (ValueError, ValidationError):
                         return "InitContainerFailed", f"pod {name}: init container {cs['name']} exited " \
                                                       f"{term.get('exitCode')}: {message.strip()[-300:]}"
         for cs in st.get("containerStatuses") or []:
@@ -190,8 +191,8 @@ def job_result(pods: list[dict[str, Any]]) -> Optional[OnlineEvalResult]:
                 continue
             message = term.get("message") or ""
             try:
-                return OnlineEvalResult.model_validate_json(message)
-            except ValidationError:
+                return validate_tolerant(OnlineEvalResult, json.loads(message))
+            except (ValueError, ValidationError):
                 return OnlineEvalResult(outcome="Error", reason="EvaluatorFailed",
                                         message=f"exit {term.get('exitCode')}: {message.strip()[-300:]}")
     return None
@@ -225,7 +226,7 @@ class Reconciler:
         old = body.get("status") or {}
         try:
             spec = AdapterDeploymentSpec.model_validate(body["spec"], context=IN_CLUSTER)
-            status = AdapterDeploymentStatus.model_validate(old)
+            status = validate_tolerant(AdapterDeploymentStatus, old)
         except ValidationError as exc:
             err = exc.errors()[0]
             message = f"spec.{'.'.join(map(str, err['loc']))}: {err['msg']}"
@@ -403,7 +404,7 @@ class _Tick:
             st = pod.get("status") or {}
             raw = self.rec.pod_status(st["podIP"], port) if st.get("podIP") and st.get("phase") == "Running" else None
             try:
-                report = AdapterSyncStatus.model_validate(raw) if raw is not None else None
+                report = validate_tolerant(AdapterSyncStatus, raw) if raw is not None else None
             except ValidationError:
                 report = None
             name = pod["metadata"]["name"]

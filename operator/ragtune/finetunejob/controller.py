@@ -27,6 +27,7 @@ from typing import Any, Optional
 import kopf
 from pydantic import ValidationError
 
+from ragtune.api.base import validate_tolerant
 from ragtune.api.common import IN_CLUSTER
 from ragtune.api.finetunejob import FineTuneJobSpec, TrainingProgress
 from ragtune.api.keys import API_GROUP, API_VERSION, FINETUNEJOBS, GROUP_VERSION
@@ -117,8 +118,8 @@ def parse_progress(log_tail: str) -> Optional[dict]:
         if start < 0:
             continue
         try:
-            return TrainingProgress.model_validate_json(line[start + len(PROGRESS_PREFIX):]).to_wire()
-        except ValidationError:
+            return validate_tolerant(TrainingProgress, json.loads(line[start + len(PROGRESS_PREFIX):])).to_wire()
+        except (ValueError, ValidationError):
             continue
     return None
 

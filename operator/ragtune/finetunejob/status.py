@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from ragtune.api.finetunejob import FineTuneJobStatus, Phase
+from ragtune.api.base import validate_tolerant
+from ragtune.api.finetunejob import FineTuneJobStatus, Phase, TrainingProgress
 from ragtune.api.gates import describe_failures
 from ragtune.api.keys import GROUP_VERSION
 from ragtune.api.pods import EXIT_PERMANENT, OOM_REMEDIES, PROMPT_JSON, TrainerResult
@@ -231,7 +232,7 @@ def parse_result(message: str) -> Optional[TrainerResult]:
     if not text.startswith("{"):
         return None
     try:
-        return TrainerResult.model_validate(json.loads(text))
+        return validate_tolerant(TrainerResult, json.loads(text))
     except (ValueError, ValidationError):
         return None
 
@@ -536,6 +537,8 @@ def build_status(
         if a.phase in TERMINAL_PHASES and _end_time(job, pods):
             status["completionTime"] = _end_time(job, pods)
     keep_progress = progress if progress is not None else (None if new_run else old.get("progress"))
+    if keep_progress and progress is None:  # written by this or another version of the operator
+        keep_progress = validate_tolerant(TrainingProgress, keep_progress).to_wire()
     if keep_progress:
         status["progress"] = keep_progress
     status.update(a.extra)
