@@ -150,6 +150,26 @@ class QuantizationSpec(ApiModel):
     """dtype of the matmuls; `auto` is bfloat16 on GPUs that support it, float32 on CPU."""
 
 
+class DistributedStrategy(str, Enum):
+    AUTO = "auto"
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+class DistributedSpec(ApiModel):
+    """How the ranks of a distributed run (`resources.nodes` x `resources.gpus` processes, one per
+    GPU, or one per node on CPU) share the work. Every rank runs under `torchrun`; DDP and FSDP come
+    from accelerate/transformers. The global batch is `batchSize` x world size x
+    `gradientAccumulationSteps` (reported in the trainer's log and `eval/report.json`)."""
+
+    strategy: DistributedStrategy = DistributedStrategy.AUTO
+    """`ddp`: every rank holds the whole model and a share of each batch (gradients averaged).
+    `fsdp`: parameters, gradients and optimizer state sharded over the ranks, for models that do
+    not fit one device; with `method: qlora` the 4-bit weights are stored in the compute dtype so
+    they can be sharded (ragtune sets this). `auto`: DDP when the model's weights fit one device
+    (on CPU always), FSDP otherwise. Ignored for a single process."""
+
+
 class TrainingSpec(ApiModel):
     """Optimisation settings. Unset precision/checkpointing settings are chosen by device."""
 
@@ -182,6 +202,9 @@ class TrainingSpec(ApiModel):
     """Save and upload a full resumable checkpoint every this many steps."""
     checkpoint_interval_seconds: int = Field(600, ge=30)
     """...or when this much time has passed since the last one, whichever comes first."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """Data parallelism or sharding when the run has more than one process (`resources.nodes`,
+    `resources.gpus`)."""
 
 
 class EvaluationSpec(ApiModel):
@@ -228,7 +251,14 @@ class ResourcesSpec(ApiModel):
     """Where and with what the training pod runs."""
 
     gpus: int = Field(1, ge=0, le=64)
-    """GPUs requested (as `gpuResourceName` limits). 0 runs on CPU."""
+    """GPUs requested per node (as `gpuResourceName` limits of each training pod); one training
+    process per GPU. 0 runs on CPU, one process per node."""
+    nodes: int = Field(1, ge=1, le=64)
+    """Training pods (nodes). 1: one pod, as a plain Job. More: an Indexed Job of this many pods
+    plus a headless Service; every pod runs `torchrun` and the ranks meet at index 0 (c10d
+    rendezvous); world size = nodes x max(gpus, 1). More than one node with `gpus: 0` is allowed:
+    CPU processes on the gloo backend (slow; for tests and small models). Any rank failing fails
+    the attempt: all ranks restart together from the newest complete checkpoint."""
     gpu_resource_name: ExtendedResourceName = "nvidia.com/gpu"
     """Extended resource name of the GPU."""
     cpu: CpuQuantity = "4"
@@ -276,6 +306,15 @@ class FineTuneJobSpec(ApiModel):
                 reason="FieldValueInvalid",
             ),
             cel(
+                "!has(self.training) || !has(self.training.distributed) || "
+                "!has(self.training.distributed.strategy) || self.training.distributed.strategy != 'fsdp' || "
+                "!has(self.quantization) || self.quantization.bits != 8",
+                "training.distributed.strategy fsdp cannot shard an 8-bit (bitsandbytes int8) base: use "
+                "method qlora (4-bit) or lora without quantization, or strategy ddp",
+                field_path=".training.distributed.strategy",
+                reason="FieldValueInvalid",
+            ),
+            cel(
                 "!has(self.dataset.eval) || self.dataset.eval != self.dataset.train",
                 "dataset.eval must differ from dataset.train (held-out data)",
                 field_path=".dataset.eval",
@@ -315,6 +354,14 @@ class FineTuneJobSpec(ApiModel):
     suspend: bool = False
     """Suspend the run: the training pod is stopped (it checkpoints first) and resumed when
     this is set back to false."""
+
+    @model_validator(mode="after")
+    def _fsdp_needs_shardable_weights(self) -> "FineTuneJobSpec":
+        if self.training.distributed.strategy == DistributedStrategy.FSDP and self.quantization is not None \
+                and self.quantization.bits == 8:
+            raise ValueError("training.distributed.strategy fsdp cannot shard an 8-bit (bitsandbytes int8) "
+                             "base: use method qlora (4-bit) or lora without quantization, or strategy ddp")
+        return self
 
 
 class Phase(str, Enum):
