@@ -11,8 +11,10 @@
 4. runs Traefik (build.sh part `traefik`) against the local kube-apiserver, and waits until its
    ping answers and the Gateway is Programmed.
 
-Traefik routes to the EndpointSlices' addresses (pod IPs on loopback), not to Service IPs: no
-kube-proxy is needed. Its data plane listens on 127.0.0.1 only.
+Traefik routes to the EndpointSlices' addresses (the pod IPs, a private /16 routed to lo: see
+podnet.py), not to Service IPs: no kube-proxy is needed. Its data plane listens on 127.0.0.1 only.
+With loopback pod IPs (the platform could not add its route) the EndpointSlices stay empty, so
+`start` refuses instead of serving 503s.
 """
 
 from __future__ import annotations
@@ -132,10 +134,16 @@ def gateway_programmed(kube: Kube) -> Optional[str]:
 def start(platform: "LocalPlatform", timeout: float = 60.0) -> "PlatformInfo":
     """Brings the gateway up on the running `platform`; records its ports in the platform's state."""
     from .paths import kubectl_binary
-    from .platform import _http_ok, free_port
+    from .platform import PlatformError, _http_ok, free_port
+    from .podnet import routable
 
     deadline = time.monotonic() + timeout
     info = platform.info()
+    if not routable(info.pod_ip_prefix):
+        raise PlatformError(
+            f"the gateway needs pod IPs kube-apiserver accepts in EndpointSlices, but this platform's are "
+            f"loopback ({info.pod_ip_prefix}.x.y): its route for a private range to lo could not be added "
+            f"(see the pod IPs line of `ragtune dev up`; it needs `ip` and CAP_NET_ADMIN)")
     admin = info.admin_client()
     subprocess.run([kubectl_binary(), f"--kubeconfig={info.kubeconfig}", "apply", "--server-side",
                     "--force-conflicts", "-f", str(crds_file())], check=True, capture_output=True, timeout=timeout)

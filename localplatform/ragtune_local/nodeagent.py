@@ -3,7 +3,8 @@ as local processes.
 
 It registers the node and renews its lease, watches the pods bound to it (a watch wakes the sync
 loop; a periodic list makes it robust to missed events), starts one `PodWorker` per pod, gives
-pods their IPs on loopback and their hosts files, and serves logs through the kubelet API.
+pods their IPs (answered on this machine only: podnet.py) and their hosts files, and serves logs
+through the kubelet API.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Runner:
         if self.cgroups is not None:
             self.cgroups.sweep()
 
-    # -- pod IPs: <prefix>.x.y on loopback; the whole 127/8 routes to lo on Linux --
+    # -- pod IPs: <prefix>.x.y, a range routed to lo (podnet.py), or 127/8 as the fallback --
     def allocate_ip(self, uid: str) -> str:
         with self.lock:
             used = set(self.ips.values())

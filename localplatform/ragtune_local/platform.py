@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import random
 import secrets
 import shutil
 import socket
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import pki
+from . import pki, podnet
 from .kubeclient import ApiError, Kube
 from .paths import BUILD_SCRIPT, PARTS, binary, default_state_dir
 from .procs import ProcRef, group_members, stop_group
@@ -55,11 +54,15 @@ class PlatformInfo:
     s3_access_key: str
     s3_secret_key: str
     pod_ip_prefix: str
-    """Pod IPs are `<prefix>.x.y` on loopback, distinct per platform so two can run side by side."""
+    """Pod IPs are `<prefix>.x.y`, answered on this machine only, distinct per platform so two can run
+    side by side: `10.<n>` routed to lo (podnet.py), or `127.<n>` where that route cannot be added."""
     ports: dict[str, int] = field(default_factory=dict)
     startup_seconds: Optional[float] = None
     ready_after: dict[str, float] = field(default_factory=dict)
     """Seconds from the start of `up` until each part was healthy."""
+    pod_ip_route: Optional[str] = None
+    """The `local ... dev lo` route this platform added for its pod IPs (removed on `down`); None
+    with loopback pod IPs."""
 
     @property
     def pki(self) -> Path:
@@ -197,17 +200,21 @@ class LocalPlatform:
         self.state_file.unlink(missing_ok=True)
 
     def _start_all(self, timeout: float, log: Callable[[str], None]) -> PlatformInfo:
+        self._release_pod_route()  # left by a platform of this state dir that was killed, not downed
         self._fresh_state()
         deadline = time.monotonic() + timeout
         sd = self.state_dir
         ports = {k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler",
                                            "kwok", "s3", "s3-console", "kubelet")}
         server = f"https://127.0.0.1:{ports['apiserver']}"
+        pod_ip_prefix, pod_ip_route = podnet.claim(log)
         info = PlatformInfo(
             state_dir=str(sd), kubeconfig=str(sd / "kubeconfig"), server=server,
             s3_endpoint=f"http://127.0.0.1:{ports['s3']}", s3_access_key="ragtune-" + secrets.token_hex(4),
-            s3_secret_key=secrets.token_urlsafe(24), pod_ip_prefix=f"127.{random.randint(100, 250)}", ports=ports,
+            s3_secret_key=secrets.token_urlsafe(24), pod_ip_prefix=pod_ip_prefix, ports=ports,
+            pod_ip_route=pod_ip_route,
         )
+        self._save(info)  # first: a failure from here on finds the route to remove in it
         self._write_pki(info)
         self._save(info)
 
@@ -360,6 +367,14 @@ class LocalPlatform:
 
     # ---- down ---------------------------------------------------------------------------------
 
+    def _release_pod_route(self) -> None:
+        """Removes the pod IP route this state dir's platform recorded (only that one)."""
+        try:
+            route = json.loads(self.state_file.read_text()).get("pod_ip_route")
+        except (FileNotFoundError, ValueError):
+            return
+        podnet.release(route)
+
     def down(self, log: Callable[[str], None] = print) -> list[str]:
         """Stops every recorded process group (pods first); returns the parts that were running."""
         if not self.state_dir.exists():
@@ -391,6 +406,7 @@ class LocalPlatform:
             f.unlink(missing_ok=True)
         for child in self._children:
             child.poll()  # no zombies left behind in a long-lived caller (pytest)
+        self._release_pod_route()  # after the pods: none listens on the range any more
         if stopped:
             log(f"stopped: {', '.join(stopped)}")
         return stopped

@@ -260,7 +260,7 @@ def hosts_file(pod: dict, pod_ip: str, services: dict[tuple[str, str], str]) -> 
     `NodeAgent.service_ips`); short names only in the pod's own namespace, as its DNS search path does."""
     namespace = pod["metadata"]["namespace"]
     host, subdomain = pod_hostname(pod)
-    # `localhost` is the pod itself, as in its own network namespace: here, its own loopback IP (pods
+    # `localhost` is the pod itself, as in its own network namespace: here, its own IP (pods
     # share the host's namespace, so 127.0.0.1 would be every pod's and the host's at once).
     lines = [f"{pod_ip}\tlocalhost", "::1\tip6-localhost ip6-loopback",
              f"{pod_ip}\t{host}.{subdomain}.{namespace}.svc.cluster.local\t{host}" if subdomain

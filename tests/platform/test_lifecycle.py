@@ -31,6 +31,9 @@ def test_up_refuses_second_up_and_down_leaves_nothing_twice_in_a_row(tmp_path):
             assert set(recorded) == {"etcd", "kube-apiserver", "minio", "kube-controller-manager", "kube-scheduler",
                                      "kwok", "pod-runner"}
             assert info.startup_seconds < 60, f"round {round_}: startup took {info.startup_seconds}s"
+            # Pod IPs from a private /16 routed to lo (root here), not loopback; the route is recorded.
+            assert info.pod_ip_route == f"{info.pod_ip_prefix}.0.0/16" and info.pod_ip_prefix.startswith("10.")
+            assert f"local {info.pod_ip_route} dev lo" in _local_routes()
             with pytest.raises(PlatformError, match="already running"):
                 local.up(log=lambda _m: None)
             # The CLI says the same and fails.
@@ -43,6 +46,11 @@ def test_up_refuses_second_up_and_down_leaves_nothing_twice_in_a_row(tmp_path):
         assert "pod-runner" in stopped and "kube-apiserver" in stopped
         assert pids and not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in pids)
         assert not local.is_running()
+        assert f"local {info.pod_ip_route} " not in _local_routes(), "down left the pod IP route behind"
+
+
+def _local_routes() -> str:
+    return subprocess.run(["ip", "route", "show", "table", "local"], capture_output=True, text=True).stdout
 
 
 def _not_zombie(pid: int) -> bool:

@@ -173,6 +173,10 @@ def test_service_names_resolve_to_a_ready_pod(platform, namespace):
     platform.kubectl("-n", namespace, "apply", "-f", "-", input=_job("client", ["python3", "-c", fetch], backoff=2))
     platform.wait_for("job", "client", "{.status.succeeded}", "1", namespace=namespace, timeout=60)
     assert platform.kubectl("-n", namespace, "logs", "job/client").split() == ["200", "200"]
+    # The EndpointSlice controller accepts the pod IP (it refuses loopback ones): what a Gateway routes to.
+    pod_ip = platform.kubectl("-n", namespace, "get", "pod", "srv", "-o", "jsonpath={.status.podIP}")
+    platform.wait_for("endpointslices", None, "{.items[*].endpoints[*].addresses[*]}", pod_ip, namespace=namespace,
+                      timeout=30)
 
 
 def test_indexed_job_pods_have_their_hostnames_and_find_index_0_through_the_headless_service(platform, namespace):
