@@ -154,8 +154,10 @@ def test_steps_move_the_weights_after_each_pause_and_promote_with_the_canary_car
     kube.clock += 1
     s = tick(kube)
     assert weights(kube) == {"chat-tgi": 50, "chat-tgi-canary": 50} and s.candidate.traffic.step == 1
+    assert s.candidate.traffic.step_started_at is None, "step 1's start survived the status write"
     accept(kube)
-    tick(kube)
+    s = tick(kube)
+    assert s.candidate.traffic.step == 1 and "30s left" in s.message  # step 2's own pause, from its acceptance
     kube.clock += 30
     s = tick(kube)
     assert weights(kube) == {"chat-tgi": 0, "chat-tgi-canary": 100} and s.candidate.traffic.step == 2

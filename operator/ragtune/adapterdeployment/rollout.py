@@ -114,6 +114,16 @@ def _same(live: dict[str, Any], desired: dict[str, Any]) -> bool:
             and live["spec"].get("replicas") == desired["spec"].get("replicas"))
 
 
+def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: a key gone at any depth is
+    null (a field cleared inside `candidate.traffic` must not survive the write)."""
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        o = old.get(k)
+        patch[k] = merge_diff(o, v) if isinstance(o, dict) and isinstance(v, dict) else v
+    return patch
+
+
 def pod_failure(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
     """(reason, message) when a server pod cannot become ready: its fetch init container failed
     (the termination message says why), or a container crash-loops / cannot start."""
@@ -271,8 +281,7 @@ class Reconciler:
         what the tick read, the same status is written again on the fresh resourceVersion."""
         if new == old:
             return
-        patch = {k: None for k in old if k not in new}
-        patch.update(new)
+        patch = merge_diff(old, new)
         meta = body["metadata"]
         version = meta["resourceVersion"]
         for attempt in range(3):
