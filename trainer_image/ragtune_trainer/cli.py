@@ -65,6 +65,10 @@ def add_commands(subparsers) -> None:
                       help="output folder (default: %(default)s)")
     prep.set_defaults(func=cmd_prepare_smollm2)
 
+    from .distributed import add_commands as add_distributed_commands
+
+    add_distributed_commands(subparsers)  # `ragtune torchrun`
+
 
 # --- ragtune train ---------------------------------------------------------------------
 

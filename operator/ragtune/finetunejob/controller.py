@@ -46,9 +46,10 @@ from .render import (
     LABEL_NAME,
     MANAGED_BY,
     TRAINER_APP,
-    render_job,
     run_control_patch,
+    service_name,
     spec_hash,
+    workload_for,
 )
 from .status import (
     TERMINAL_PHASES,
@@ -57,6 +58,7 @@ from .status import (
     PodView,
     build_status,
     duration_seconds,
+    primary,
     status_patch,
     transition_event,
 )
@@ -284,6 +286,8 @@ class FineTuneJobController:
         for old in jobs:
             if old is not job and not old.deleting:
                 await self.kube.run(self.kube.delete_job, namespace, old.name, old.uid)
+                if old.completions > 1:  # a multi-node run's headless Service goes with its Job
+                    await self.kube.run(self.kube.delete, "Service", namespace, service_name(old.name))
                 kopf.info(ftj.reference(), reason="RunSuperseded",
                           message=f"spec changed: deleted Job {old.name} of run {old.run_id}")
 
@@ -317,8 +321,10 @@ class FineTuneJobController:
         key = (ftj.namespace, ftj.name)
         rid = run_id(ftj.uid, ftj.generation)
         meta = {"name": ftj.name, "namespace": ftj.namespace, "uid": ftj.uid, "generation": ftj.generation}
-        manifest = render_job(meta, spec, rid, self.config.trainer_image)
+        *others, manifest = workload_for(spec).render(meta, spec, rid, self.config.trainer_image)
         try:
+            for obj in others:  # the Job's companions first (a multi-node run's headless Service)
+                await self.kube.run(self.kube.create, obj)
             await self.kube.run(self.kube.create_job, ftj.namespace, manifest)
         except KubeError as exc:
             if exc.status == 409:
@@ -379,7 +385,7 @@ class FineTuneJobController:
         new = build_status(view, job, pods, problem, self.progress.get(key))
         await self._patch_status(ftj, old, new)
 
-        running_pod = next((p for p in pods if p.running and not p.deleting), None)
+        running_pod = next((p for p in primary(pods) if p.running and not p.deleting), None)
         if new.get("phase") in ("Running", "Evaluating") and running_pod is not None and self.sampler:
             self.sampler.track(key, ftj.namespace, running_pod.name)
         elif self.sampler:

@@ -55,13 +55,14 @@ label_value = workloads.label_value
 """A FineTuneJob name as a label value (<= 63 chars; long names keep a hash suffix to stay unique)."""
 
 
-def job_name(ftj_name: str, run_id: str) -> str:
+def job_name(ftj_name: str, run_id: str, limit: int = MAX_NAME) -> str:
     """Deterministic Job name `<name>-<runId>`, shortened with a hash to fit 63 characters (the Job
-    controller copies it into a pod label)."""
+    controller copies it into a pod label; an Indexed Job's pod hostnames `<job>-<index>` must fit
+    too: `limit`)."""
     full = f"{ftj_name}-{run_id}"
-    if len(full) <= MAX_NAME:
+    if len(full) <= limit:
         return full
-    keep = MAX_NAME - len(run_id) - 8
+    keep = limit - len(run_id) - 8
     return f"{ftj_name[:keep].rstrip('-.')}-{workloads.short_hash(ftj_name)}-{run_id}"
 
 
@@ -135,7 +136,8 @@ def render_job(
     default_image: str,
     generation: Optional[int] = None,
 ) -> dict:
-    """The batch/v1 Job running the trainer for one run of a FineTuneJob.
+    """The batch/v1 Job running the trainer for one run of a FineTuneJob (Indexed, one pod per
+    node, when `resources.nodes` > 1; its headless Service is `render_service`).
 
     `meta` is the FineTuneJob's metadata (name, namespace, uid, generation)."""
     generation = int(generation if generation is not None else meta.get("generation") or 1)
@@ -209,11 +211,13 @@ def render_job(
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
 
-    return {
+    nodes = res.nodes
+    job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(meta["name"], run_id),
+            # Several nodes: room for the pods' hostnames `<job>-<index>`.
+            "name": job_name(meta["name"], run_id, MAX_NAME if nodes == 1 else MAX_NAME - 1 - len(str(nodes - 1))),
             "namespace": meta["namespace"],
             "labels": labels,
             "annotations": annotations,
@@ -221,6 +225,132 @@ def render_job(
         },
         "spec": job_spec,
     }
+    if nodes > 1:
+        _make_indexed(job, spec, run_id)
+    return job
+
+
+# --- The training workload: one pod, or one pod per node --------------------------------------
+#
+# The controller asks `workload_for(spec)` for the objects of a run and creates them in order; the
+# shape of the workload is decided here only. Two shapes exist: a single-pod batch/v1 Job (one
+# node: what ragtune always rendered) and an Indexed Job plus a headless Service (several nodes,
+# plain Kubernetes primitives every cluster has). A JobSet or Kubeflow TrainJob backend would be a
+# third class with the same `render`, chosen where its CRDs are installed (docs/architecture.md).
+
+RENDEZVOUS_PORT = 29500
+"""torchrun's c10d rendezvous store, served by index 0's agent."""
+RENDEZVOUS_JOIN_TIMEOUT_SECONDS = 600
+"""How long the ranks wait for each other to join before the attempt fails."""
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def processes_per_node(spec: FineTuneJobSpec) -> int:
+    """One training process per GPU, one per node on CPU."""
+    return max(spec.resources.gpus, 1)
+
+
+def world_size(spec: FineTuneJobSpec) -> int:
+    return spec.resources.nodes * processes_per_node(spec)
+
+
+def job_backoff_limit(spec: FineTuneJobSpec) -> int:
+    """The Job's `backoffLimit` for `spec.backoffLimit` retries of the whole attempt. A failed
+    attempt of N nodes fails all N pods (a dead rank breaks the others' collectives; torchrun does
+    not restart workers itself), and the Job counts each: N failures per attempt."""
+    nodes = spec.resources.nodes
+    return spec.backoff_limit if nodes == 1 else (spec.backoff_limit + 1) * nodes - 1
+
+
+def service_name(job: str) -> str:
+    """The headless Service of a multi-node run (a DNS-1035 label; the Job's name when it is one)."""
+    return workloads.child_name(job, "")
+
+
+def _rendezvous_command(spec: FineTuneJobSpec, job: str, run_id: str) -> list[str]:
+    # `ragtune torchrun` is torchrun keeping the workers' exit code (torchrun exits 1 for any
+    # failure, which would hide the permanent exit 2 from the podFailurePolicy). With the c10d
+    # backend ranks follow the agents' sorted addresses, so index 0 (`<job>-0...`) is rank 0.
+    return [
+        "ragtune", "torchrun",
+        f"--nnodes={spec.resources.nodes}",
+        f"--nproc-per-node={processes_per_node(spec)}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={job}-0.{service_name(job)}:{RENDEZVOUS_PORT}",
+        f"--rdzv-id={run_id}",
+        f"--rdzv-conf=join_timeout={RENDEZVOUS_JOIN_TIMEOUT_SECONDS}",
+        "--max-restarts=0",
+        "--no-python",
+        "ragtune", "train", "--in-cluster",
+    ]
+
+
+class SinglePodJob:
+    """One node: one pod, one Job (exactly what ragtune rendered before distributed training)."""
+
+    def render(self, meta: dict, spec: FineTuneJobSpec, run_id: str, default_image: str,
+               generation: Optional[int] = None) -> list[dict]:
+        return [render_job(meta, spec, run_id, default_image, generation)]
+
+
+class IndexedJobWorkload:
+    """Several nodes: a headless Service (first, so the names resolve when the pods start) and an
+    Indexed Job of `nodes` pods that all run torchrun and meet at index 0."""
+
+    def render(self, meta: dict, spec: FineTuneJobSpec, run_id: str, default_image: str,
+               generation: Optional[int] = None) -> list[dict]:
+        job = render_job(meta, spec, run_id, default_image, generation)
+        return [render_service(meta, job), job]
+
+
+def workload_for(spec: FineTuneJobSpec):
+    """The workload shape of a spec: `render(meta, spec, run_id, image, generation)` -> objects."""
+    return SinglePodJob() if spec.resources.nodes == 1 else IndexedJobWorkload()
+
+
+def render_service(meta: dict, job: dict) -> dict:
+    """The headless Service giving the pods of a multi-node run `<job>-<index>.<service>` names."""
+    labels = dict(job["metadata"]["labels"])
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": job["spec"]["template"]["spec"]["subdomain"],
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": dict(job["metadata"]["annotations"]),
+            "ownerReferences": [owner_reference(meta)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {k: labels[k] for k in (LABEL_MANAGED_BY, LABEL_NAME, LABEL_RUN_ID)},
+            # Ranks look index 0 up while it is still starting: publish every pod, ready or not.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def _make_indexed(job: dict, spec: FineTuneJobSpec, run_id: str) -> None:
+    """Turn the single-pod Job into the Indexed Job of a multi-node run (in place)."""
+    nodes = spec.resources.nodes
+    name = job["metadata"]["name"]
+    job_spec = job["spec"]
+    pod_spec = job_spec["template"]["spec"]
+    pod_spec["subdomain"] = service_name(name)
+    container = pod_spec["containers"][0]
+    container["command"] = _rendezvous_command(spec, name, run_id)
+    container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    job_spec.update({
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": job_backoff_limit(spec),
+    })
+    # A preempted or evicted pod is not the run's fault: it does not count against backoffLimit.
+    job_spec["podFailurePolicy"]["rules"].insert(
+        0, {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
 
 
 def run_control_patch(job_spec: dict, spec: FineTuneJobSpec) -> dict:
@@ -230,6 +360,6 @@ def run_control_patch(job_spec: dict, spec: FineTuneJobSpec) -> dict:
         patch["suspend"] = spec.suspend
     if job_spec.get("activeDeadlineSeconds") != spec.active_deadline_seconds and spec.active_deadline_seconds:
         patch["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if job_spec.get("backoffLimit") != spec.backoff_limit:
-        patch["backoffLimit"] = spec.backoff_limit
+    if job_spec.get("backoffLimit") != job_backoff_limit(spec):
+        patch["backoffLimit"] = job_backoff_limit(spec)
     return patch

@@ -86,6 +86,8 @@ class JobView:
     conditions: tuple[Cond, ...] = ()
     created: str = ""
     deleting: bool = False
+    completions: int = 1
+    """Pods of one attempt: `resources.nodes` (an Indexed Job), 1 for a single-pod run."""
 
     @classmethod
     def from_body(cls, body: dict) -> "JobView":
@@ -114,10 +116,16 @@ class JobView:
             conditions=_conds(status.get("conditions")),
             created=meta.get("creationTimestamp", ""),
             deleting=bool(meta.get("deletionTimestamp")),
+            completions=int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1,
         )
 
     def condition(self, type_: str) -> Optional[Cond]:
         return next((c for c in self.conditions if c.type == type_ and c.status == "True"), None)
+
+    @property
+    def attempts_allowed(self) -> int:
+        """Attempts the Job's backoffLimit allows (a multi-node attempt fails all its pods)."""
+        return (self.backoff_limit + 1) // max(self.completions, 1) or 1
 
     def run_control(self) -> dict:
         """The Job's mutable run-control fields, in Job spec form."""
@@ -149,6 +157,8 @@ class PodView:
     """When the trainer container terminated (`state.terminated.finishedAt`)."""
     memory_limit: str = ""
     """The trainer container's `resources.limits.memory` (the operator sets it from spec.resources.memory)."""
+    index: Optional[int] = None
+    """Completion index of a multi-node run's pod (index 0 runs rank 0, which alone writes the result)."""
 
     @classmethod
     def from_body(cls, body: dict) -> "PodView":
@@ -179,6 +189,7 @@ class PodView:
             termination_message=terminated.get("message") or "",
             finished_at=terminated.get("finishedAt") or "",
             memory_limit=str(((trainer.get("resources") or {}).get("limits") or {}).get("memory") or ""),
+            index=_index(annotations),
         )
 
     def condition(self, type_: str) -> Optional[Cond]:
@@ -187,6 +198,18 @@ class PodView:
     @property
     def finished(self) -> bool:
         return self.phase in ("Succeeded", "Failed")
+
+
+def _index(annotations: dict) -> Optional[int]:
+    value = annotations.get("batch.kubernetes.io/job-completion-index")
+    return int(value) if value is not None and str(value).isdigit() else None
+
+
+def primary(pods: list[PodView]) -> list[PodView]:
+    """The pods that speak for the run: all of a single-pod run, index 0's of a multi-node run (rank 0
+    writes the result, progress and the termination message; the other ranks only train)."""
+    first = [p for p in pods if p.index in (None, 0)]
+    return first or pods
 
 
 @dataclass
@@ -350,7 +373,10 @@ def _newest(pods: list[PodView]) -> Optional[PodView]:
 def _attempts(job: JobView, pods: list[PodView]) -> int:
     # A succeeded pod may not be counted in `succeeded` yet (uncountedTerminatedPods).
     done = 1 if job.condition("SuccessCriteriaMet") or job.condition("Complete") else 0
-    return max(job.active + job.succeeded + job.failed, len(pods), job.failed + done)
+    pods_started = max(job.active + job.succeeded + job.failed, len(pods), job.failed + done)
+    if job.completions > 1:  # one attempt is one pod per node
+        return max(-(-pods_started // job.completions), len(primary(pods)), 1 if pods_started else 0)
+    return pods_started
 
 
 def _end_time(job: JobView, pods: list[PodView]) -> Optional[str]:
@@ -387,9 +413,9 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
                           ("False", "Suspended", msg), suspended=True)
 
     live = [p for p in pods if not p.finished and not p.deleting]
-    current = _newest(live)
+    current = _newest(primary(live)) if live else None
     attempt = _attempts(job, pods)
-    of = f"attempt {attempt} of {job.backoff_limit + 1}"
+    of = f"attempt {attempt} of {job.attempts_allowed}"
     if current is not None and current.running and current.phase == "Running":
         evaluating = stage == "evaluating"
         phase = Phase.EVALUATING.value if evaluating else Phase.RUNNING.value
@@ -408,7 +434,7 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
                           ("False", "Pending", msg), suspended=False)
     if any(p.phase == "Succeeded" for p in pods):
         return _assess_complete(job, pods)  # the Job controller has not marked it Complete yet
-    previous = _newest([p for p in pods if p.phase == "Failed" or p.deleting])
+    previous = _newest(primary([p for p in pods if p.phase == "Failed" or p.deleting]))
     ending = _ending(job, pods, previous)
     if ending is not None:
         # No retry follows: say now what the Job's end condition will say (never "Retrying").
@@ -420,7 +446,7 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
         return Assessment(Phase.PENDING.value, "Retrying", _one_line(msg, 400), ("Unknown", "Retrying", msg),
                           ("False", reason, message), suspended=False)
     if job.failed:
-        msg = (f"attempt {job.failed} of {job.backoff_limit + 1} failed; the Job controller starts the next "
+        msg = (f"attempt {attempt} of {job.attempts_allowed} failed; the Job controller starts the next "
                "one after its backoff, resuming from the newest checkpoint")
         return Assessment(Phase.PENDING.value, "Retrying", msg, ("Unknown", "Retrying", msg), None, suspended=False)
     msg = f"waiting for the Job controller to create the training pod of Job {job.name}"
@@ -444,7 +470,7 @@ def _ending(job: JobView, pods: list[PodView], last: Optional[PodView]) -> Optio
 
 
 def _assess_complete(job: JobView, pods: list[PodView]) -> Assessment:
-    done = _newest([p for p in pods if p.phase == "Succeeded"])
+    done = _newest(primary([p for p in pods if p.phase == "Succeeded"]))
     result = parse_result(done.termination_message) if done else None
     if result is None or result.outcome != "Succeeded":
         reason = result.reason if result is not None else "InvalidTrainerResult"
@@ -461,7 +487,7 @@ def _assess_complete(job: JobView, pods: list[PodView]) -> Assessment:
 
 
 def _assess_failed(job: JobView, pods: list[PodView], failed: Cond) -> Assessment:
-    last = _newest([p for p in pods if p.phase == "Failed" or p.exit_code not in (None, 0)])
+    last = _newest(primary([p for p in pods if p.phase == "Failed" or p.exit_code not in (None, 0)]))
     result = parse_result(last.termination_message) if last else None
     extra = result_fields(result) if result else {}
     if failed.reason == "DeadlineExceeded":

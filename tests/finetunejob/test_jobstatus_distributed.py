@@ -1,0 +1,57 @@
+"""Status of a multi-node run: rank 0 (index 0) speaks for the run; an attempt is one pod per node."""
+
+from __future__ import annotations
+
+from ragtune.finetunejob.status import FtjView, JobView, PodView, build_status
+
+from .helpers import META, RUN_ID, job_body, job_condition, pod_body, result_message, spec, spec_dict
+
+SHA = "ef" * 32
+NODES = {"resources.nodes": 2, "backoffLimit": 2}
+
+
+def indexed_pod(index: int, attempt: int = 0, **kw) -> PodView:
+    kw.setdefault("created", f"2026-01-01T00:0{attempt}:0{index}Z")
+    body = pod_body(name=f"demo-01234567-g1-{index}-{attempt}x", **kw)
+    body["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] = str(index)
+    return PodView.from_body(body)
+
+
+def ftj() -> FtjView:
+    return FtjView(META["name"], META["namespace"], META["uid"], 1, spec_dict(**NODES), {})
+
+
+def job(status: dict) -> JobView:
+    return JobView.from_body(job_body(spec(**NODES), status))
+
+
+def test_success_is_read_from_index_0_even_when_another_rank_ended_later():
+    msg = result_message(outcome="Succeeded", reason="Completed", message="trained 4 steps", run_id=RUN_ID,
+                         adapter_uri=f"s3://out/runs/team-a/demo/{RUN_ID}/", manifest_sha256=SHA, passed=True)
+    pods = [indexed_pod(0, phase="Succeeded", terminated=(0, msg)),
+            indexed_pod(1, phase="Succeeded", terminated=(0, ""), created="2026-01-01T00:09:00Z")]
+    j = job({"succeeded": 2, "conditions": [job_condition("Complete")]})
+    assert j.completions == 2 and j.attempts_allowed == 3
+    s = build_status(ftj(), j, pods)
+    assert s["phase"] == "Succeeded" and s["adapter"]["sha256"] == SHA
+    assert s["attempts"] == 1  # two pods, one attempt
+
+
+def test_a_failed_attempt_of_both_ranks_is_one_attempt_and_names_rank_0s_reason():
+    pods = [indexed_pod(0, phase="Failed", terminated=(1, result_message(
+                outcome="Failed", reason="S3Unreachable", message="minio down", run_id=RUN_ID))),
+            indexed_pod(1, phase="Failed", terminated=(1, "gloo: connection closed by peer"),
+                        created="2026-01-01T00:00:09Z")]
+    s = build_status(ftj(), job({"failed": 2}), pods)
+    assert s["phase"] == "Pending" and s["attempts"] == 1
+    assert "attempt 1 of 3 ended (S3Unreachable" in s["message"]
+    # The retry: both indexes run again; still "of 3" attempts, not of backoffLimit + 1 pods.
+    pods += [indexed_pod(0, 1, running=True, phase="Running"), indexed_pod(1, 1, running=True, phase="Running")]
+    s = build_status(ftj(), job({"failed": 2, "active": 2}), pods)
+    assert s["phase"] == "Running" and s["attempts"] == 2
+    assert s["message"].startswith("attempt 2 of 3: training (pod demo-01234567-g1-0-1x)")
+
+
+def test_single_pod_runs_count_as_before():
+    j = JobView.from_body(job_body(spec(), {"failed": 1}))
+    assert j.completions == 1 and j.attempts_allowed == 3

@@ -1,0 +1,153 @@
+"""Distributed training: the world a trainer process is in (torchrun's RANK / WORLD_SIZE /
+LOCAL_RANK), the strategy a spec resolves to, the Trainer settings for it, and `ragtune torchrun`,
+the launcher the multi-node pods run.
+
+DDP and FSDP come from transformers/accelerate (the Trainer wraps the model); nothing here
+writes collective code. What this module adds is who does what: every rank trains, rank 0 alone
+writes the adapter, report, manifest, termination message and progress lines and runs the
+evaluation (the other ranks wait for it, so an attempt ends for all ranks together); a checkpoint
+is COMPLETE only once every rank has uploaded its part (`checkpoints.upload_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ragtune.api.finetunejob import DistributedStrategy, FineTuneJobSpec
+
+WAIT_FOR_RANK0_SECONDS = 6 * 3600
+"""The process-group timeout: ranks > 0 wait this long in the final barrier while rank 0 evaluates and
+publishes (the default 30 min would fail a long evaluation); a dead peer still fails a collective at
+once (its sockets close)."""
+FITS_DEVICE_SHARE = 0.6
+"""`auto` picks DDP when the weights take at most this share of one device's memory (the rest is
+for activations, the adapter's optimizer state and the CUDA context)."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world(env: Optional[dict] = None) -> World:
+    """This process's place in the run, from torchrun's environment (one process: rank 0 of 1)."""
+    env = os.environ if env is None else env
+    try:
+        return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    except ValueError as exc:
+        raise SystemExit(f"torchrun environment: {exc}")
+
+
+def global_batch(spec: FineTuneJobSpec, w: World) -> int:
+    """Sequences per optimiser step: per-device batch x world size x accumulation."""
+    t = spec.training
+    return t.batch_size * w.size * t.gradient_accumulation_steps
+
+
+def resolve_strategy(spec: FineTuneJobSpec, w: World, device: str, weight_bytes: Optional[int] = None,
+                     device_bytes: Optional[int] = None) -> Optional[str]:
+    """`ddp`, `fsdp` or None (one process). `auto`: DDP when the weights fit one device (always on
+    CPU), FSDP otherwise."""
+    if not w.distributed:
+        return None
+    chosen = spec.training.distributed.strategy
+    if chosen != DistributedStrategy.AUTO:
+        return chosen.value
+    if device != "cuda" or weight_bytes is None or device_bytes is None:
+        return "ddp"
+    return "ddp" if weight_bytes <= FITS_DEVICE_SHARE * device_bytes else "fsdp"
+
+
+def weight_bytes(source: str, bits: Optional[int], dtype_bytes: int) -> Optional[int]:
+    """The base model's weights in memory, from its config (None when it cannot be read)."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+        params = sum(p.numel() for p in model.parameters())
+    except Exception:  # an estimate only: DDP is the safe answer
+        return None
+    return int(params * (bits / 8 if bits else dtype_bytes))
+
+
+def trainer_settings(strategy: Optional[str], device: str) -> dict[str, Any]:
+    """TrainingArguments for the strategy (none for one process)."""
+    if strategy is None:
+        return {}
+    settings: dict[str, Any] = {
+        "ddp_backend": "nccl" if device == "cuda" else "gloo",
+        "ddp_timeout": WAIT_FOR_RANK0_SECONDS,
+        # Every LoRA parameter gets a gradient each step: no graph walk for unused ones.
+        "ddp_find_unused_parameters": False,
+    }
+    if strategy == "fsdp":
+        settings["fsdp"] = "full_shard auto_wrap"
+        settings["fsdp_config"] = {"use_orig_params": True, "cpu_ram_efficient_loading": False}
+    return settings
+
+
+def wait_for_everyone() -> None:
+    """A barrier over all ranks (a no-op for one process)."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+# --- `ragtune torchrun` ---------------------------------------------------------------------
+
+
+def add_commands(subparsers) -> None:
+    import argparse
+
+    # prefix_chars="+": every "--flag" after `torchrun` is torchrun's, passed through untouched.
+    launch = subparsers.add_parser("torchrun", prefix_chars="+", add_help=False,
+                                   help="torchrun that exits with the workers' exit code (the trainer pods)")
+    launch.add_argument("torchrun_args", nargs=argparse.REMAINDER)
+    launch.set_defaults(func=lambda args: launch_torchrun(args.torchrun_args))
+
+
+def launch_torchrun(argv: list[str]) -> int:
+    """Run torchrun with `argv`; exit 0, the permanent exit 2 when any worker exited 2, else 1.
+    A rendezvous that does not complete in time ends as `RendezvousTimeout` in the termination
+    message (no rank ran, so nobody else writes one)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import get_args_parser, run
+
+    from ragtune.api import pods
+
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        print(f"ragtune torchrun: workers failed with exit codes {codes}", file=sys.stderr, flush=True)
+        return pods.EXIT_PERMANENT if pods.EXIT_PERMANENT in codes else pods.EXIT_RETRYABLE
+    except RendezvousError as exc:
+        message = f"the ranks did not all join the rendezvous at {args.rdzv_endpoint}: {type(exc).__name__}: {exc}"
+        print(f"ragtune torchrun: RendezvousTimeout: {message}", file=sys.stderr, flush=True)
+        result = pods.TrainerResult(outcome="Failed", reason="RendezvousTimeout", message=message[:1000],
+                                    run_id=os.environ.get(pods.ENV_RUN_ID))
+        path = os.environ.get(pods.ENV_TERMINATION_PATH, pods.DEFAULT_TERMINATION_PATH)
+        try:
+            with open(path, "w") as out:
+                out.write(pods.encode_termination_message(result))
+        except OSError:
+            pass
+        return pods.EXIT_RETRYABLE
+    return 0
