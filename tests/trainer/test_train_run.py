@@ -125,6 +125,50 @@ def test_qlora_trains_a_4bit_nf4_base(monkeypatch, tiny_model_dir, train_file, t
     assert code == 0 and result["reason"] == "Completed" and result["steps"] == 2
 
 
+def test_qlora_is_evaluated_and_gated_on_the_unquantised_base_that_servers_load(monkeypatch, tiny_model_dir,
+                                                                              train_file, tmp_path):
+    """Issue 12 item 6: the report's adapter answers are those of the published adapter on the
+    unquantised base (recomputed here independently); the 4-bit figure is reported beside them."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.rag.prompt import render_prompt
+    from ragtune.rag.records import Context, RagRecord
+    from ragtune_trainer.evaluate import generate_answers
+
+    from bitsandbytes.nn import Linear4bit
+
+    from ragtune_trainer import evaluate
+
+    evaluated_on, real_evaluate = [], evaluate.evaluate_run
+
+    def spy(model, *args, **kwargs):
+        evaluated_on.append(sorted({type(m).__name__ for m in model.modules() if isinstance(m, Linear4bit)}))
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_run", spy)
+    spec = job_spec(tiny_model_dir, train_file.as_uri(), tmp_path / "out", method="qlora",
+                    **{"training.maxSteps": 4, "training.learningRate": 0.05})
+    code, result = in_cluster(monkeypatch, tmp_path, spec)
+    assert evaluated_on == [[]]  # one evaluation, on a model without 4-bit layers
+    assert code == 0 and result["reason"] == "Completed"
+    run = tmp_path / "out/ns/job" / result["runId"]
+    report = json.loads((run / "eval/report.json").read_text())
+    quantized = report["metrics"]["quantizedAdapter"]
+    assert quantized["samples"] == report["metrics"]["adapter"]["samples"] == 6
+    assert "4-bit base" in (run / "eval/report.html").read_text()
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                       run / "adapter").eval()
+    records = [RagRecord(id=s["id"], question=s["question"], answer=s["reference"], answerable=s["answerable"],
+                         contexts=[Context(c["id"], c["text"]) for c in s["contexts"]]) for s in report["samples"]]
+    answers = generate_answers(served, tokenizer, [render_prompt(tokenizer, r) for r in records],
+                               spec["evaluation"]["maxNewTokens"])
+    assert answers == [s["adapter"] for s in report["samples"]]
+
+
 def test_sigterm_checkpoints_and_the_retry_resumes(tiny_model_dir, train_file, tmp_path):
     spec = job_spec(tiny_model_dir, train_file.as_uri(), tmp_path / "out",
                     **{"training.maxSteps": 60, "training.checkpointIntervalSteps": 4, "training.batchSize": 2})

@@ -45,6 +45,9 @@ class EvalOutcome:
     seconds: float = 0.0
     intervals: Optional[dict[str, Any]] = None
     """Paired bootstrap intervals of base, adapter and adapter - base (`rag.intervals`)."""
+    quantized_adapter: Optional[EvalMetrics] = None
+    """QLoRA: the adapter on the 4-bit base it trained on; every other figure is on the
+    unquantised base that servers load (`served.py`)."""
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

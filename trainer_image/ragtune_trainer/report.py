@@ -97,6 +97,8 @@ def build_report(
     if outcome.foreign is not None:
         metrics["foreignPrompt"] = outcome.foreign.to_wire()
         metrics["foreignPromptGap"] = prompt_gap(outcome.adapter, outcome.foreign).to_wire()
+    if outcome.quantized_adapter is not None:
+        metrics["quantizedAdapter"] = outcome.quantized_adapter.to_wire()
     return _finite({
         "schema": REPORT_SCHEMA,
         "createdAt": utc_now_iso(),
@@ -264,6 +266,19 @@ def _foreign_section(report: dict) -> str:
             f"{_e(f['userTemplate'])}</div></details>")
 
 
+def _served_note(report: dict) -> str:
+    """QLoRA: every figure is on the unquantised base (what servers load); the 4-bit one beside it."""
+    metrics = report["metrics"]
+    quantized = metrics.get("quantizedAdapter")
+    if quantized is None:
+        return ""
+    adapter = metrics["adapter"]
+    shown = ", ".join(f"{ALL_METRICS[n]} {_fmt(adapter.get(n))} (4-bit base: {_fmt(quantized.get(n))})"
+                      for n in ("f1", "refusalRate", "falseRefusalRate") if adapter.get(n) is not None)
+    return (f"<p>QLoRA: the adapter trained on a 4-bit base, but servers load it onto the unquantised base, so "
+            f"every figure and gate here is on that base. Adapter: {_e(shown)}.</p>")
+
+
 def _gates_table(gates: list[dict]) -> str:
     if not gates:
         return "<p class=muted>No thresholds configured: the run passes on evaluation.</p>"
@@ -342,6 +357,7 @@ def render_html(report: dict, outcome: EvalOutcome) -> str:
 (LoRA r={_e(spec['lora']['r'])}, alpha={_e(spec['lora']['alpha'])}); {_e(base.get('samples', 0))} held-out items
 from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation took {_e(report['evalSeconds'])} s.
 <span class=muted>{_e(report['createdAt'])}</span></p>
+{_served_note(report)}
 <h2>Gates</h2>{_gates_table(report['gates'])}
 <h2>Base vs adapter</h2>{_metrics_table(base, adapter, report.get('intervals'), report['metrics'].get('fewShotBase'),
                                          report['spec']['evaluation'].get('fewShot', 0))}

@@ -81,14 +81,20 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
 
     # --- evaluate ---
     ctx.report("evaluating", step=steps, total_steps=total)
-    outcome = None
+    outcome, quantized = None, None
     if prepared.eval_records:
         from .evaluate import evaluate_run
 
+        if plan.quantize_bits:  # gate on what servers load: the adapter on the unquantised base
+            from .served import quantized_adapter_metrics, served_model
+
+            quantized = quantized_adapter_metrics(model, tokenizer, prepared.eval_records, spec)
+            model = served_model(model, source, revision, plan, ctx.work_dir)
         outcome = evaluate_run(model, tokenizer, prepared.eval_records, spec,
                                progress=lambda done, n: ctx.report("evaluating", step=steps, total_steps=total,
                                                                    percent=int(100 * done / max(n, 1))),
                                few_shot=prepared.few_shot)
+        outcome.quantized_adapter = quantized
     base_m = outcome.base if outcome else EvalMetrics()
     adapter_m = outcome.adapter if outcome else EvalMetrics()
     foreign_m = outcome.foreign if outcome else None
