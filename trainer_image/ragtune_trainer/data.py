@@ -2,7 +2,8 @@
 line), build the RAFT training set and the train/eval split, and tokenise with the loss mask.
 
 Three record formats (spec.dataset.format):
-- `rag`: {id?, question, contexts: [{id, text}], answer, answerable?, supportingContextIds?}
+- `rag`: {id?, question, contexts: [{id, text}], answer, answerable?, supportingContextIds?, rejected?}
+  (`rejected`: a wrong answer, the other side of a preference pair; see `preference.py`)
 - `messages`: {messages: [{role, content}, ...]} ending with an assistant turn (the target)
 - `prompt-completion`: {prompt, completion} (plain text, no chat template)
 """
@@ -227,6 +228,12 @@ def _rag_errors(record: RagRecord, prompt: Optional[PromptContract] = None) -> l
     if unknown:
         errors.append(("unknown citation", f"answer cites context id(s) {', '.join(cite(u) for u in unknown)} "
                                            f"that are not in 'contexts' (ids: {', '.join(ids) or 'none'})"))
+    if record.rejected is not None:
+        if not record.rejected.strip():
+            errors.append(("empty rejected", "field 'rejected' is empty (leave it out when there is no wrong answer)"))
+        elif " ".join(record.rejected.split()) == " ".join(record.answer.split()):
+            errors.append(("rejected equals answer", "field 'rejected' is the same text as the answer "
+                                                     "(a preference pair needs a different, wrong answer)"))
     missing_support = [s for s in record.supporting_context_ids if s not in known]
     if missing_support:
         errors.append(("unknown supporting id", f"supportingContextIds {', '.join(missing_support)} not in 'contexts'"))
@@ -442,6 +449,7 @@ def build_raft(
             answerable=not refuse,
             supporting_context_ids=[] if refuse else list(rec.supporting_context_ids),
             construction=kind,
+            rejected=rec.rejected,  # on a constructed refusal: a wrong answer where refusing is right
         )
         while fits is not None and not fits(item) and len(item.contexts) > 1 \
                 and any(c in distractors for c in item.contexts):
@@ -471,6 +479,8 @@ def _renumber(item: RagRecord) -> RagRecord:
     item.supporting_context_ids = [mapping[i] for i in item.supporting_context_ids if i in mapping]
     if item.answerable:
         item.answer = _CITATION_GROUP.sub(rewrite, item.answer)
+    if item.rejected is not None:  # its citations point at the same passages as the answer's
+        item.rejected = _CITATION_GROUP.sub(rewrite, item.rejected)
     return item
 
 

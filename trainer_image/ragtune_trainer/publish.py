@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ragtune.api.common import GateResult
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.api.pods import ADAPTER_DIR, MANIFEST, PROMPT_JSON, Manifest, ManifestFile
+from ragtune.api.pods import ADAPTER_DIR, MANIFEST, PROMPT_JSON, Manifest, ManifestFile, StageSummary
 from ragtune.clock import utc_now_iso
 from ragtune.rag.prompt import PromptContract
 from ragtune.storage import folder_digests, join, sha256_bytes, sha256_file
@@ -28,8 +28,11 @@ class Published:
 
 
 def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[dict], gates: list[GateResult],
-                datasets: list[dict], passed: bool, construction: Optional[dict] = None) -> Published:
-    """Write the adapter (and the report when there was an evaluation), upload, manifest last."""
+                datasets: list[dict], passed: bool, construction: Optional[dict] = None,
+                stages: Sequence[StageSummary] = (), stage_reports: Optional[list[dict]] = None) -> Published:
+    """Write the adapter (and the report when there was an evaluation), upload, manifest last.
+    `stages` go into the manifest; `stage_reports` (each stage's summary and log history) into
+    the report."""
     out = ctx.work_dir / "run"
     adapter_files = write_adapter(model, tokenizer, ctx.spec, out / ADAPTER_DIR)
     prompt_path = out / PROMPT_JSON
@@ -37,8 +40,9 @@ def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[di
     if outcome is not None:
         from .report import write_report
 
-        report_files = write_report(out / "eval", outcome, log_history, ctx.spec, gates, construction)
-    manifest = publish(ctx, out, adapter_files + report_files, datasets, passed)
+        report_files = write_report(out / "eval", outcome, log_history, ctx.spec, gates, construction,
+                                    stages=stage_reports)
+    manifest = publish(ctx, out, adapter_files + report_files, datasets, passed, stages)
     return Published(
         manifest_sha256=sha256_bytes(manifest),
         adapter_size_bytes=sum(p.stat().st_size for p in adapter_files),
@@ -66,7 +70,8 @@ def write_adapter(model, tokenizer, spec: FineTuneJobSpec, out: Path) -> list[Pa
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
-def publish(ctx: RunContext, root: Path, files: list[Path], datasets: list[dict], passed: bool) -> bytes:
+def publish(ctx: RunContext, root: Path, files: list[Path], datasets: list[dict], passed: bool,
+            stages: Sequence[StageSummary] = ()) -> bytes:
     """Upload every file, then manifest.json last. A stale manifest from an earlier attempt is
     removed first, so readers never pair an old manifest with new files."""
     import peft
@@ -92,6 +97,7 @@ def publish(ctx: RunContext, root: Path, files: list[Path], datasets: list[dict]
         versions={"torch": torch.__version__, "transformers": transformers.__version__,
                   "peft": peft.__version__, "trl": trl.__version__, "ragtune": _ragtune_version()},
         evaluation_passed=passed,
+        stages=list(stages),
         created_at=utc_now_iso(),
         job=ctx.job,
     )

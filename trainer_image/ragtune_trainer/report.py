@@ -86,10 +86,11 @@ def construction_summary(samples: list[dict], base: EvalMetrics, adapter: EvalMe
 
 def build_report(
     outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec, gates: list[GateResult],
-    construction: Optional[dict[str, dict[str, int]]] = None,
+    construction: Optional[dict[str, dict[str, int]]] = None, stages: Optional[list[dict]] = None,
 ) -> dict[str, Any]:
     """`construction`: the RAFT construction counts of the train and eval splits
-    (`build_raft(stats=...)`), reported as they are."""
+    (`build_raft(stats=...)`), reported as they are. `stages`: what each training stage did
+    (`{name, steps, seconds, items, lossHistory, ...}`, in order); `lossHistory` stays SFT's."""
     contract = PromptContract.from_spec(spec)
     metrics = {"base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire()}
     if outcome.few_shot_base is not None:
@@ -113,6 +114,7 @@ def build_report(
         "evalSeconds": outcome.seconds,
         "spec": _spec_summary(spec),
         "lossHistory": loss_history,
+        "stages": stages or [{"name": "sft", "lossHistory": loss_history}],
         "samples": outcome.samples,
     })
 
@@ -120,11 +122,12 @@ def build_report(
 def write_report(
     out_dir: Path, outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec,
     gates: list[GateResult], construction: Optional[dict[str, dict[str, int]]] = None,
+    stages: Optional[list[dict]] = None,
 ) -> list[Path]:
     """Write `report.json` and `report.html` into `out_dir` (the run's `eval/` folder)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = build_report(outcome, loss_history, spec, gates, construction)
+    report = build_report(outcome, loss_history, spec, gates, construction, stages)
     json_path = out_dir / PurePosixPath(REPORT_JSON).name
     html_path = out_dir / PurePosixPath(REPORT_HTML).name
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
@@ -165,6 +168,53 @@ def loss_plot(loss_history: list[dict]) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
+
+
+def preference_plot(loss_history: list[dict]) -> Optional[str]:
+    """The preference stage: DPO loss and the chosen-minus-rejected reward margin per step, as
+    base64 PNG; None without data."""
+    from matplotlib.figure import Figure
+
+    points = [(e["step"], e.get("loss"), e.get("rewards/margins")) for e in loss_history
+              if "step" in e and isinstance(e.get("loss"), (int, float))]
+    if not points:
+        return None
+    steps = [p[0] for p in points]
+    fig = Figure(figsize=(6.4, 3.4))
+    ax = fig.add_subplot()
+    ax.plot(steps, [p[1] for p in points], label="DPO loss", color="#4c72b0", linewidth=1.4)
+    ax.set_xlabel("preference step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    margins = [(s, m) for s, _, m in points if isinstance(m, (int, float))]
+    if margins:
+        twin = ax.twinx()
+        twin.plot([s for s, _ in margins], [m for _, m in margins], label="reward margin (chosen - rejected)",
+                  color="#55a868", linewidth=1.4)
+        twin.set_ylabel("reward margin")
+        twin.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    return _png(fig)
+
+
+def _stages_section(report: dict) -> str:
+    """One line per training stage, and the preference stage's curve (SFT's is the loss plot)."""
+    stages = report.get("stages") or []
+    if len(stages) < 2:
+        return ""
+    rows = "".join(f"<tr><td>{_e(s['name'])}</td><td>{_e(s.get('steps'))}</td><td>{_e(s.get('items'))}</td>"
+                   f"<td>{_e(s.get('seconds'))}</td></tr>" for s in stages)
+    out = (f"<h2>Training stages</h2><table><tr><th>stage</th><th>steps</th><th>rows / pairs</th>"
+           f"<th>seconds</th></tr>{rows}</table>")
+    for s in stages:
+        if s["name"] == "preference":
+            held = next((e for e in reversed(s.get("lossHistory") or []) if "eval_rewards/margins" in e), None)
+            note = (f"<p>Held-out pairs after the stage: reward margin {_fmt(held['eval_rewards/margins'])}, "
+                    f"preference accuracy {_fmt(held.get('eval_rewards/accuracies'))}.</p>") if held else ""
+            out += ("<h3>Preference (DPO)</h3>" + note
+                    + _img(preference_plot(s.get("lossHistory") or []), "preference loss and reward margin",
+                           "No preference history recorded."))
+    return out
 
 
 def metrics_plot(base: EvalMetrics, adapter: EvalMetrics) -> Optional[str]:
@@ -366,6 +416,7 @@ from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation t
 <h2>Trained vs foreign prompt</h2>{_foreign_section(report)}
 <h2>Training loss</h2>
 {_img(loss_plot(report['lossHistory']), "loss curve", "No loss history recorded.")}
+{_stages_section(report)}
 <h2>Examples (unanswerable: hardest cases first)</h2>{examples}
 </body></html>
 """

@@ -39,6 +39,8 @@ class PreparedData:
     """RAFT construction counts (`train`, `eval`): items per construction, fallbacks, drops."""
     few_shot: list[RagRecord] = field(default_factory=list)
     """Training items for the few-shot baseline (`evaluation.fewShot`)."""
+    train_records: list[RagRecord] = field(default_factory=list)
+    """The RAFT training items (`rag` data): the preference stage renders its pairs from them."""
 
 
 class Tokenised:
@@ -126,6 +128,7 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
     eval_records: list[RagRecord] = []
     construction: dict[str, dict[str, int]] = {}
     few_shot: list[RagRecord] = []
+    train_recs: list[RagRecord] = []
     if ds.format == DatasetFormat.RAG:
         max_len = spec.training.max_seq_length
 
@@ -155,4 +158,5 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         datasets=objects,
         construction=construction,
         few_shot=few_shot,
+        train_records=train_recs,
     )

@@ -2,12 +2,13 @@
 
     base model + tokenizer -> training rows (validated, RAFT, tokenised once) -> LoRA model
     -> train (resuming from the newest complete checkpoint; checkpoints to S3, SIGTERM-safe)
+    -> preference stage (optional: DPO on chosen/rejected pairs, continuing the same adapter)
     -> evaluate base vs adapter -> gates -> adapter, report, upload, manifest.json LAST -> TrainerResult
 
 Each stage lives in its own module: `run` (context, SIGTERM, failure classification), `base_model`
 (device plan, model and tokenizer), `rows` (training rows), `sft` (loss, sampler, trainer, config,
-callbacks), `publish` (adapter, report, manifest). Every fault ends as `TrainerFailure(reason,
-message)`; the CLI turns it into the termination message and a non-zero exit.
+callbacks), `preference` (the DPO stage), `publish` (adapter, report, manifest). Every fault
+ends as `TrainerFailure(reason, message)`; the CLI turns it into the termination message and a non-zero exit.
 
 Speed on CPU comes from four things, each measured by `bench/train_speed.py`: fp32 without gradient
 checkpointing, an LM head applied only to the answer positions (`sft.answer_only_loss`), LoRA
@@ -23,7 +24,7 @@ from typing import Optional
 
 from ragtune.api.common import EvalMetrics
 from ragtune.api.gates import describe_failures, evaluate_gates, prompt_gap
-from ragtune.api.pods import TrainerResult
+from ragtune.api.pods import StageSummary, TrainerResult
 from ragtune.storage import StorageError
 
 from .base_model import detect_plan, load_model, load_tokenizer, resolve_base_model
@@ -57,6 +58,10 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
     source, revision = resolve_base_model(ctx), spec.base_model.revision
     tokenizer = load_tokenizer(source, revision)
     prepared = prepare_data(ctx, tokenizer)
+    if spec.training.preference.enabled:
+        from .preference import require_pairs
+
+        require_pairs(ctx, prepared.train_records)
     model = load_model(source, revision, spec, plan)
 
     # --- train ---
@@ -78,6 +83,16 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
     else:
         model, log_history, steps, train_seconds = _train(ctx, state, plan, model, tokenizer, prepared, total,
                                                           checkpoint_dir, resume_dir)
+    stages = [StageSummary(name="sft", steps=steps, seconds=train_seconds, items=len(prepared.train))]
+    stage_reports = [dict(stages[0].to_wire(), lossHistory=log_history)]
+    if spec.training.preference.enabled:
+        from .preference import STAGE, run_preference
+
+        ctx.report(STAGE, step=0, total_steps=spec.training.preference.steps)
+        pref = run_preference(ctx, state, plan, model, tokenizer, prepared.train_records, prepared.eval_records)
+        model = pref.model
+        stages.append(pref.summary)
+        stage_reports.append(dict(pref.summary.to_wire(), lossHistory=pref.log_history, pairs=pref.counts))
 
     # --- evaluate ---
     ctx.report("evaluating", step=steps, total_steps=total)
@@ -105,17 +120,25 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
     # --- publish ---
     ctx.report("uploading", step=steps, total_steps=total)
     published = publish_run(ctx, model, tokenizer, outcome, log_history, gates, prepared.datasets, passed,
-                            construction=prepared.construction)
+                            construction=prepared.construction, stages=stages, stage_reports=stage_reports)
     return TrainerResult(
         outcome="Succeeded" if passed else "Failed",
         reason="Completed" if passed else "GateFailed",
-        message=f"trained {steps} steps; " + ("all gates passed" if passed else "gates failed: " + describe_failures(gates)),
+        message=f"trained {_stages_text(stages)}; "
+                + ("all gates passed" if passed else "gates failed: " + describe_failures(gates)),
         run_id=ctx.run_id, adapter_uri=ctx.run_uri, manifest_sha256=published.manifest_sha256,
         adapter_size_bytes=published.adapter_size_bytes, report_uri=published.report_uri,
         prompt_sha256=published.prompt_sha256,
         base=base_m, adapter=adapter_m, foreign_prompt=foreign_m, foreign_prompt_gap=prompt_gap(adapter_m, foreign_m),
-        passed=passed, gates=gates, steps=steps, train_seconds=train_seconds,
+        passed=passed, gates=gates, steps=sum(s.steps for s in stages),
+        train_seconds=round(sum(s.seconds or 0.0 for s in stages), 2), stages=stages,
     )
+
+
+def _stages_text(stages: list[StageSummary]) -> str:
+    if len(stages) == 1:
+        return f"{stages[0].steps} steps"
+    return " + ".join(f"{s.steps} {s.name}" for s in stages) + " steps"
 
 
 def _train(ctx: RunContext, state: RunState, plan, model, tokenizer, prepared, total: int, checkpoint_dir: Path,

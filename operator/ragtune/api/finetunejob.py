@@ -170,6 +170,28 @@ class DistributedSpec(ApiModel):
     (on CPU always), FSDP otherwise. Ignored for a single process."""
 
 
+class PreferenceSpec(ApiModel):
+    """The preference stage: DPO (trl `DPOTrainer`, sigmoid loss) after SFT, continuing the same
+    adapter, on pairs rendered with the same grounded-answer prompt as SFT. `chosen` is the
+    item's target (its answer, or the refusal on unanswerable items) and `rejected` the record's
+    `rejected` field (e.g. HaluEval's `hallucinated_answer`). The reference model is the SFT
+    adapter as it was when the stage began. Needs `dataset.format: rag`."""
+
+    enabled: bool = False
+    """Run the stage. Off: the run is SFT only."""
+    beta: float = Field(0.1, gt=0, le=10)
+    """DPO's beta: how far the policy may move from the SFT reference (higher: less)."""
+    steps: int = Field(50, ge=1, le=100000)
+    """Optimiser steps of the stage (cycling over the pairs)."""
+    learning_rate: float = Field(5e-5, gt=0, le=1)
+    """Peak learning rate of the stage (same scheduler and warm-up share as `training`). Lower
+    than SFT's: DPO on a LoRA adapter diverges quickly at SFT rates."""
+    batch_size: Optional[int] = Field(None, ge=1, le=1024)
+    """Pairs per device per step (each is two sequences). Unset: `training.batchSize`."""
+    max_pairs: int = Field(10000, ge=1, le=1000000)
+    """Use at most this many pairs (the training items' first ones, in the seeded RAFT order)."""
+
+
 class TrainingSpec(ApiModel):
     """Optimisation settings. Unset precision/checkpointing settings are chosen by device."""
 
@@ -202,6 +224,9 @@ class TrainingSpec(ApiModel):
     """Save and upload a full resumable checkpoint every this many steps."""
     checkpoint_interval_seconds: int = Field(600, ge=30)
     """...or when this much time has passed since the last one, whichever comes first."""
+    preference: PreferenceSpec = Field(default_factory=PreferenceSpec)
+    """The optional preference (DPO) stage after SFT. Its steps are not checkpointed: a retry
+    after a failure in the stage reruns it from the finished SFT adapter."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     """Data parallelism or sharding when the run has more than one process (`resources.nodes`,
     `resources.gpus`)."""
@@ -315,6 +340,13 @@ class FineTuneJobSpec(ApiModel):
                 reason="FieldValueInvalid",
             ),
             cel(
+                "!has(self.training) || !has(self.training.preference) || !has(self.training.preference.enabled)"
+                " || !self.training.preference.enabled || !has(self.dataset.format) || self.dataset.format == 'rag'",
+                "training.preference needs dataset.format rag (pairs are rag records with a 'rejected' answer)",
+                field_path=".training.preference.enabled",
+                reason="FieldValueInvalid",
+            ),
+            cel(
                 "!has(self.dataset.eval) || self.dataset.eval != self.dataset.train",
                 "dataset.eval must differ from dataset.train (held-out data)",
                 field_path=".dataset.eval",
@@ -354,6 +386,13 @@ class FineTuneJobSpec(ApiModel):
     suspend: bool = False
     """Suspend the run: the training pod is stopped (it checkpoints first) and resumed when
     this is set back to false."""
+
+    @model_validator(mode="after")
+    def _preference_needs_rag(self) -> "FineTuneJobSpec":
+        if self.training.preference.enabled and self.dataset.format != DatasetFormat.RAG:
+            raise ValueError("training.preference needs dataset.format rag "
+                             "(pairs are rag records with a 'rejected' answer)")
+        return self
 
     @model_validator(mode="after")
     def _fsdp_needs_shardable_weights(self) -> "FineTuneJobSpec":

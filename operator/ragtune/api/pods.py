@@ -88,6 +88,19 @@ class ManifestFile(ApiModel):
     size: int
 
 
+class StageSummary(ApiModel):
+    """One training stage of a run, in the order they ran (`sft`, then `preference`)."""
+
+    name: Literal["sft", "preference"]
+    """`sft` (supervised fine-tuning) or `preference` (DPO on chosen/rejected pairs)."""
+    steps: int
+    """Optimiser steps the stage ran (counted from the stage's start)."""
+    seconds: Optional[float] = None
+    """Wall-clock training time of the stage (0 when a retry took a finished SFT adapter over)."""
+    items: Optional[int] = None
+    """Training rows (sft) or preference pairs (preference) the stage trained on."""
+
+
 class Manifest(ApiModel):
     """`manifest.json`, written last: a run without it is incomplete and never deployed."""
 
@@ -107,6 +120,8 @@ class Manifest(ApiModel):
     versions: dict[str, str] = Field(default_factory=dict)
     """Library versions (torch, transformers, peft, trl, ...)."""
     evaluation_passed: Optional[bool] = None
+    stages: list[StageSummary] = Field(default_factory=list)
+    """The training stages that made the adapter, in order."""
     created_at: str
     job: dict[str, Any] = Field(default_factory=dict)
     """`{namespace, name, uid, generation}` of the FineTuneJob."""
@@ -141,6 +156,8 @@ class TrainerResult(ApiModel):
     gates: list[GateResult] = Field(default_factory=list)
     steps: Optional[int] = None
     train_seconds: Optional[float] = None
+    stages: list[StageSummary] = Field(default_factory=list)
+    """The training stages that ran, in order (`steps` and `trainSeconds` are their sums)."""
 
 
 def encode_termination_message(result: ApiModel) -> str:

@@ -24,6 +24,10 @@ class RagRecord:
     construction: Optional[str] = None
     """How an item was built (`answerable`, `offTopic`, `nearMiss`, `answerRemoved`,
     `userLabelled`); set by the RAFT construction, None on records as users give them."""
+    rejected: Optional[str] = None
+    """A wrong answer to the same prompt (e.g. a hallucination): the `rejected` side of a
+    preference pair whose `chosen` side is `answer` (the refusal on unanswerable items). Only the
+    preference stage (`training.preference`) reads it."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "RagRecord":
@@ -47,6 +51,9 @@ class RagRecord:
         support = _get(d, "supportingContextIds", "supporting_context_ids") or []
         if not isinstance(support, list):
             raise ValueError("field 'supportingContextIds' must be a list of context ids")
+        rejected = d.get("rejected")
+        if rejected is not None and not isinstance(rejected, str):
+            raise ValueError(f"field 'rejected' must be a string (a wrong answer), got {type(rejected).__name__}")
         return cls(
             id=str(d["id"]),
             question=str(d["question"]),
@@ -55,6 +62,7 @@ class RagRecord:
             answerable=answerable,
             supporting_context_ids=[str(s) for s in support],
             construction=str(d["construction"]) if d.get("construction") is not None else None,
+            rejected=rejected,
         )
 
     def to_dict(self) -> dict:
@@ -67,6 +75,7 @@ class RagRecord:
             "answerable": self.answerable,
             "supportingContextIds": list(self.supporting_context_ids),
             **({"construction": self.construction} if self.construction else {}),
+            **({"rejected": self.rejected} if self.rejected is not None else {}),
         }
 
 

@@ -1,0 +1,133 @@
+"""The preference (DPO) stage: `rejected` answers in rag records (validated with file and line), the
+pairs it trains on (the SFT prompt and tokenisation), and a real run with a tiny random Llama:
+SFT, then DPO on the same adapter, the margin moving the right way, the stages in the artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ragtune.api.finetunejob import RaftConfig
+from ragtune.api.pods import EXIT_PERMANENT
+from ragtune.cli import main
+from ragtune.rag.prompt import DEFAULT_REFUSAL, PromptContract
+from ragtune.rag.records import RagRecord
+from ragtune_trainer import data as D
+from ragtune_trainer.preference import preference_pairs
+from ragtune_trainer.rows import Tokenised, rag_example
+
+from .conftest import write_jsonl
+from .test_train_run import in_cluster, job_spec
+
+
+def with_rejected(records: list[RagRecord]) -> list[dict]:
+    """Every record with a wrong answer: the next record's answer (its citations kept), or a
+    made-up answer where refusing is right."""
+    rows = []
+    for i, r in enumerate(records):
+        d = r.to_dict()
+        other = records[(i + 1) % len(records)]
+        wrong = other.answer if other.answerable and other.answer != r.answer else records[(i + 2) % len(records)].answer
+        d["rejected"] = wrong if r.answerable else "It is " + wrong
+        rows.append(d)
+    return rows
+
+
+def test_rejected_is_validated_with_file_and_line(tmp_path, records):
+    good = records[0].to_dict()
+    rows = [dict(good, id="ok", rejected="wrong [1]"), dict(good, id="n", rejected=5), dict(good, id="e", rejected=" "),
+            dict(good, id="same", rejected=" " + good["answer"]), dict(good, id="none")]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    report, examples = D.validate(D.load_rows(path.as_uri()), "rag")
+    errors = {e.where.rsplit(":", 1)[1]: e for e in report.errors}
+    assert sorted(errors) == ["2", "3", "4"], report.render()
+    assert "field 'rejected' must be a string" in errors["2"].message
+    assert errors["3"].kind == "empty rejected" and errors["4"].kind == "rejected equals answer"
+    assert str(errors["4"]).startswith(f"{path.as_uri()}:4: ")
+    assert [e.record.rejected for e in examples] == ["wrong [1]", None]
+
+
+def test_raft_keeps_rejected_and_renumbers_its_citations(records):
+    rows = with_rejected(records[:20])
+    parsed = [RagRecord.from_dict(r) for r in rows]
+    built = D.build_raft(parsed, RaftConfig(distractors=2, unanswerable_fraction=0.3), seed=3)
+    by_id = {r["id"]: r for r in rows}
+    assert all(item.rejected is not None for item in built)
+    for item in built:
+        source = by_id[item.id]
+        shown = {c.text: c.id for c in item.contexts}
+        for ctx in source["contexts"]:  # a citation of a passage still shown follows its new number
+            if f"[{ctx['id']}]" in source["rejected"] and ctx["text"] in shown and item.answerable:
+                assert f"[{shown[ctx['text']]}]" in item.rejected
+    refused = [i for i in built if not i.answerable and i.construction != "userLabelled"]
+    assert refused and all(i.answer == DEFAULT_REFUSAL for i in refused)
+
+
+def test_pairs_are_the_sft_rows_prompt_with_both_answers(records, tiny_tokenizer):
+    prompt = PromptContract()
+    items = [RagRecord.from_dict(r) for r in with_rejected(records[:12])]
+    items[3].rejected = None  # no pair for a record without a wrong answer
+    pairs = preference_pairs(items, tiny_tokenizer, prompt, max_seq_length=512)
+    assert len(pairs.rows) == 11
+    tokenised = Tokenised(tiny_tokenizer)
+    for item, pair in zip([r for r in items if r.rejected is not None], pairs.rows):
+        sft_row = tokenised(rag_example(item, prompt))  # the row SFT trains on, same prompt and answer
+        assert pair["prompt_ids"] + pair["chosen_ids"] == sft_row["input_ids"]
+        assert sft_row["labels"][:len(pair["prompt_ids"])] == [-100] * len(pair["prompt_ids"])
+        rejected = D.tokenize(tiny_tokenizer, D.Example(prompt.messages(item), item.rejected))
+        assert pair["prompt_ids"] + pair["rejected_ids"] == rejected["input_ids"]
+        assert pair["chosen_ids"] != pair["rejected_ids"]
+    short = preference_pairs(items, tiny_tokenizer, prompt, max_seq_length=8)
+    assert not short.rows and short.counts["droppedOverLength"] == 11
+
+
+@pytest.mark.slow
+def test_dpo_stage_continues_the_sft_adapter_and_moves_the_margin(tiny_model_dir, records, tmp_path):
+    from safetensors import safe_open
+
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", with_rejected(records[:40]))
+    spec = job_spec(tiny_model_dir, str(train), tmp_path / "out", **{
+        "training.maxSteps": 2,
+        "training.preference": {"enabled": True, "steps": 8, "beta": 0.5, "learningRate": 0.01},
+        "evaluation.maxSamples": 4, "evaluation.fewShot": 0,
+        "evaluation.thresholds": {"maxFalseRefusalRate": 1.0},
+    })
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
+                               "metadata": {"name": "dpo", "namespace": "dev"}, "spec": spec}))
+    assert main(["train", "-f", str(job), "--run-id", "r1"]) == 0
+    run = tmp_path / "out/dev/dpo/r1"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"]] == ["sft", "preference"]
+    assert [s["steps"] for s in manifest["stages"]] == [2, 8]
+    sft, pref = json.loads((run / "eval/report.json").read_text())["stages"]
+    assert sft["name"] == "sft" and any("loss" in e for e in sft["lossHistory"])
+    assert pref["items"] == pref["pairs"]["answerable"] + sum(v for k, v in pref["pairs"].items()
+                                                              if k not in ("answerable", "heldOut"))
+    logged = [e for e in pref["lossHistory"] if "rewards/margins" in e]
+    assert len(logged) >= 8
+    # The first step is scored before any update: the policy is the reference (the SFT adapter).
+    assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    last = logged[-3:]  # chosen gains on rejected relative to the reference, and the DPO loss falls
+    assert min(e["rewards/margins"] for e in last) > 0.2
+    assert sum(e["rewards/accuracies"] for e in last) / len(last) >= 0.5
+    assert max(e["loss"] for e in last) < logged[0]["loss"]
+    assert any("eval_rewards/margins" in e for e in pref["lossHistory"])  # held-out pairs scored
+    html = (run / "eval/report.html").read_text()
+    assert "Training stages" in html and "preference loss and reward margin" in html
+    # The published adapter is the one trained adapter: no frozen reference copy in it.
+    with safe_open(str(run / "adapter/adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(".ref." in k for k in keys)
+    assert json.loads((run / "adapter/adapter_config.json").read_text())["r"] == 4
+
+
+def test_preference_without_pairs_fails_before_training(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    spec = job_spec(tiny_model_dir, train_file.as_uri(), tmp_path / "out",
+                    **{"training.preference": {"enabled": True, "steps": 1}})
+    code, result = in_cluster(monkeypatch, tmp_path, spec)
+    assert code == EXIT_PERMANENT and result["reason"] == "InvalidDataset"
+    assert "training.preference is enabled but no training record has a 'rejected' answer" in result["message"]
+    assert train_file.as_uri() in result["message"]
+    assert not list((tmp_path / "out").rglob("checkpoint-*"))  # failed before the first SFT step

@@ -1,0 +1,205 @@
+"""The preference stage (`training.preference`): DPO through trl's `DPOTrainer` after SFT,
+continuing the SFT adapter.
+
+Pairs: every training item (after the RAFT construction, so with the same distractors SFT saw)
+whose record has a `rejected` answer, rendered with the prompt contract's grounded-answer prompt
+(`PromptContract.messages`, as SFT renders it) and tokenised by the same code as the SFT rows
+(`data.tokenize`), so both stages train on one prompt. `chosen` is the item's target: the answer,
+or the refusal when the item is unanswerable (user-labelled, or made unanswerable by RAFT: then
+`rejected` - a hallucinated answer - is exactly what refusing prevents). A pair longer than
+`training.maxSeqLength` is dropped and counted.
+
+Reference model: the SFT adapter as it is when the stage starts (trl copies the PeftModel's
+`default` adapter to a frozen `ref` adapter; removed again after the stage, so the published
+adapter is the one trained adapter). Dropout is off in this stage (trl's default: the policy and
+reference log-probabilities of a pair must come from the same function).
+
+The stage keeps no checkpoints: it is short, and its steps would collide with SFT's in
+`checkpoints/`. SIGTERM stops it as `Preempted`; the retry resumes SFT from its final checkpoint
+(`checkpoints.restore_finished`) and reruns this stage.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ragtune.api.finetunejob import TrainingProgress
+from ragtune.api.pods import StageSummary
+from ragtune.clock import utc_now_iso
+from ragtune.rag.prompt import PromptContract
+from ragtune.rag.records import RagRecord
+
+from . import data as D
+from .base_model import Plan
+from .run import Preempted, RunContext, RunState, TrainerFailure
+
+STAGE = "preference"
+
+
+@dataclass
+class Pairs:
+    rows: list[dict]
+    """`{prompt_ids, chosen_ids, rejected_ids}` per pair (what trl's preference collator takes)."""
+    counts: Counter = field(default_factory=Counter)
+    """Pairs per item construction (`answerable`, `nearMiss`, ...) and `droppedOverLength`."""
+
+
+def preference_pairs(records: list[RagRecord], tokenizer, prompt: PromptContract, max_seq_length: int,
+                     max_pairs: Optional[int] = None) -> Pairs:
+    """The pairs of `records` (those with a `rejected` answer), tokenised like SFT rows."""
+    out = Pairs(rows=[])
+    for record in records:
+        if record.rejected is None or (max_pairs is not None and len(out.rows) >= max_pairs):
+            continue
+        messages = prompt.messages(record)
+        chosen = D.tokenize(tokenizer, D.Example(messages, record.answer, record))
+        rejected = D.tokenize(tokenizer, D.Example(messages, record.rejected, record))
+        if max(len(chosen["input_ids"]), len(rejected["input_ids"])) > max_seq_length:
+            out.counts["droppedOverLength"] += 1
+            continue
+        n_prompt = chosen["completion_mask"].index(1)
+        out.rows.append({"prompt_ids": chosen["input_ids"][:n_prompt],
+                         "chosen_ids": chosen["input_ids"][n_prompt:],
+                         "rejected_ids": rejected["input_ids"][n_prompt:]})
+        out.counts[record.construction or "answerable"] += 1
+    return out
+
+
+def make_dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class RagDPOTrainer(DPOTrainer):
+        """DPOTrainer on rows tokenised by `preference_pairs` (the SFT tokenisation), not trl's own."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return RagDPOTrainer
+
+
+def build_dpo_config(ctx: RunContext, plan: Plan, out_dir, has_eval: bool):
+    from trl import DPOConfig
+
+    t, pref = ctx.spec.training, ctx.spec.training.preference
+    batch = pref.batch_size or t.batch_size
+    return DPOConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=pref.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        max_steps=pref.steps,
+        beta=pref.beta,
+        loss_type=["sigmoid"],
+        bf16=plan.dtype == "bfloat16",
+        fp16=plan.dtype == "float16",
+        gradient_checkpointing=False,  # enabled on the model in load_model when the plan says so
+        max_length=None,  # pairs over maxSeqLength were dropped; nothing to truncate
+        remove_unused_columns=False,
+        eval_strategy="no",  # held-out pairs are scored once, after the last step
+        save_strategy="no",
+        logging_steps=1 if pref.steps <= 200 else max(1, pref.steps // 100),
+        logging_first_step=True,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=plan.device == "cpu",
+    )
+
+
+def make_callbacks(ctx: RunContext, state: RunState, total_steps: int):
+    from transformers import TrainerCallback
+
+    class PreferenceCallback(TrainerCallback):
+        """SIGTERM -> stop (no checkpoint, see the module docstring); progress as stage `preference`."""
+
+        def on_step_end(self, args, st, control, **kw):
+            if state.preempt_requested:
+                control.should_training_stop = True
+            if ctx.progress:
+                losses = [e["loss"] for e in st.log_history if "loss" in e]
+                ctx.progress(TrainingProgress(
+                    step=st.global_step, total_steps=total_steps, loss=round(losses[-1], 4) if losses else None,
+                    percent=int(100 * st.global_step / total_steps), stage=STAGE, updated_at=utc_now_iso()))
+
+    return [PreferenceCallback()]
+
+
+@dataclass
+class PreferenceResult:
+    model: object
+    log_history: list[dict]
+    """trl's log entries: loss, rewards/{chosen,rejected,margins,accuracies}, ... per logged step,
+    and the held-out pairs' `eval_*` entry after the last step."""
+    summary: StageSummary
+    counts: dict[str, int]
+
+
+def require_pairs(ctx: RunContext, train_records: list[RagRecord]) -> None:
+    """Fail before any training when the stage is on and no training item has a `rejected` answer."""
+    if not any(r.rejected is not None for r in train_records):
+        raise TrainerFailure("InvalidDataset", f"{ctx.spec.dataset.train}: training.preference is enabled but no "
+                                               "training record has a 'rejected' answer (the preference pairs)")
+
+
+def run_preference(ctx: RunContext, state: RunState, plan: Plan, model, tokenizer,
+                   train_records: list[RagRecord], eval_records: list[RagRecord]) -> PreferenceResult:
+    """DPO on the pairs of the training items, continuing `model`'s (the SFT) adapter."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    spec = ctx.spec
+    pref = spec.training.preference
+    prompt = PromptContract.from_spec(spec)
+    max_len = spec.training.max_seq_length
+    pairs = preference_pairs(train_records, tokenizer, prompt, max_len, pref.max_pairs)
+    if not pairs.rows:
+        why = (f"{pairs.counts['droppedOverLength']} pair(s) longer than maxSeqLength {max_len}"
+               if pairs.counts["droppedOverLength"] else "no training record has a 'rejected' answer")
+        raise TrainerFailure("InvalidDataset", f"{spec.dataset.train}: training.preference is enabled but there are "
+                                               f"no preference pairs ({why})")
+    held_out = preference_pairs(eval_records, tokenizer, prompt, max_len, 64)
+    print(f"ragtune train: preference stage: {len(pairs.rows)} pairs ({dict(pairs.counts)}), "
+          f"{len(held_out.rows)} held-out pairs, {pref.steps} DPO steps, beta {pref.beta}", file=sys.stderr, flush=True)
+    trainer = make_dpo_trainer_class()(
+        model=model,
+        args=build_dpo_config(ctx, plan, ctx.work_dir / STAGE, bool(held_out.rows)),
+        train_dataset=Dataset.from_list(pairs.rows),
+        eval_dataset=Dataset.from_list(held_out.rows) if held_out.rows else None,
+        processing_class=tokenizer,
+        callbacks=make_callbacks(ctx, state, pref.steps),
+    )
+    trainer.remove_callback(PrinterCallback)
+    started = time.monotonic()
+    state.training = True
+    try:
+        trainer.train()
+    finally:
+        state.training = False
+    seconds = round(time.monotonic() - started, 2)
+    steps = trainer.state.global_step
+    if state.preempt_requested:
+        raise Preempted(f"SIGTERM at step {steps} of the preference stage; a retry takes the finished SFT adapter "
+                        "over and reruns the stage")
+    if held_out.rows:
+        trainer.evaluate()  # logged into log_history as eval_loss, eval_rewards/margins, ...
+    log_history = list(trainer.state.log_history)
+    model = trainer.model
+    del trainer
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+    model.set_adapter("default")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    counts = dict(pairs.counts) | {"heldOut": len(held_out.rows)}
+    return PreferenceResult(model=model, log_history=log_history, counts=counts,
+                            summary=StageSummary(name=STAGE, steps=steps, seconds=seconds, items=len(pairs.rows)))
