@@ -248,3 +248,43 @@ def test_the_one_client_drives_the_standin(server):
     assert client(PROMPT, "a1", 12) == generate(server, "a1")[1]["generated_text"]
     assert client(PROMPT, None, 12) == generate(server)[1]["generated_text"]
     assert client(PROMPT, "no-such-adapter", 12) == client(PROMPT, None, 12)  # TGI's silent fallback
+
+
+def metrics(server) -> dict[str, float]:
+    import urllib.request
+
+    from ragtune.adapterdeployment import analysis
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    return {name + (f"{{{','.join(f'{k}={v}' for k, v in sorted(labels.items()))}}}" if labels else ""): value
+            for name, labels, value in analysis.parse(text)}
+
+
+def test_metrics_count_generation_requests_under_tgis_names(server):
+    before = metrics(server)
+    assert generate(server, "a1")[0] == 200
+    assert post(server.url + "/generate", {"inputs": "", "parameters": {}})[0] == 422
+    get(server.url + "/health")  # not a generation request: not counted, as in TGI
+    after = metrics(server)
+    assert after["tgi_request_count"] - before["tgi_request_count"] == 2
+    assert after["tgi_request_success"] - before["tgi_request_success"] == 1
+    assert after["tgi_request_failure{err=validation}"] - before.get("tgi_request_failure{err=validation}", 0) == 1
+    assert after["tgi_request_duration_count"] - before["tgi_request_duration_count"] == 1
+    assert 0 < after["tgi_request_generated_tokens_sum"] - before["tgi_request_generated_tokens_sum"] <= 12
+
+
+def test_fault_injection_fails_generation_while_the_named_adapter_is_loaded(models):
+    base, a1, a2 = models
+    s = StandIn({"MODEL_ID": str(base), "LORA_ADAPTERS": f"a1={a1},a2={a2}", "STANDIN_FAIL_WITH_ADAPTER": "a2"})
+    s.wait()
+    try:
+        status, body = generate(s, "a1")
+        assert status == 424 and "injected fault" in body["error"] and body["error_type"] == "generation"
+        assert get(s.url + "/health")[0] == 200  # probes still pass: the pod stays Ready
+        m = metrics(s)
+        assert m["tgi_request_count"] == 1 and m["tgi_request_success"] == 0
+        assert m["tgi_request_failure{err=generation}"] == 1
+    finally:
+        s.stop()

@@ -18,6 +18,15 @@ Everything lives in `status.candidate.traffic` (step index, weight, the route ge
 carries it, when the Gateway accepted it): a restarted operator finds the route already at the
 recorded weight, writes nothing and resumes the pause where it was. Every weight written is
 kept in `traffic.changes` and posted as an Event.
+
+With `canary.analysis` every step below 100% is also judged on live metrics (`analysis.py`): the
+pods' counters are kept in `traffic.baseline` when the Gateway accepted the weight, and compared
+when the pause is over. Successful: next step. Inconclusive (too few canary requests), or Failed
+within `failureLimit`: the step is held for another pause and measured again from there. Failed
+beyond the limit: `traffic.aborting` is set and the route goes to weight 0 in the same tick; once
+the Gateway accepted that and the settle time passed, the canary is removed and the rollout ends
+`RolledBack` with the metric and its value (the stable server is never touched). Each
+measurement lands in `traffic.measurements` and an Event.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ragtune import workloads
 from ragtune.api.adapterdeployment import (
     AdapterDeploymentSpec,
+    AnalysisMeasurement,
     Candidate,
     TrafficStatus,
     WeightChange,
@@ -43,7 +53,7 @@ from ragtune.api.keys import (
     MANAGED_BY,
 )
 
-from . import render
+from . import analysis, render
 
 if TYPE_CHECKING:
     from .rollout import _Tick
@@ -183,25 +193,95 @@ def _hold(t: "_Tick", tr: TrafficStatus, route: dict[str, Any], hold_seconds: fl
 
 
 def step(t: "_Tick", cand: Candidate) -> bool:
-    """One tick of the Traffic step; True when the canary carries all traffic (promote now)."""
+    """One tick of the Traffic step; True when the canary carries all traffic (promote now).
+    A failed analysis ends the rollout here (`t.rollback`) once the canary is out of the route."""
     steps = plan(t.spec)
     tr = cand.traffic = cand.traffic or TrafficStatus()
+    if tr.aborting:
+        if back_to_stable(t, cand):
+            t.rollback(cand, "AnalysisFailed", tr.aborting)
+        return False
+    spec = t.spec.strategy.canary.analysis if t.spec.strategy.canary else None
     while True:
         weight, pause = steps[tr.step]
         route, wrote = ensure_route(t, weight)
         if wrote or tr.weight != weight or tr.route_generation is None:
             _record(t, tr, tr.step, weight, route, len(steps))
+            tr.baseline = {}
         left = _hold(t, tr, route, pause)
         if left is None:
             t.wait_hint(1.0)
             return False
+        analysed = spec is not None and weight < 100
+        if analysed and not tr.baseline:  # the window opens when the Gateway carries the weight
+            tr.baseline = analysis.take(_pods(t), t.backend) or {"-": {}}
         if left > 0:
             t.status.message = f"canary at {weight}% (step {tr.step + 1}/{len(steps)}), {int(left + 0.999)}s left"
+            last = tr.measurements[-1] if tr.measurements else None
+            if last is not None and last.step == tr.step and last.phase != "Successful":
+                t.status.message = f"paused, measuring again: {t.status.message}; last analysis {last.phase}: " \
+                                   f"{last.message}"
             t.wait_hint(min(left, PAUSE_POLL_SECONDS))
             return False
+        if analysed:
+            verdict = _analyse(t, tr, weight, len(steps))
+            if verdict == "abort":
+                tr.aborting = tr.measurements[-1].message
+                back_to_stable(t, cand)  # weight 0 in this very tick
+                t.status.message = f"analysis failed, canary out of the route: {tr.aborting}"
+                return False
+            if verdict != "Successful":  # measure this step again over another pause
+                tr.step_started_at = _stamp(t.rec.clock())
+                tr.baseline = analysis.take(_pods(t), t.backend) or {"-": {}}
+                t.wait_hint(min(max(pause, ROUTE_SETTLE_SECONDS), PAUSE_POLL_SECONDS))
+                return False
         if tr.step + 1 >= len(steps):
             return True
         tr.step += 1
+        tr.baseline = {}
+
+
+def _pods(t: "_Tick") -> dict[str, tuple[str, int]]:
+    """`canary/<pod>` / `stable/<pod>` -> (pod IP, serving port) of the running pods of both."""
+    out = {}
+    for track, name in (("canary", t.canary_name()), ("stable", t.stable_name())):
+        dep = t.kube.get("Deployment", t.ns, name)
+        if dep is None:
+            continue
+        for pod in t.kube.list("Pod", t.ns, dep["spec"]["selector"]["matchLabels"]):
+            st = pod.get("status") or {}
+            if st.get("podIP") and st.get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+                out[f"{track}/{pod['metadata']['name']}"] = (st["podIP"], t.spec.server.port)
+    return out
+
+
+def _analyse(t: "_Tick", tr: TrafficStatus, weight: int, total: int) -> str:
+    """Measure the step that just held: Successful, Inconclusive, Failed (within the limit) or abort."""
+    spec = t.spec.strategy.canary.analysis
+    assert spec is not None
+    now = analysis.take(_pods(t), t.backend)
+    canary, stable = analysis.compare(tr.baseline, now)
+    phase, message = analysis.judge(spec, canary, stable)
+    where = f"step {tr.step + 1}/{total} at {weight}%"
+    m = AnalysisMeasurement(step=tr.step, weight=weight, at=_stamp(t.rec.clock()), phase=phase,
+                            message=f"{where}: {message}", canary=canary, stable=stable)
+    tr.measurements = (tr.measurements + [m])[-MAX_CHANGES:]
+    detail = f"{m.message}; canary: {analysis.figures(canary)}; stable: {analysis.figures(stable)}"
+    if phase == "Successful":
+        t.event("Normal", "AnalysisSuccessful", detail)
+        return phase
+    if phase == "Inconclusive":
+        t.event("Normal", "AnalysisInconclusive", detail)
+        t.status.message = f"paused: analysis inconclusive at {where} ({message}); measuring again"
+        return phase
+    tr.failed_measurements += 1
+    t.event("Warning", "AnalysisFailed", f"{detail} (failed measurements {tr.failed_measurements}, "
+            f"failureLimit {spec.failure_limit})")
+    if tr.failed_measurements > spec.failure_limit:
+        return "abort"
+    t.status.message = (f"analysis failed at {where} ({message}); {tr.failed_measurements} of "
+                        f"failureLimit {spec.failure_limit} used, measuring again")
+    return phase
 
 
 def back_to_stable(t: "_Tick", cand: Candidate) -> bool:

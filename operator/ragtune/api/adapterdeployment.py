@@ -350,6 +350,34 @@ def _check_steps(steps: list[CanaryStep]) -> list[CanaryStep]:
     return steps
 
 
+class AnalysisSpec(ApiModel):
+    """Analysis of every traffic step on live signals: the canary's and the stable server's own
+    Prometheus metrics, scraped from their pods at the start and the end of the step (TGI's
+    `tgi_request_*`, vLLM's `http_requests_total` and `vllm:*`). Argo Rollouts' AnalysisRun
+    semantics: a step's measurement is Successful, Failed or Inconclusive; an inconclusive one
+    (too few canary requests) holds the step and measures it again instead of passing; more than
+    `failureLimit` failed measurements roll the canary back (weight 0, canary removed, stable
+    untouched, `RolledBack` naming the metric and its value)."""
+
+    min_requests: int = Field(20, ge=1, le=1_000_000)
+    """Canary requests a step must see to be judged; fewer: Inconclusive (the step is held and
+    measured again). Also the stable requests needed to judge the canary-vs-stable ratios."""
+    min_success_rate: float = Field(0.99, ge=0, le=1)
+    """Lowest share of the canary's requests that may succeed (TGI: `tgi_request_success` /
+    `tgi_request_count`; vLLM: 2xx of `http_requests_total` on the completion endpoints)."""
+    max_p95_latency_ratio: float = Field(2.0, ge=1, le=1000)
+    """Highest canary p95 request latency, as a multiple of the stable server's p95 in the same
+    step (from the request-duration histograms)."""
+    max_p95_latency_seconds: Optional[float] = Field(None, gt=0, le=3600)
+    """Highest canary p95 request latency in seconds (empty: only the ratio is checked)."""
+    min_tokens_per_second_ratio: float = Field(0.5, ge=0, le=1)
+    """Lowest canary generation speed (generated tokens per second of request time), as a share
+    of the stable server's in the same step."""
+    failure_limit: int = Field(0, ge=0, le=20)
+    """Failed measurements tolerated in one rollout (a failed step within the limit is held and
+    measured again); one more rolls back."""
+
+
 class CanarySpec(ApiModel):
     """Weighted canary on live traffic through Gateway API (`type: Canary`)."""
 
@@ -365,6 +393,10 @@ class CanarySpec(ApiModel):
         AfterValidator(_check_steps)]
     """Weights in increasing order, e.g. `[{weight: 10, pause: 2m}, {weight: 50, pause: 5m}]`; after
     the last step (or at weight 100) the candidate is promoted onto the stable Deployment."""
+    analysis: Optional[AnalysisSpec] = None
+    """Judge every step below 100% on the servers' live metrics before moving on (empty: a step
+    ends when its pause has passed). The online quality evaluation (`gates.online`) runs against
+    the canary before the first step either way."""
 
 
 class StrategySpec(ApiModel):
@@ -522,6 +554,40 @@ class WeightChange(ApiModel):
     """When (RFC 3339)."""
 
 
+class ServerMeasurement(ApiModel):
+    """One server's (canary or stable) figures over one step, from its pods' metrics."""
+
+    pods: int = 0
+    """Pods scraped at both ends of the step."""
+    requests: int = 0
+    """Requests counted during the step."""
+    success_rate: Optional[float] = None
+    """Share of them that succeeded (empty without requests)."""
+    p95_latency_seconds: Optional[float] = None
+    """95th percentile request latency of the successful requests."""
+    tokens_per_second: Optional[float] = None
+    """Generated tokens per second of request time."""
+
+
+class AnalysisMeasurement(ApiModel):
+    """One measurement of a traffic step (`strategy.canary.analysis`)."""
+
+    step: int
+    """Index into `spec.strategy.canary.steps`."""
+    weight: int
+    """Canary weight during the measurement (percent)."""
+    at: str
+    """When it was taken (RFC 3339)."""
+    phase: Literal["Successful", "Failed", "Inconclusive"]
+    """The verdict."""
+    message: str = ""
+    """Which metric decided it, with its value and threshold."""
+    canary: ServerMeasurement = Field(default_factory=ServerMeasurement)
+    """The canary's figures."""
+    stable: ServerMeasurement = Field(default_factory=ServerMeasurement)
+    """The stable server's figures in the same window."""
+
+
 class TrafficStatus(ApiModel):
     """Where the traffic steps stand (`strategy.type: Canary`); an operator restart resumes
     from here with the same weights."""
@@ -537,6 +603,18 @@ class TrafficStatus(ApiModel):
     waiting for it."""
     changes: list[WeightChange] = Field(default_factory=list, max_length=64)
     """Every weight written in this rollout, oldest first."""
+    baseline: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Counters of each scraped pod (`canary/<pod>`, `stable/<pod>`) when the step's
+    measurement window opened (`strategy.canary.analysis`); a restarted operator measures from
+    here."""
+    measurements: list[AnalysisMeasurement] = Field(default_factory=list, max_length=64)
+    """Every analysis measurement of this rollout, oldest first."""
+    failed_measurements: int = 0
+    """Failed measurements so far (compared with `analysis.failureLimit`)."""
+    aborting: Optional[str] = None
+    """Set when the analysis failed: the route is going back to the stable Service (weight 0);
+    once the Gateway accepted that, the canary is removed and the rollout ends RolledBack with
+    this message."""
 
 
 class Candidate(ApiModel):

@@ -2,7 +2,13 @@
 
 Routes: `POST /` (compat: array of GenerateResponse), `POST /generate`, `POST /generate_stream`
 (SSE), `POST /v1/chat/completions` and `POST /v1/completions` (non-streaming; `model` other than
-"tgi" is the adapter id, as TGI's router reads it since 2.2), `GET /health`, `GET /info`, `GET /v1/models`.
+"tgi" is the adapter id, as TGI's router reads it since 2.2), `GET /health`, `GET /info`, `GET /v1/models`,
+`GET /metrics` (Prometheus text under TGI's own names: `tgi_request_count`, `tgi_request_success`,
+`tgi_request_failure{err}`, histograms `tgi_request_duration` (seconds) and
+`tgi_request_generated_tokens`; generation routes only, as TGI counts them).
+
+Fault injection (not TGI's): `STANDIN_FAIL_WITH_ADAPTER=<name>` makes every generation request fail
+(424, counted as a failure) while adapter `<name>` is loaded: a candidate set whose server fails.
 Requests are served one at a time under a lock: peft switches the active adapter on the shared
 model (`set_adapter`), so two concurrent requests must not interleave.
 """
@@ -44,6 +50,7 @@ class Config:
     max_total_tokens: int = 2048
     max_concurrent_requests: int = 128
     extra: dict[str, str] = field(default_factory=dict)
+    fail_with_adapter: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Config":
@@ -60,6 +67,7 @@ class Config:
             max_input_tokens=_int(env, "MAX_INPUT_TOKENS", 1024),
             max_total_tokens=_int(env, "MAX_TOTAL_TOKENS", 2048),
             max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 128),
+            fail_with_adapter=env.get("STANDIN_FAIL_WITH_ADAPTER", ""),
         )
 
 
@@ -89,6 +97,52 @@ def parse_lora_adapters(value: str) -> dict[str, str]:
             raise ConfigError(f"LORA_ADAPTERS {name}={path}: needs adapter_config.json and *.safetensors at top level")
         adapters[name] = path
     return adapters
+
+
+DURATION_BUCKETS = tuple(round(0.001 * 2 ** i, 6) for i in range(16))  # 1 ms .. 32.8 s
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Metrics:
+    """TGI's request metrics (its router's names), for `GET /metrics`."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.count = self.success = 0
+        self.failures: dict[str, int] = {}
+        self.duration = [0] * len(DURATION_BUCKETS)
+        self.duration_sum = 0.0
+        self.tokens = [0] * len(TOKEN_BUCKETS)
+        self.tokens_sum = 0
+
+    def record(self, seconds: float, tokens: Optional[int], err: Optional[str]) -> None:
+        with self.lock:
+            self.count += 1
+            if err is not None:
+                self.failures[err] = self.failures.get(err, 0) + 1
+                return
+            self.success += 1
+            self.duration_sum += seconds
+            for i, b in enumerate(DURATION_BUCKETS):
+                self.duration[i] += seconds <= b
+            self.tokens_sum += tokens or 0
+            for i, b in enumerate(TOKEN_BUCKETS):
+                self.tokens[i] += (tokens or 0) <= b
+
+    def text(self) -> str:
+        with self.lock:
+            out = ["# TYPE tgi_request_count counter", f"tgi_request_count {self.count}",
+                   "# TYPE tgi_request_success counter", f"tgi_request_success {self.success}",
+                   "# TYPE tgi_request_failure counter"]
+            out += [f'tgi_request_failure{{err="{e}"}} {n}' for e, n in sorted(self.failures.items())]
+            for name, buckets, counts, total in (
+                    ("tgi_request_duration", DURATION_BUCKETS, self.duration, self.duration_sum),
+                    ("tgi_request_generated_tokens", TOKEN_BUCKETS, self.tokens, self.tokens_sum)):
+                out.append(f"# TYPE {name} histogram")
+                out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(buckets, counts)]
+                out += [f'{name}_bucket{{le="+Inf"}} {self.success}', f"{name}_sum {total}",
+                        f"{name}_count {self.success}"]
+            return "\n".join(out) + "\n"
 
 
 class ApiError(Exception):
@@ -219,6 +273,8 @@ def generate_response(engine: Engine, gen: Generation, params: dict[str, Any], p
 
 def make_handler(engine: Engine):
     config = engine.config
+    metrics = Metrics()
+    faulty = bool(config.fail_with_adapter) and config.fail_with_adapter in config.adapters
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -260,6 +316,8 @@ def make_handler(engine: Engine):
                     "version": VERSION,
                     "sha": None, "docker_label": None,
                 })
+            elif self.path == "/metrics":
+                self._send(200, metrics.text().encode(), content_type="text/plain; version=0.0.4")
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [
                     {"id": config.model_id, "object": "model", "created": 0, "owned_by": config.model_id}]})
@@ -267,21 +325,30 @@ def make_handler(engine: Engine):
                 self._send(404, {"error": f"no route {self.path}", "error_type": "not_found"})
 
         def do_POST(self):
+            routes = {"/": self._generate, "/generate": self._generate, "/generate_stream": self._generate,
+                      "/v1/chat/completions": self._chat, "/v1/completions": self._completions}
+            route = routes.get(self.path)
+            started, self.generated = time.monotonic(), None
+            err = None
             try:
                 body = self._json()
-                if self.path in ("/", "/generate", "/generate_stream"):
-                    self._generate(body)
-                elif self.path == "/v1/chat/completions":
-                    self._chat(body)
-                elif self.path == "/v1/completions":
-                    self._completions(body)
-                else:
+                if route is None:
                     self._send(404, {"error": f"no route {self.path}", "error_type": "not_found"})
+                    return
+                if faulty:
+                    raise ApiError(424, f"Request failed during generation: injected fault "
+                                   f"(STANDIN_FAIL_WITH_ADAPTER={config.fail_with_adapter})", "generation")
+                route(body)
             except ApiError as exc:
+                err = exc.error_type
                 self._send(exc.status, {"error": exc.message, "error_type": exc.error_type})
             except Exception as exc:  # report generation failures the way TGI does (424)
+                err = "generation"
                 log.exception("generation failed")
                 self._send(424, {"error": f"Request failed during generation: {exc}", "error_type": "generation"})
+            finally:
+                if route is not None:
+                    metrics.record(time.monotonic() - started, self.generated, err)
 
         def _generate(self, body: dict[str, Any]) -> None:
             inputs = body.get("inputs")
@@ -290,6 +357,7 @@ def make_handler(engine: Engine):
             params = body.get("parameters") or {}
             stream = self.path == "/generate_stream" or (self.path == "/" and body.get("stream"))
             gen = engine.generate(inputs, params)
+            self.generated = len(gen.token_ids)
             if stream:
                 self._stream(gen, params)
             elif self.path == "/":
@@ -333,6 +401,7 @@ def make_handler(engine: Engine):
                 "seed": body.get("seed"), "stop": body.get("stop"),
             }
             gen = engine.generate(engine.chat_prompt(messages), params)
+            self.generated = len(gen.token_ids)
             self._send(200, {
                 "id": "", "object": "chat.completion", "created": int(time.time()),
                 "model": model if model in config.adapters else config.model_id,
@@ -370,6 +439,7 @@ def make_handler(engine: Engine):
                 "repetition_penalty": body.get("repetition_penalty"),
             }
             gens = [engine.generate(p, params) for p in prompts]
+            self.generated = sum(len(g.token_ids) for g in gens)
             self._send(200, {
                 "object": "text_completion", "id": "", "created": int(time.time()), "model": config.model_id,
                 "system_fingerprint": f"{VERSION}-native",
