@@ -53,6 +53,9 @@ INVALID = [
     ("ftj-qlora-8bit", _with(FTJ, "quantization", {"bits": 8}), "spec.quantization.bits"),
     ("ftj-lora-4bit", _with(_with(FTJ, "method", "lora"), "quantization", {"bits": 4}), "spec.quantization.bits"),
     ("ftj-eval-is-train", _with(FTJ, "dataset.eval", "s3://data/train.jsonl"), "spec.dataset.eval"),
+    ("ftj-preference-not-rag", _with(_with(FTJ, "dataset.format", "messages"), "training",
+                                     {"preference": {"enabled": True}}), "spec.training.preference.enabled"),
+    ("ftj-preference-beta-0", _with(FTJ, "training", {"preference": {"beta": 0}}), "spec.training.preference.beta"),
     ("ftj-metadata-endpoint", _with(FTJ, "s3", {"endpoint": "http://169.254.169.254/latest"}), "spec.s3.endpoint"),
     ("ftj-gcp-metadata", _with(FTJ, "s3", {"endpoint": "http://metadata.google.internal"}), "spec.s3.endpoint"),
     ("ftj-short-deadline", _with(FTJ, "activeDeadlineSeconds", 10), "spec.activeDeadlineSeconds"),
@@ -96,6 +99,13 @@ def test_invalid_specs_are_refused_naming_the_field(platform, crds, obj, field):
 def test_examples_are_accepted(platform, crds, example):
     out = platform.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", str(example))
     assert "(server dry run)" in out
+
+
+def test_a_preference_stage_is_accepted(platform, crds):
+    obj = _with(FTJ, "training", {"preference": {"enabled": True, "beta": 0.2, "steps": 10, "learningRate": 1e-5}})
+    out = platform.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", "default", "-f", "-",
+                           input=yaml.safe_dump(obj), check=False)
+    assert "created (server dry run)" in out, out
 
 
 def test_a_custom_prompt_contract_is_accepted(platform, crds):

@@ -131,3 +131,26 @@ def test_preference_without_pairs_fails_before_training(tiny_model_dir, train_fi
     assert "training.preference is enabled but no training record has a 'rejected' answer" in result["message"]
     assert train_file.as_uri() in result["message"]
     assert not list((tmp_path / "out").rglob("checkpoint-*"))  # failed before the first SFT step
+
+
+@pytest.mark.slow
+def test_dpo_on_a_qlora_adapter_publishes_it_in_the_dtype_sft_trained(tiny_model_dir, records, tmp_path):
+    """DPO on a 4-bit base (trl trains the adapter weights in bf16 there): the run publishes a
+    float32 adapter, as SFT-only QLoRA runs do."""
+    from safetensors import safe_open
+
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", with_rejected(records[:24]))
+    spec = job_spec(tiny_model_dir, str(train), tmp_path / "out", **{
+        "method": "qlora", "training.maxSteps": 1,
+        "training.preference": {"enabled": True, "steps": 2, "learningRate": 0.01},
+        "evaluation.maxSamples": 1, "evaluation.maxNewTokens": 2, "evaluation.fewShot": 0,
+    })
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
+                               "metadata": {"name": "qdpo", "namespace": "dev"}, "spec": spec}))
+    assert main(["train", "-f", str(job), "--run-id", "r1"]) == 0
+    run = tmp_path / "out/dev/qdpo/r1"
+    assert [s["name"] for s in json.loads((run / "manifest.json").read_text())["stages"]] == ["sft", "preference"]
+    with safe_open(str(run / "adapter/adapter_model.safetensors"), "pt") as f:
+        dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}
+    assert dtypes == {"torch.float32"}

@@ -12,7 +12,9 @@ or the refusal when the item is unanswerable (user-labelled, or made unanswerabl
 Reference model: the SFT adapter as it is when the stage starts (trl copies the PeftModel's
 `default` adapter to a frozen `ref` adapter; removed again after the stage, so the published
 adapter is the one trained adapter). Dropout is off in this stage (trl's default: the policy and
-reference log-probabilities of a pair must come from the same function).
+reference log-probabilities of a pair must come from the same function). On a quantised (QLoRA)
+base trl trains the adapter weights in bf16 (the QLoRA paper's practice); the published adapter is
+float32 again, since a QLoRA adapter is published from the unquantised base (`served.py`).
 
 The stage keeps no checkpoints: it is short, and its steps would collide with SFT's in
 `checkpoints/`. SIGTERM stops it as `Preempted`; the retry resumes SFT from its final checkpoint
