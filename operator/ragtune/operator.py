@@ -5,10 +5,26 @@ settings and the handlers of both controllers (`ragtune.finetunejob.controller`,
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+OPTIONAL_CLIENTS_KOPF_PROBES = ("kubernetes_asyncio", "pykube")
+"""Client libraries kopf imports, when installed, to recognise their objects in what handlers
+return. The operator returns none of them, and kubernetes_asyncio's generated models alone cost
+~30 MB of RSS and seconds of start-up wherever it is installed (the dev environment has it for
+`bench/kube_client.py`; the operator image does not), so the operator process skips them.
+`kubernetes` stays: `runtime.kube` uses its ApiClient."""
+
+
+def skip_optional_clients() -> None:
+    """Make kopf's optional-import probes fail fast (before kopf is imported)."""
+    for name in OPTIONAL_CLIENTS_KOPF_PROBES:
+        sys.modules.setdefault(name, None)
 
 
 def register_handlers() -> None:
     """Import kopf's startup settings and every controller module: importing registers handlers."""
+    skip_optional_clients()
     from ragtune.runtime import kopf_setup  # noqa: F401
     from ragtune.adapterdeployment import controller as _ad  # noqa: F401
     from ragtune.finetunejob import controller as _ftj  # noqa: F401
