@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 OPTIONAL_CLIENTS_KOPF_PROBES = ("kubernetes_asyncio", "pykube")
 """Client libraries kopf imports, when installed, to recognise their objects in what handlers
 return. The operator returns none of them, and kubernetes_asyncio's generated models alone cost
