@@ -261,3 +261,20 @@ def test_a_failure_within_failure_limit_measures_the_step_again(pods):
     s = tick(kube)
     assert s.candidate.traffic.step == 1 and [m.phase for m in s.candidate.traffic.measurements] == \
         ["Failed", "Successful"]
+
+
+def test_a_failure_ends_the_step_before_its_pause_is_over_a_success_does_not(pods):
+    port, p = pods
+    kube = FakeKube()
+    analysed_rollout(kube, port)
+    p["canary"].serve(25)
+    p["stable"].serve(200)
+    kube.clock += 10
+    s = tick(kube)  # good so far: nothing recorded, the pause goes on
+    assert s.candidate.traffic.measurements == [] and "110s left" in s.message
+    p["canary"].serve(0, fail=25)
+    kube.clock += 5
+    s = tick(kube)
+    assert weights(kube) == {"chat-tgi": 100}, "a failure seen 15 s into a 120 s step: weight 0 at once"
+    m = s.candidate.traffic.measurements[-1]
+    assert m.phase == "Failed" and m.canary.requests == 50 and m.canary.success_rate == 0.5

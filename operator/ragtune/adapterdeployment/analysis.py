@@ -3,7 +3,8 @@
 At the start of a step's window the rollout scrapes `/metrics` of every ready pod of the canary
 and of the stable server (the serving port: TGI serves its metrics there; vLLM's sidecar proxy
 forwards `/metrics` to vLLM) and keeps the counters in `status.candidate.traffic.baseline`. When
-the step's pause is over it scrapes again; the differences are the step's requests:
+the step's pause is over it scrapes again (and at every look during the pause, where only a Failed
+verdict counts: traffic.py); the differences are the step's requests:
 
 - requests and successes: TGI `tgi_request_count` / `tgi_request_success`; vLLM
   `http_requests_total` on its completion endpoints, successes the `2xx` ones;

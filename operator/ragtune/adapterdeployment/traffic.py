@@ -213,28 +213,34 @@ def step(t: "_Tick", cand: Candidate) -> bool:
             t.wait_hint(1.0)
             return False
         analysed = spec is not None and weight < 100
-        if analysed and not tr.baseline:  # the window opens when the Gateway carries the weight
+        opened = analysed and not tr.baseline
+        if opened:  # the window opens when the Gateway carries the weight
             tr.baseline = analysis.take(_pods(t), t.backend) or {"-": {}}
         if left > 0:
-            t.status.message = f"canary at {weight}% (step {tr.step + 1}/{len(steps)}), {int(left + 0.999)}s left"
-            last = tr.measurements[-1] if tr.measurements else None
-            if last is not None and last.step == tr.step and last.phase != "Successful":
-                t.status.message = f"paused, measuring again: {t.status.message}; last analysis {last.phase}: " \
-                                   f"{last.message}"
-            t.wait_hint(min(left, PAUSE_POLL_SECONDS))
-            return False
-        if analysed:
+            # A failure needs no full pause: every look during it may end the step's measurement.
+            verdict = _analyse(t, tr, weight, len(steps), early=True) if analysed and not opened else None
+            if verdict is None:
+                t.status.message = f"canary at {weight}% (step {tr.step + 1}/{len(steps)}), {int(left + 0.999)}s left"
+                last = tr.measurements[-1] if tr.measurements else None
+                if last is not None and last.step == tr.step and last.phase != "Successful":
+                    t.status.message = f"paused, measuring again: {t.status.message}; last analysis " \
+                                       f"{last.phase}: {last.message}"
+                t.wait_hint(min(left, PAUSE_POLL_SECONDS))
+                return False
+        elif analysed:
             verdict = _analyse(t, tr, weight, len(steps))
-            if verdict == "abort":
-                tr.aborting = tr.measurements[-1].message
-                back_to_stable(t, cand)  # weight 0 in this very tick
-                t.status.message = f"analysis failed, canary out of the route: {tr.aborting}"
-                return False
-            if verdict != "Successful":  # measure this step again over another pause
-                tr.step_started_at = _stamp(t.rec.clock())
-                tr.baseline = analysis.take(_pods(t), t.backend) or {"-": {}}
-                t.wait_hint(min(max(pause, ROUTE_SETTLE_SECONDS), PAUSE_POLL_SECONDS))
-                return False
+        else:
+            verdict = "Successful"
+        if verdict == "abort":
+            tr.aborting = tr.measurements[-1].message
+            back_to_stable(t, cand)  # weight 0 in this very tick
+            t.status.message = f"analysis failed, canary out of the route: {tr.aborting}"
+            return False
+        if verdict != "Successful":  # measure this step again over another pause
+            tr.step_started_at = _stamp(t.rec.clock())
+            tr.baseline = analysis.take(_pods(t), t.backend) or {"-": {}}
+            t.wait_hint(min(max(pause, ROUTE_SETTLE_SECONDS), PAUSE_POLL_SECONDS))
+            return False
         if tr.step + 1 >= len(steps):
             return True
         tr.step += 1
@@ -255,13 +261,16 @@ def _pods(t: "_Tick") -> dict[str, tuple[str, int]]:
     return out
 
 
-def _analyse(t: "_Tick", tr: TrafficStatus, weight: int, total: int) -> str:
-    """Measure the step that just held: Successful, Inconclusive, Failed (within the limit) or abort."""
+def _analyse(t: "_Tick", tr: TrafficStatus, weight: int, total: int, early: bool = False) -> Optional[str]:
+    """Measure the step's window: Successful, Inconclusive, Failed (within the limit) or abort.
+    `early` (during the pause): only a Failed verdict counts; otherwise None and nothing recorded."""
     spec = t.spec.strategy.canary.analysis
     assert spec is not None
     now = analysis.take(_pods(t), t.backend)
     canary, stable = analysis.compare(tr.baseline, now)
     phase, message = analysis.judge(spec, canary, stable)
+    if early and phase != "Failed":
+        return None
     where = f"step {tr.step + 1}/{total} at {weight}%"
     m = AnalysisMeasurement(step=tr.step, weight=weight, at=_stamp(t.rec.clock()), phase=phase,
                             message=f"{where}: {message}", canary=canary, stable=stable)

@@ -352,8 +352,9 @@ def _check_steps(steps: list[CanaryStep]) -> list[CanaryStep]:
 
 class AnalysisSpec(ApiModel):
     """Analysis of every traffic step on live signals: the canary's and the stable server's own
-    Prometheus metrics, scraped from their pods at the start and the end of the step (TGI's
-    `tgi_request_*`, vLLM's `http_requests_total` and `vllm:*`). Argo Rollouts' AnalysisRun
+    Prometheus metrics, scraped from their pods when the step starts and compared at its end, and
+    at every look during its pause, where only a Failed verdict counts and ends the step at once
+    (TGI's `tgi_request_*`, vLLM's `http_requests_total` and `vllm:*`). Argo Rollouts' AnalysisRun
     semantics: a step's measurement is Successful, Failed or Inconclusive; an inconclusive one
     (too few canary requests) holds the step and measures it again instead of passing; more than
     `failureLimit` failed measurements roll the canary back (weight 0, canary removed, stable
