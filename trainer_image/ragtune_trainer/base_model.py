@@ -4,6 +4,7 @@ tokenizer, and the model with a fresh LoRA adapter (4-bit nf4 underneath for QLo
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ class Plan:
     quantize_bits: Optional[int]
     gradient_checkpointing: bool
     padding_free: bool
+    strategy: Optional[str] = None
+    """`ddp`, `fsdp`, or None for one process (set by `load_model`, which knows the weights' size)."""
 
 
 def plan_for(spec: FineTuneJobSpec, cuda: bool, bf16_ok: bool, flash_attention: bool) -> Plan:
@@ -69,15 +72,18 @@ def resolve_base_model(ctx: RunContext) -> str:
         return str(path)
     cache = Path(os.environ.get("RAGTUNE_MODEL_CACHE", Path.home() / ".cache/ragtune/base-models"))
     dest = cache / sha256_bytes(f"{ref.uri}@{ref.revision}".encode())[:16]
-    if not (dest / ".complete").exists():
-        try:
-            ctx.storage.download_prefix(ref.uri, dest)
-        except StorageError as err:
-            reason = "BaseModelNotFound" if err.reason == "S3ObjectNotFound" else err.reason
-            raise TrainerFailure(reason, f"baseModel.uri: {err}") from err
-        if not (dest / "config.json").is_file():
-            raise TrainerFailure("BaseModelNotFound", f"baseModel.uri {ref.uri}: no config.json under the prefix")
-        (dest / ".complete").write_text(ref.uri)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the ranks of a node share the cache: one downloads
+        if not (dest / ".complete").exists():
+            try:
+                ctx.storage.download_prefix(ref.uri, dest)
+            except StorageError as err:
+                reason = "BaseModelNotFound" if err.reason == "S3ObjectNotFound" else err.reason
+                raise TrainerFailure(reason, f"baseModel.uri: {err}") from err
+            if not (dest / "config.json").is_file():
+                raise TrainerFailure("BaseModelNotFound", f"baseModel.uri {ref.uri}: no config.json under the prefix")
+            (dest / ".complete").write_text(ref.uri)
     return str(dest)
 
 
@@ -99,19 +105,33 @@ def load_model(source: str, revision: str, spec: FineTuneJobSpec, plan: Plan):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from . import distributed
+
+    w = distributed.world()
+    if w.distributed and plan.device == "cuda":
+        torch.cuda.set_device(w.local_rank)  # one GPU per process: "cuda" is this rank's
     dtype = getattr(torch, plan.dtype)
+    if w.distributed and plan.strategy is None:
+        device_bytes = torch.cuda.get_device_properties(w.local_rank).total_memory if plan.device == "cuda" else None
+        weights = distributed.weight_bytes(source, plan.quantize_bits, dtype.itemsize) if device_bytes else None
+        plan.strategy = distributed.resolve_strategy(spec, w, plan.device, weights, device_bytes)
     kwargs: dict[str, Any] = {"revision": revision, "dtype": dtype}
     if plan.quantize_bits:
         q = spec.quantization
         compute = dtype if (q is None or q.compute_dtype == "auto") else getattr(torch, q.compute_dtype)
+        storage = {}
+        if plan.strategy == "fsdp" and plan.quantize_bits == 4:
+            # FSDP shards parameters of one dtype: the packed 4-bit weights are stored in the compute dtype.
+            storage["bnb_4bit_quant_storage"] = compute
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=plan.quantize_bits == 4,
             load_in_8bit=plan.quantize_bits == 8,
             bnb_4bit_quant_type=q.quant_type if q else "nf4",
             bnb_4bit_use_double_quant=q.double_quant if q else True,
             bnb_4bit_compute_dtype=compute,
+            **storage,
         )
-        kwargs["device_map"] = {"": 0} if plan.device == "cuda" else "cpu"
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if plan.device == "cuda" else "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -39,12 +39,25 @@ def latest_complete_checkpoint(storage: Storage, run_uri: str) -> Optional[tuple
     return (max(complete), checkpoint_uri(run_uri, max(complete))) if complete else None
 
 
-def upload_checkpoint(storage: Storage, run_uri: str, local_dir: Path, step: int) -> None:
+def upload_checkpoint(storage: Storage, run_uri: str, local_dir: Path, step: int, world=None) -> None:
     """Upload one checkpoint folder, marker last; then prune old remote checkpoints (marker first,
-    so a half-deleted checkpoint never looks complete)."""
+    so a half-deleted checkpoint never looks complete).
+
+    Several ranks (`world`, a `distributed.World`): each uploads what it saved (rank 0 the adapter,
+    optimizer and trainer state, every rank its RNG state) into the same folder; once all have
+    (a barrier), rank 0 alone writes the marker and prunes. A rank that dies first never reaches the
+    barrier, so that checkpoint is never COMPLETE."""
     prefix = checkpoint_uri(run_uri, step)
-    files = storage.upload_dir(local_dir, prefix)
-    marker = {"step": step, "files": {f: sha256_file(Path(local_dir) / f) for f in files}}
+    files = storage.upload_dir(local_dir, prefix) if Path(local_dir).is_dir() else []
+    marker: dict = {"step": step, "files": {f: sha256_file(Path(local_dir) / f) for f in files}}
+    if world is not None and world.distributed:
+        from .distributed import wait_for_everyone
+
+        wait_for_everyone()
+        if not world.main:
+            return
+        marker["worldSize"] = world.size
+        marker["rankFiles"] = sorted(_remote_checkpoints(storage, run_uri).get(step, set()) - set(files))
     storage.put_bytes(prefix + COMPLETE_MARKER, json.dumps(marker, indent=1).encode())
     for old in sorted(_remote_checkpoints(storage, run_uri))[:-KEEP_REMOTE_CHECKPOINTS]:
         old_prefix = checkpoint_uri(run_uri, old)

@@ -173,12 +173,18 @@ def _execute(ctx_factory):
 
 def _attempt(ctx_factory):
     """(result, None, run id), or (None, (what ran out, the error), run id) on an allocation failure."""
+    from .distributed import wait_for_everyone, world
     from .train import run
 
     ctx = None
     try:
         ctx = ctx_factory()
-        return run(ctx), None, ctx.run_id
+        result = run(ctx)
+        if world().distributed:
+            # Every rank ends the attempt together: ranks > 0 wait here while rank 0 evaluates and
+            # publishes; if rank 0 fails instead, this barrier fails and so does their pod.
+            wait_for_everyone()
+        return result, None, ctx.run_id
     except TrainerFailure as exc:
         run_id = ctx.run_id if ctx else None
         return from_failure(exc, run_id), None, run_id
@@ -199,20 +205,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_in_cluster(args)
     if not args.file:
         raise SystemExit("ragtune train: give -f FILE.yaml (or --in-cluster in the trainer pod)")
+    from .distributed import world
     from .run import RunContext
 
     spec, metadata = load_local_job(args.file, args.output, args.set)
     namespace, name = metadata.get("namespace", "default"), metadata.get("name", Path(args.file).stem)
     rid = args.run_id or "local-" + hashlib.sha256(json.dumps(spec.to_wire(), sort_keys=True).encode()).hexdigest()[:8]
-    bar = ProgressBar()
+    main = world().main  # under torchrun only rank 0 reports
+    bar = ProgressBar() if main else None
+    work_dir = f"{args.work_dir}/rank-{world().rank}" if args.work_dir and not main else args.work_dir
     try:
         result = _execute(lambda: RunContext(
             spec=spec, run_id=rid, run_uri=contract.run_prefix(spec.output.uri, namespace, name, rid),
-            job={"namespace": namespace, "name": name}, work_dir=args.work_dir, progress=bar,
+            job={"namespace": namespace, "name": name}, work_dir=work_dir, progress=bar,
         ))
     finally:
-        bar.close()
-    print(json.dumps(result.to_wire(), indent=2))
+        if bar is not None:
+            bar.close()
+    if main:
+        print(json.dumps(result.to_wire(), indent=2))
     return exit_code(result)
 
 
@@ -221,9 +232,11 @@ def _train_in_cluster(args: argparse.Namespace) -> int:
 
     from ragtune.api.finetunejob import FineTuneJobSpec
 
+    from .distributed import world
     from .run import RunContext
 
     path = os.environ.get(contract.ENV_TERMINATION_PATH, contract.DEFAULT_TERMINATION_PATH)
+    main = world().main  # under torchrun only rank 0 reports progress and the result
 
     def context():
         raw = os.environ.get(contract.ENV_OBJECT)
@@ -242,10 +255,14 @@ def _train_in_cluster(args: argparse.Namespace) -> int:
                                                                    int(meta.get("generation", 1)))
         job = {k: meta.get(k) for k in ("namespace", "name", "uid", "generation") if k in meta}
         return RunContext(spec=spec, run_id=rid, run_uri=contract.run_prefix(spec.output.uri, ns, name, rid),
-                          job=job, work_dir=args.work_dir, progress=ProgressPrinter(),
-                          image=os.environ.get(contract.ENV_IMAGE))
+                          job=job, work_dir=args.work_dir if main else None,
+                          progress=ProgressPrinter() if main else None, image=os.environ.get(contract.ENV_IMAGE))
 
     result = _execute(context)
+    if not main:
+        print(f"ragtune train: rank {world().rank}: {result.outcome} ({result.reason}): {result.message}",
+              file=sys.stderr)
+        return exit_code(result)
     message = contract.encode_termination_message(result)
     try:
         Path(path).write_text(message)

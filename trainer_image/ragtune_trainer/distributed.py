@@ -102,10 +102,24 @@ def trainer_settings(strategy: Optional[str], device: str) -> dict[str, Any]:
 
 
 def wait_for_everyone() -> None:
-    """A barrier over all ranks (a no-op for one process)."""
+    """A barrier over all ranks (a no-op for one process). Joins the process group when no Trainer
+    did yet (a retry that finds training finished), with the long timeout ranks > 0 wait for rank 0
+    under."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    PartialState().wait_for_everyone()
+    PartialState(timeout=timedelta(seconds=WAIT_FOR_RANK0_SECONDS)).wait_for_everyone()
+
+
+def follower_result(run_id: str, steps: int, seconds: float):
+    """What a rank > 0 returns once its training is done: only the CLI's exit code reads it (rank 0
+    writes the run's result)."""
+    from ragtune.api.pods import TrainerResult
+
+    return TrainerResult(outcome="Succeeded", reason="Completed", run_id=run_id, steps=steps,
+                         train_seconds=seconds,
+                         message=f"rank {world().rank}: trained {steps} steps; rank 0 evaluates and publishes")
 
 
 # --- `ragtune torchrun` ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 from ragtune.api.finetunejob import FineTuneJobSpec, TrainingProgress
 from ragtune.clock import utc_now_iso
 
+from . import distributed
 from .base_model import Plan
 from .checkpoints import upload_checkpoint
 from .run import RunContext, RunState, TrainerFailure
@@ -30,24 +31,52 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
     import torch.nn.functional as F
 
     labels = inputs["labels"]
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
+    causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    hidden = backbone(**kwargs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     mask = targets != -100
-    picked = hidden[:, :-1][mask]
-    logits = causal_lm.get_output_embeddings()(picked).float()
     config = causal_lm.config.get_text_config()
-    if getattr(config, "logits_scaling", None):  # Granite divides its logits
-        logits = logits / config.logits_scaling
-    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 cap them
-        cap = config.final_logit_softcapping
-        logits = torch.tanh(logits / cap) * cap
+    if inner is not model and type(model).__name__ == "FullyShardedDataParallel":
+        # FSDP: the LM head's weight is a shard outside the wrapper's forward, so the head runs
+        # inside it (every position; the model applies its own scaling and capping).
+        logits = model(**kwargs, use_cache=False).logits[:, :-1][mask].float()
+    else:
+        if inner is model:
+            hidden = backbone(**kwargs, use_cache=False).last_hidden_state
+        else:
+            # DDP: the forward must go through the wrapper, or its gradient all-reduce never
+            # runs (the reducer arms its hooks in forward). The wrapper computes one position's
+            # logits; the backbone's output is taken from a hook.
+            hidden = _wrapped_hidden(model, backbone, kwargs)
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][mask]).float()
+        if getattr(config, "logits_scaling", None):  # Granite divides its logits
+            logits = logits / config.logits_scaling
+        if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3 cap them
+            cap = config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
     count = mask.sum()
     denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
     loss = F.cross_entropy(logits, targets[mask], reduction="sum") / denom
     return loss, int(count)
+
+
+def unwrap(model):
+    """The PeftModel (or plain model) inside DDP/FSDP wrappers (they keep it in `.module`)."""
+    while not hasattr(model, "get_base_model") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _wrapped_hidden(model, backbone, kwargs: dict):
+    captured = []
+    handle = backbone.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+    try:
+        model(**kwargs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 GROUPING_MIN_PADDING = 0.2
@@ -129,6 +158,11 @@ def make_trainer_class():
             import torch
 
             loss, count = answer_only_loss(model, inputs, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices \
+                    and self.accelerator.num_processes > 1:
+                # num_items_in_batch counts every rank's answer tokens and DDP averages gradients
+                # over the ranks: scale back up, as Trainer.compute_loss does for its own loss.
+                loss = loss * self.accelerator.num_processes
             if model.training:
                 self.loss_tokens += count
             if not torch.isfinite(loss):
@@ -177,6 +211,7 @@ def build_sft_config(spec: FineTuneJobSpec, plan: Plan, out_dir: Path, total_ste
         dataloader_num_workers=0,
         disable_tqdm=True,
         use_cpu=plan.device == "cpu",
+        **distributed.trainer_settings(plan.strategy, plan.device),
     )
 
 
@@ -184,7 +219,8 @@ def planned_steps(spec: FineTuneJobSpec, n_train: int) -> int:
     t = spec.training
     if t.max_steps:
         return t.max_steps
-    per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.gradient_accumulation_steps)
+    ranks = distributed.world().size  # each optimiser step takes a batch per rank
+    per_epoch = math.ceil(math.ceil(n_train / (t.batch_size * ranks)) / t.gradient_accumulation_steps)
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
@@ -214,7 +250,7 @@ def make_callbacks(ctx: RunContext, state: RunState, total_steps: int):
         def on_save(self, args, st, control, **kw):
             self.last_save = time.monotonic()
             local = Path(args.output_dir) / f"checkpoint-{st.global_step}"
-            upload_checkpoint(ctx.storage, ctx.run_uri, local, st.global_step)
+            upload_checkpoint(ctx.storage, ctx.run_uri, local, st.global_step, world=distributed.world())
             state.last_checkpoint = st.global_step
 
         def on_evaluate(self, args, st, control, metrics=None, **kw):
@@ -248,8 +284,11 @@ def build_trainer(ctx: RunContext, state: RunState, plan: Plan, model, tokenizer
     t = ctx.spec.training
     padding = random_batch_padding([r["length"] for r in train], t.batch_size, t.seed)
     sampling = sampling_strategy(plan, padding)
+    w = distributed.world()
     print(f"ragtune train: {plan.device}, {plan.dtype}, gradient checkpointing {plan.gradient_checkpointing}, "
-          f"padding-free {plan.padding_free}, {sampling} batches (random batches would be {padding:.0%} padding)",
+          f"padding-free {plan.padding_free}, {sampling} batches (random batches would be {padding:.0%} padding); "
+          f"world size {w.size} ({plan.strategy or 'one process'}), global batch {distributed.global_batch(ctx.spec, w)} "
+          f"= {t.batch_size} per device x {w.size} x {t.gradient_accumulation_steps} accumulation",
           file=sys.stderr, flush=True)
     trainer = make_trainer_class()(
         model=model,

@@ -27,6 +27,7 @@ from ragtune.api.gates import describe_failures, evaluate_gates, prompt_gap
 from ragtune.api.pods import StageSummary, TrainerResult
 from ragtune.storage import StorageError
 
+from . import distributed
 from .base_model import detect_plan, load_model, load_tokenizer, resolve_base_model
 from .checkpoints import latest_complete_checkpoint, restore_finished
 from .publish import publish_run
@@ -93,6 +94,9 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
         model = pref.model
         stages.append(pref.summary)
         stage_reports.append(dict(pref.summary.to_wire(), lossHistory=pref.log_history, pairs=pref.counts))
+
+    if not distributed.world().main:  # rank 0 alone evaluates and publishes; the CLI waits for it
+        return distributed.follower_result(ctx.run_id, steps, train_seconds)
 
     # --- evaluate ---
     ctx.report("evaluating", step=steps, total_steps=total)
