@@ -32,6 +32,7 @@ import urllib.request
 from typing import Any, Optional
 
 from ragtune.api.adapterdeployment import AnalysisSpec, ServerMeasurement
+from ragtune.api.pods import SERVER_METRICS_PATH
 
 SCRAPE_TIMEOUT = 3.0
 VLLM_COMPLETION_HANDLERS = ("/v1/completions", "/v1/chat/completions")
@@ -43,7 +44,7 @@ def read_metrics(ip: str, port: int) -> Optional[str]:
     """A pod's Prometheus text (`GET /metrics`), None when it does not answer."""
     host = f"[{ip}]" if ":" in ip else ip
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=SCRAPE_TIMEOUT) as resp:
+        with urllib.request.urlopen(f"http://{host}:{port}{SERVER_METRICS_PATH}", timeout=SCRAPE_TIMEOUT) as resp:
             return resp.read(4 << 20).decode(errors="replace")
     except (OSError, ValueError):
         return None

@@ -206,6 +206,12 @@ class FetchResult(ApiModel):
     adapters: list[FetchedAdapter] = Field(default_factory=list)
 
 
+# --- inference servers (TGI, vLLM) -------------------------------------------------------------
+
+SERVER_METRICS_PATH = "/metrics"
+"""Prometheus text of a serving pod on its serving port (TGI's own route; on vLLM the sidecar's
+proxy forwards it), scraped by the traffic steps' analysis (`adapterdeployment/analysis.py`)."""
+
 # --- vLLM adapter-sync sidecar (`ragtune adapters sync`) ------------------------------------
 
 ADAPTER_SET_KEY = "adapters.json"
