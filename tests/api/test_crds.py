@@ -47,7 +47,7 @@ def test_finetunejob_schema_carries_defaults_ranges_enums_and_cel():
     crd = build_crds()["ragtune.dev_finetunejobs.yaml"]
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     props = spec["properties"]
-    assert props["method"]["enum"] == ["qlora", "lora"] and props["method"]["default"] == "qlora"
+    assert props["method"]["enum"] == ["qlora", "lora", "dora", "ia3"] and props["method"]["default"] == "qlora"
     assert props["lora"]["default"] == {} and props["lora"]["properties"]["r"]["default"] == 16
     assert props["lora"]["properties"]["r"]["maximum"] == 256
     rules = [v["rule"] for v in spec["x-kubernetes-validations"]]

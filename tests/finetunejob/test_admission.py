@@ -55,6 +55,7 @@ INVALID = [
     ("ftj-eval-is-train", _with(FTJ, "dataset.eval", "s3://data/train.jsonl"), "spec.dataset.eval"),
     ("ftj-preference-not-rag", _with(_with(FTJ, "dataset.format", "messages"), "training",
                                      {"preference": {"enabled": True}}), "spec.training.preference.enabled"),
+    ("ftj-dora-quantized", _with(_with(FTJ, "method", "dora"), "quantization", {"bits": 8}), "spec.quantization"),
     ("ftj-preference-beta-0", _with(FTJ, "training", {"preference": {"beta": 0}}), "spec.training.preference.beta"),
     ("ftj-metadata-endpoint", _with(FTJ, "s3", {"endpoint": "http://169.254.169.254/latest"}), "spec.s3.endpoint"),
     ("ftj-gcp-metadata", _with(FTJ, "s3", {"endpoint": "http://metadata.google.internal"}), "spec.s3.endpoint"),

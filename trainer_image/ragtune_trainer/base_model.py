@@ -102,7 +102,7 @@ def load_tokenizer(source: str, revision: str):
 def load_model(source: str, revision: str, spec: FineTuneJobSpec, plan: Plan):
     """Base model (4-bit nf4 for QLoRA) with a fresh LoRA adapter on top."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from . import distributed
@@ -143,13 +143,11 @@ def load_model(source: str, revision: str, spec: FineTuneJobSpec, plan: Plan):
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    from .methods import peft_config
+
     targets = spec.lora.target_modules
-    lora = LoraConfig(
-        r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",
-    )
     try:
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, peft_config(spec))
     except ValueError as exc:
         raise TrainerFailure("InvalidSpec", f"lora.targetModules {targets}: {one_line(exc)}")
     if plan.device == "cpu":

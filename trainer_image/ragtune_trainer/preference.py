@@ -135,6 +135,21 @@ def make_callbacks(ctx: RunContext, state: RunState, total_steps: int):
     return [PreferenceCallback()]
 
 
+def sync_reference(model) -> int:
+    """Make the frozen `ref` adapter an exact copy of `default` (the SFT adapter); returns how many
+    tensors it holds. trl copies the parameters whose names contain `.default.`; IA3 names its
+    vectors `...ia3_l.default`, which that misses (its `ref` would be the identity: the base)."""
+    params = dict(model.named_parameters())
+    copied = 0
+    for name, param in params.items():
+        parts = name.split(".")
+        ref = ".".join("ref" if p == "default" else p for p in parts) if "default" in parts else None
+        if ref in params:
+            params[ref].data.copy_(param.data)
+            copied += 1
+    return copied
+
+
 @dataclass
 class PreferenceResult:
     model: object
@@ -181,6 +196,7 @@ def run_preference(ctx: RunContext, state: RunState, plan: Plan, model, tokenize
         callbacks=make_callbacks(ctx, state, pref.steps),
     )
     trainer.remove_callback(PrinterCallback)
+    sync_reference(trainer.model)
     started = time.monotonic()
     state.training = True
     try:

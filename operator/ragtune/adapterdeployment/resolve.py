@@ -1,6 +1,6 @@
 """Adapter resolution and the checks the operator can make without S3: FineTuneJob state,
-base-model identity, the LoRA rank a FineTuneJob trains against the server's limit, names, and the
-offline gate on the FineTuneJob's evaluation.
+base-model identity, the PEFT method and LoRA rank a FineTuneJob trains against what the server
+loads, names, and the offline gate on the FineTuneJob's evaluation.
 
 Checks that need the manifest or `adapter_config.json` run in the fetch init container
 (`ragtune adapters fetch`), whose termination message the operator surfaces.
@@ -18,7 +18,7 @@ from ragtune.api.adapterdeployment import (
     ResolvedAdapter,
 )
 from ragtune.api.common import EvalMetrics, GateResult
-from ragtune.api.finetunejob import LoraSpec
+from ragtune.api.finetunejob import SERVABLE_METHODS, FineTuneJobSpec, LoraSpec
 from ragtune.api.gates import describe_failures, evaluate_gates
 
 # A FineTuneJob getter: name -> the object as a dict, or None when it does not exist.
@@ -81,6 +81,16 @@ def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: Ftj
     mismatch = _same_base(spec, ftj.get("spec") or {})
     if mismatch:
         raise ResolveError("BaseModelMismatch", f"adapter {source.name} (FineTuneJob {ref.name}) was {mismatch}")
+    method = (ftj.get("spec") or {}).get("method") or FineTuneJobSpec.model_fields["method"].default.value
+    if method not in {m.value for m in SERVABLE_METHODS}:
+        # The trainer trains and evaluates these; no backend loads them as adapters (the fetcher
+        # refuses their files too, for `uri` adapters).
+        raise ResolveError("AdapterMethodNotServable",
+                           f"adapter {source.name} (FineTuneJob {ref.name}) was trained with method {method}, "
+                           f"which {spec.server.backend.value} cannot load as an adapter (neither TGI nor vLLM "
+                           f"serves {method} adapters; they load {' and '.join(m.value for m in SERVABLE_METHODS)}):"
+                           f" retrain with method lora or qlora, or merge the adapter into the base model and serve "
+                           f"the merged model")
     rank = (((ftj.get("spec") or {}).get("lora") or {}).get("r")) or LoraSpec().r
     limit = _max_rank(spec)
     if rank > limit:

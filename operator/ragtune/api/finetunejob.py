@@ -122,10 +122,18 @@ class DatasetSpec(ApiModel):
 class Method(str, Enum):
     QLORA = "qlora"
     LORA = "lora"
+    DORA = "dora"
+    IA3 = "ia3"
+
+
+SERVABLE_METHODS = (Method.QLORA, Method.LORA)
+"""Methods whose adapters the serving backends (TGI, vLLM) load; the others train and evaluate,
+and an AdapterDeployment refuses them at resolution."""
 
 
 class LoraSpec(ApiModel):
-    """LoRA adapter shape."""
+    """Adapter shape. `dora` uses all of it; `ia3` only `targetModules` (IA3 learns one scaling
+    vector per targeted layer: no rank, no dropout)."""
 
     r: int = Field(16, ge=1, le=256)
     """Rank."""
@@ -324,6 +332,12 @@ class FineTuneJobSpec(ApiModel):
                 reason="FieldValueInvalid",
             ),
             cel(
+                "!(self.method in ['dora', 'ia3']) || !has(self.quantization)",
+                "methods dora and ia3 train on a 16-bit base: leave quantization out",
+                field_path=".quantization",
+                reason="FieldValueInvalid",
+            ),
+            cel(
                 "!has(self.quantization) || self.resources.gpus > 0 || "
                 "self.quantization.computeDtype != 'float16'",
                 "quantization.computeDtype float16 needs a GPU (resources.gpus > 0)",
@@ -360,7 +374,10 @@ class FineTuneJobSpec(ApiModel):
     dataset: DatasetSpec
     """Training (and evaluation) data."""
     method: Method = Method.QLORA
-    """`qlora` (4-bit base, LoRA on top) or `lora` (16-bit or 8-bit base)."""
+    """`qlora` (4-bit base, LoRA on top), `lora` (16-bit or 8-bit base), `dora` (weight-decomposed
+    LoRA, peft `use_dora`, 16-bit base) or `ia3` (learned activation scaling, 16-bit base). TGI and
+    vLLM load `lora` and `qlora` adapters only: `dora` and `ia3` train and evaluate, and an
+    AdapterDeployment refuses them at resolution."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
     """Adapter shape."""
     quantization: Optional[QuantizationSpec] = None
@@ -386,6 +403,12 @@ class FineTuneJobSpec(ApiModel):
     suspend: bool = False
     """Suspend the run: the training pod is stopped (it checkpoints first) and resumed when
     this is set back to false."""
+
+    @model_validator(mode="after")
+    def _method_base(self) -> "FineTuneJobSpec":
+        if self.method in (Method.DORA, Method.IA3) and self.quantization is not None:
+            raise ValueError("methods dora and ia3 train on a 16-bit base: leave quantization out")
+        return self
 
     @model_validator(mode="after")
     def _preference_needs_rag(self) -> "FineTuneJobSpec":

@@ -1,0 +1,40 @@
+"""An AdapterDeployment refuses, at resolution, a FineTuneJob adapter of a method no serving
+backend loads (dora, ia3), naming the method and what to do; lora and qlora resolve."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragtune.adapterdeployment.resolve import ResolveError, resolve
+from ragtune.api.adapterdeployment import AdapterDeploymentSpec
+
+from .test_resolve import BASE, job
+
+
+def deployment(backend: str) -> AdapterDeploymentSpec:
+    return AdapterDeploymentSpec.model_validate({"baseModel": BASE, "server": {"backend": backend},
+                                                 "adapters": [{"name": "a", "fineTuneJobRef": {"name": "j"}}]})
+
+
+def trained_with(method=None) -> dict:
+    ftj = job()
+    if method:
+        ftj["spec"]["method"] = method
+    return ftj
+
+
+@pytest.mark.parametrize("backend", ["tgi", "vllm"])
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_unservable_methods_are_refused_naming_the_method_and_the_remedy(backend, method):
+    with pytest.raises(ResolveError) as err:
+        resolve(deployment(backend), {"j": trained_with(method)}.get)
+    assert err.value.reason == "AdapterMethodNotServable"
+    text = str(err.value)
+    assert f"adapter a (FineTuneJob j) was trained with method {method}, which {backend} cannot load" in text
+    assert "retrain with method lora or qlora" in text and "merge the adapter into the base model" in text
+
+
+@pytest.mark.parametrize("backend", ["tgi", "vllm"])
+@pytest.mark.parametrize("method", ["lora", "qlora", None])  # None: the FineTuneJob default (qlora)
+def test_lora_adapters_resolve(backend, method):
+    assert resolve(deployment(backend), {"j": trained_with(method)}.get).adapters[0].name == "a"
