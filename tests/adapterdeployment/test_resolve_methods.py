@@ -38,3 +38,16 @@ def test_unservable_methods_are_refused_naming_the_method_and_the_remedy(backend
 @pytest.mark.parametrize("method", ["lora", "qlora", None])  # None: the FineTuneJob default (qlora)
 def test_lora_adapters_resolve(backend, method):
     assert resolve(deployment(backend), {"j": trained_with(method)}.get).adapters[0].name == "a"
+
+
+def test_the_controller_fails_the_rollout_before_anything_rolls():
+    from .fakekube import FakeKube
+    from .test_rollout import ad, ftj, tick
+
+    kube = FakeKube()
+    ftj(kube, "ftj1")
+    kube.objects[("FineTuneJob", "ns", "ftj1")]["spec"]["method"] = "dora"
+    ad(kube)
+    s = tick(kube)
+    assert s.phase == "Failed" and s.history[0].reason.startswith("AdapterMethodNotServable")
+    assert "trained with method dora" in s.message and kube.kinds("Deployment") == []
