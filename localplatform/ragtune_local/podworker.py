@@ -297,6 +297,10 @@ class PodWorker(threading.Thread):
         # In-cluster clients (KUBERNETES_SERVICE_HOST) reach the API server on loopback: no Service VIPs here.
         env["KUBERNETES_SERVICE_HOST"] = "127.0.0.1"
         env["KUBERNETES_SERVICE_PORT"] = str(self.runner.info.ports["apiserver"])
+        # Pod IPs here are addresses of a `local` route (podnet.py), held by no interface: gloo (torch
+        # distributed on CPU) looks for the interface holding its hostname's address and finds none.
+        # Every pod is reachable through lo on this machine, as on a cluster through the pod's eth0.
+        env["GLOO_SOCKET_IFNAME"] = "lo"
         return env
 
     def _reap(self, c: Container) -> int:
