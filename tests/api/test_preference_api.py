@@ -22,10 +22,11 @@ def test_the_stage_is_off_by_default_and_documented_defaults_apply():
     assert (pref.enabled, pref.beta, pref.steps, pref.learning_rate, pref.batch_size) == (False, 0.1, 50, 5e-5, None)
     on = FineTuneJobSpec.model_validate(spec(preference={"enabled": True, "beta": 0.3, "steps": 7, "batchSize": 2}))
     assert on.training.preference.to_wire() == {"enabled": True, "beta": 0.3, "steps": 7, "learningRate": 5e-5,
-                                                "batchSize": 2, "maxPairs": 10000}
+                                                "batchSize": 2, "maxPairs": 10000, "automaticPairs": 0}
 
 
-@pytest.mark.parametrize("pref, field", [({"beta": 0}, "beta"), ({"steps": 0}, "steps"),
+@pytest.mark.parametrize("pref, field", [({"beta": 0}, "beta"), ({"steps": 0}, "steps"), ({"automaticPairs": -1},
+                                                                                         "automaticPairs"),
                                          ({"learningRate": 2}, "learningRate"), ({"epochs": 1}, "epochs")])
 def test_out_of_range_values_name_the_field(pref, field):
     with pytest.raises(ValidationError) as err:

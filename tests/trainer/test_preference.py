@@ -154,3 +154,40 @@ def test_dpo_on_a_qlora_adapter_publishes_it_in_the_dtype_sft_trained(tiny_model
     with safe_open(str(run / "adapter/adapter_model.safetensors"), "pt") as f:
         dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}
     assert dtypes == {"torch.float32"}
+
+
+def test_wrong_answers_are_told_apart_from_acceptable_ones():
+    from ragtune.rag.records import Context
+    from ragtune_trainer.preference import wrong_answer
+
+    prompt = PromptContract()
+    known = RagRecord("a", "What is Kalo famous for?", [Context("1", "Kalo is famous for its pottery.")], "its pottery [1]")
+    unknown = RagRecord("u", "What is Kalo famous for?", [Context("1", "Ulven trades with Sapen.")], DEFAULT_REFUSAL,
+                        answerable=False)
+    assert wrong_answer(known, "its pottery [1]", prompt) is None
+    assert wrong_answer(known, DEFAULT_REFUSAL, prompt) == "falseRefusal"
+    assert wrong_answer(known, "glassmaking [1]", prompt) == "wrong"
+    assert wrong_answer(known, "its glassmaking weaving pottery [1]", prompt) == "ungrounded"  # F1 0.67, grounded 1/3
+    assert wrong_answer(unknown, "its pottery [1]", prompt) == "answeredUnanswerable"
+    assert wrong_answer(unknown, DEFAULT_REFUSAL, prompt) is None
+
+
+@pytest.mark.slow
+def test_automatic_pairs_take_the_sft_models_own_wrong_answers(tiny_model_dir, train_file, tmp_path):
+    spec = job_spec(tiny_model_dir, str(train_file), tmp_path / "out", **{
+        "training.maxSteps": 1,
+        "training.preference": {"enabled": True, "steps": 2, "automaticPairs": 6, "learningRate": 0.01},
+        "evaluation.maxSamples": 2, "evaluation.maxNewTokens": 4, "evaluation.fewShot": 0,
+    })
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
+                               "metadata": {"name": "auto", "namespace": "dev"}, "spec": spec}))
+    assert main(["train", "-f", str(job), "--run-id", "r1"]) == 0  # the data has no 'rejected' at all
+    run = tmp_path / "out/dev/auto/r1"
+    pref = json.loads((run / "eval/report.json").read_text())["stages"][1]
+    counts = pref["pairs"]
+    assert counts["automatic.answered"] == 6 and 0 < counts["automatic"] <= 6
+    assert counts["automatic"] == sum(v for k, v in counts.items() if k.startswith("automatic.")
+                                      and k != "automatic.answered")
+    assert pref["items"] == counts["automatic"]
+    assert [s["name"] for s in json.loads((run / "manifest.json").read_text())["stages"]] == ["sft", "preference"]

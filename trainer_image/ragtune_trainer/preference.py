@@ -1,13 +1,18 @@
 """The preference stage (`training.preference`): DPO through trl's `DPOTrainer` after SFT,
 continuing the SFT adapter.
 
-Pairs: every training item (after the RAFT construction, so with the same distractors SFT saw)
+Pairs from the data: every training item (after the RAFT construction, so with the same distractors SFT saw)
 whose record has a `rejected` answer, rendered with the prompt contract's grounded-answer prompt
 (`PromptContract.messages`, as SFT renders it) and tokenised by the same code as the SFT rows
 (`data.tokenize`), so both stages train on one prompt. `chosen` is the item's target: the answer,
 or the refusal when the item is unanswerable (user-labelled, or made unanswerable by RAFT: then
 `rejected` - a hallucinated answer - is exactly what refusing prevents). A pair longer than
 `training.maxSeqLength` is dropped and counted.
+
+Automatic pairs (`automaticPairs: N`): the first N training items without a `rejected` answer are
+answered greedily by the SFT model under the same prompt; where that answer is wrong or ungrounded
+(`wrong_answer`) it becomes `rejected` and the item's target `chosen`, so DPO pushes the model
+away from its own mistakes.
 
 Reference model: the SFT adapter as it is when the stage starts (trl copies the PeftModel's
 `default` adapter to a frozen `ref` adapter; removed again after the stage, so the published
@@ -32,7 +37,8 @@ from typing import Optional
 from ragtune.api.finetunejob import TrainingProgress
 from ragtune.api.pods import StageSummary
 from ragtune.clock import utc_now_iso
-from ragtune.rag.prompt import PromptContract
+from ragtune.rag.metrics import f1_score, grounding_score, is_refusal, normalize_answer, strip_citations
+from ragtune.rag.prompt import PromptContract, render_prompt
 from ragtune.rag.records import RagRecord
 
 from . import data as D
@@ -40,6 +46,10 @@ from .base_model import Plan
 from .run import Preempted, RunContext, RunState, TrainerFailure
 
 STAGE = "preference"
+AUTO_MIN_F1 = 0.5
+"""An answer to an answerable item with a lower token F1 against the reference is wrong."""
+AUTO_MIN_GROUNDING = 0.5
+"""An answer with a smaller share of its content words in the item's contexts is ungrounded."""
 
 
 @dataclass
@@ -69,6 +79,52 @@ def preference_pairs(records: list[RagRecord], tokenizer, prompt: PromptContract
                          "rejected_ids": rejected["input_ids"][n_prompt:]})
         out.counts[record.construction or "answerable"] += 1
     return out
+
+
+def wrong_answer(record: RagRecord, answer: str, prompt: PromptContract) -> Optional[str]:
+    """Why `answer` is a wrong answer to `record` (`answeredUnanswerable`, `falseRefusal`, `wrong`,
+    `ungrounded`), or None when it is acceptable."""
+    refused = is_refusal(answer, prompt.refusal)
+    if not record.answerable:
+        return None if refused else "answeredUnanswerable"
+    if refused:
+        return "falseRefusal"
+    if f1_score(strip_citations(answer, prompt.citation), strip_citations(record.answer, prompt.citation)) \
+            < AUTO_MIN_F1:
+        return "wrong"
+    grounding = grounding_score(answer, [c.text for c in record.contexts], prompt.citation)
+    if grounding is not None and grounding < AUTO_MIN_GROUNDING:
+        return "ungrounded"
+    return None
+
+
+def automatic_pair_records(model, tokenizer, records: list[RagRecord], prompt: PromptContract, n: int,
+                           max_new_tokens: int) -> tuple[list[RagRecord], Counter]:
+    """Copies of the first `n` records without a `rejected` answer whose SFT answer is wrong, with
+    that answer as `rejected`; and how many were wrong in which way (`automatic.<why>`, plus
+    `automatic.answered`: how many were answered)."""
+    from dataclasses import replace
+
+    from .evaluate import generate_answers
+
+    candidates = [r for r in records if r.rejected is None][:n]
+    counts: Counter = Counter({"automatic.answered": len(candidates)})
+    if not candidates:
+        return [], counts
+    was_training = model.training
+    model.eval()  # greedy and dropout-free: the answer the model would give
+    try:
+        answers = generate_answers(model, tokenizer, [render_prompt(tokenizer, r, prompt=prompt) for r in candidates],
+                                   max_new_tokens)
+    finally:
+        model.train(was_training)
+    out = []
+    for record, answer in zip(candidates, answers):
+        why = wrong_answer(record, answer, prompt)
+        if why and answer.strip() and normalize_answer(answer) != normalize_answer(record.answer):
+            out.append(replace(record, rejected=answer))
+            counts[f"automatic.{why}"] += 1
+    return out, counts
 
 
 def make_dpo_trainer_class():
@@ -161,8 +217,9 @@ class PreferenceResult:
 
 
 def require_pairs(ctx: RunContext, train_records: list[RagRecord]) -> None:
-    """Fail before any training when the stage is on and no training item has a `rejected` answer."""
-    if not any(r.rejected is not None for r in train_records):
+    """Fail before any training when the stage is on, builds no automatic pairs, and no training
+    item has a `rejected` answer."""
+    if not ctx.spec.training.preference.automatic_pairs and not any(r.rejected is not None for r in train_records):
         raise TrainerFailure("InvalidDataset", f"{ctx.spec.dataset.train}: training.preference is enabled but no "
                                                "training record has a 'rejected' answer (the preference pairs)")
 
@@ -179,9 +236,20 @@ def run_preference(ctx: RunContext, state: RunState, plan: Plan, model, tokenize
     prompt = PromptContract.from_spec(spec)
     max_len = spec.training.max_seq_length
     pairs = preference_pairs(train_records, tokenizer, prompt, max_len, pref.max_pairs)
+    if pref.automatic_pairs and len(pairs.rows) < pref.max_pairs:
+        ctx.report(STAGE, step=0, total_steps=pref.steps)
+        auto, counts = automatic_pair_records(model, tokenizer, train_records, prompt, pref.automatic_pairs,
+                                              spec.evaluation.max_new_tokens)
+        built = preference_pairs(auto, tokenizer, prompt, max_len, pref.max_pairs - len(pairs.rows))
+        pairs.rows += built.rows
+        pairs.counts.update(counts)
+        pairs.counts["automatic"] += len(built.rows)
+        pairs.counts["droppedOverLength"] += built.counts["droppedOverLength"]
     if not pairs.rows:
         why = (f"{pairs.counts['droppedOverLength']} pair(s) longer than maxSeqLength {max_len}"
-               if pairs.counts["droppedOverLength"] else "no training record has a 'rejected' answer")
+               if pairs.counts["droppedOverLength"] else
+               "the SFT model answered all of its automaticPairs items acceptably"
+               if pref.automatic_pairs else "no training record has a 'rejected' answer")
         raise TrainerFailure("InvalidDataset", f"{spec.dataset.train}: training.preference is enabled but there are "
                                                f"no preference pairs ({why})")
     held_out = preference_pairs(eval_records, tokenizer, prompt, max_len, 64)

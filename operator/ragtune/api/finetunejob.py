@@ -198,6 +198,12 @@ class PreferenceSpec(ApiModel):
     """Pairs per device per step (each is two sequences). Unset: `training.batchSize`."""
     max_pairs: int = Field(10000, ge=1, le=1000000)
     """Use at most this many pairs (the training items' first ones, in the seeded RAFT order)."""
+    automatic_pairs: int = Field(0, ge=0, le=100000)
+    """Training items without a `rejected` answer that the SFT model answers (greedy, at most
+    `evaluation.maxNewTokens` tokens) before the stage: an answer that is wrong (a refusal of an
+    answerable item, an answer to an unanswerable one, token F1 under 0.5 against the reference)
+    or ungrounded (under half of its content words in the item's contexts) becomes `rejected`,
+    the reference `chosen`. 0: only the data's pairs. Costs one generation per item."""
 
 
 class TrainingSpec(ApiModel):
