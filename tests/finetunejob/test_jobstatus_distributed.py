@@ -50,6 +50,18 @@ def test_a_failed_attempt_of_both_ranks_is_one_attempt_and_names_rank_0s_reason(
     s = build_status(ftj(), job({"failed": 2, "active": 2}), pods)
     assert s["phase"] == "Running" and s["attempts"] == 2
     assert s["message"].startswith("attempt 2 of 3: training (pod demo-01234567-g1-0-1x)")
+    assert s["workers"] == {"ready": 2, "total": 2, "worldSize": 2}
+
+
+def test_workers_count_the_attempts_running_pods_and_the_world_size():
+    f = FtjView(META["name"], META["namespace"], META["uid"], 1,
+                spec_dict(**{"resources.nodes": 2, "resources.gpus": 4}), {})
+    j = JobView.from_body(job_body(spec(**{"resources.nodes": 2, "resources.gpus": 4}), {"active": 2}))
+    s = build_status(f, j, [indexed_pod(0, running=True, phase="Running"), indexed_pod(1)])
+    assert s["workers"] == {"ready": 1, "total": 2, "worldSize": 8}
+    # A single-pod run has no workers block (its status is as before).
+    assert "workers" not in build_status(FtjView(META["name"], META["namespace"], META["uid"], 1, spec_dict(), {}),
+                                         JobView.from_body(job_body(spec(), {"active": 1})), [])
 
 
 def test_single_pod_runs_count_as_before():

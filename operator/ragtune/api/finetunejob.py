@@ -503,6 +503,17 @@ class FineTuneJobMetrics(ApiModel):
     """`adapter` vs `foreignPrompt`: the gate `maxForeignPromptGap` holds `max`."""
 
 
+class WorkersStatus(ApiModel):
+    """The training pods of a multi-node run (`resources.nodes` > 1)."""
+
+    ready: int = 0
+    """Pods of the current attempt whose trainer is running."""
+    total: int = 0
+    """Pods one attempt needs (`resources.nodes`)."""
+    world_size: int = 0
+    """Training processes over all pods: nodes x max(gpus, 1)."""
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -519,7 +530,10 @@ class FineTuneJobStatus(ApiModel):
     run_id: Optional[str] = None
     """Artifact folder of this generation's run."""
     attempts: int = 0
-    """Training pods started so far (retries resume from checkpoints)."""
+    """Attempts started so far: training pods, or sets of `resources.nodes` pods for a multi-node run
+    (retries resume from checkpoints)."""
+    workers: Optional[WorkersStatus] = None
+    """Multi-node runs: how many of the attempt's pods are training, of how many, and the world size."""
     start_time: Optional[str] = None
     """When the first training pod started."""
     completion_time: Optional[str] = None

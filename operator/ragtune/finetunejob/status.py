@@ -558,6 +558,8 @@ def build_status(
     if job is not None:
         status["jobName"] = job.name
         status["runId"] = job.run_id
+        if job.completions > 1:
+            status["workers"] = _workers(ftj, job, pods)
         if job.start_time:
             status["startTime"] = job.start_time
         if a.phase in TERMINAL_PHASES and _end_time(job, pods):
@@ -571,6 +573,13 @@ def build_status(
     # The CRD's status schema is generated from this model: what we write must parse as it.
     FineTuneJobStatus.model_validate(status)
     return status
+
+
+def _workers(ftj: FtjView, job: JobView, pods: list[PodView]) -> dict:
+    gpus = int((ftj.spec.get("resources") or {}).get("gpus", 1))
+    ready = sum(1 for p in pods if p.running and p.phase == "Running" and not p.deleting)
+    return {"ready": min(ready, job.completions), "total": job.completions,
+            "worldSize": job.completions * max(gpus, 1)}
 
 
 def status_patch(old: dict, new: dict) -> dict:
