@@ -155,3 +155,22 @@ def test_vllm_loads_a_lora_at_run_time_it_changes_the_answer_and_unknown_models_
     status, body = _call(ip, "/v1/unload_lora_adapter", {"lora_name": "a1"})
     assert status == 200, body
     assert _complete(ip, "a1")[0] == 404
+
+
+@pytest.mark.slow
+def test_the_canary_analysis_reads_vllms_own_metrics(vllm_pod, tiny_models):
+    """`canary.analysis` on the vLLM backend: requests and 2xx of `http_requests_total` on the
+    completion endpoints, `vllm:e2e_request_latency_seconds` and `vllm:generation_tokens_total`,
+    read from the real server's /metrics (analysis.counters, as the operator scrapes it)."""
+    from ragtune.adapterdeployment import analysis
+
+    ip, _ = vllm_pod
+    before = analysis.counters(_call(ip, "/metrics")[1].decode(), "vllm")
+    for _ in range(3):
+        assert _complete(ip, str(tiny_models[0]))[0] == 200
+    assert _complete(ip, "no-such-model")[0] == 404  # a failed request on the same endpoint
+    after = analysis.counters(_call(ip, "/metrics")[1].decode(), "vllm")
+    m = analysis.measure([analysis.increase(after, before)])
+    assert m.requests == 4 and m.success_rate == 0.75, (before, after)
+    assert m.p95_latency_seconds is not None and m.p95_latency_seconds > 0
+    assert m.tokens_per_second is not None and m.tokens_per_second > 0
