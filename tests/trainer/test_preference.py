@@ -191,3 +191,61 @@ def test_automatic_pairs_take_the_sft_models_own_wrong_answers(tiny_model_dir, t
                                       and k != "automatic.answered")
     assert pref["items"] == counts["automatic"]
     assert [s["name"] for s in json.loads((run / "manifest.json").read_text())["stages"]] == ["sft", "preference"]
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_preference_stage_and_the_retry_reruns_it_from_the_finished_sft(tiny_model_dir, records,
+                                                                                       tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from ragtune.api.pods import EXIT_RETRYABLE, PROGRESS_PREFIX
+
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", with_rejected(records[:24]))
+    spec = job_spec(tiny_model_dir, train.as_uri(), tmp_path / "out", **{
+        "training.maxSteps": 2, "training.checkpointIntervalSteps": 50,
+        "training.preference": {"enabled": True, "steps": 10, "learningRate": 0.01},
+        "evaluation.maxSamples": 2, "evaluation.maxNewTokens": 2, "evaluation.fewShot": 0,
+    })
+    obj = {"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "job", "namespace": "ns", "uid": "feedbeef0000", "generation": 1}, "spec": spec}
+    env = dict(os.environ, RAGTUNE_OBJECT=json.dumps(obj), RAGTUNE_RUN_ID="resume",
+               RAGTUNE_TERMINATION_MESSAGE_PATH=str(tmp_path / "term1"))
+    cmd = [sys.executable, "-m", "ragtune.cli", "train", "--in-cluster"]
+    proc = subprocess.Popen(cmd + ["--work-dir", str(tmp_path / "w1")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    in_stage = threading.Event()
+
+    def watch():
+        for line in proc.stdout:
+            if line.startswith(PROGRESS_PREFIX):
+                p = json.loads(line[len(PROGRESS_PREFIX):])
+                if p.get("stage") == "preference" and p.get("step", 0) >= 1:
+                    in_stage.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        assert in_stage.wait(300), "the preference stage never started"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = json.loads((tmp_path / "term1").read_text())
+    assert proc.returncode == EXIT_RETRYABLE and first["reason"] == "Preempted", first
+    assert "of the preference stage" in first["message"]
+    run = tmp_path / "out/ns/job/resume"
+    assert (run / "checkpoints/checkpoint-2/COMPLETE").exists() and not (run / "manifest.json").exists()
+
+    env["RAGTUNE_TERMINATION_MESSAGE_PATH"] = str(tmp_path / "term2")
+    done = subprocess.run(cmd + ["--work-dir", str(tmp_path / "w2")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    second = json.loads((tmp_path / "term2").read_text())
+    assert done.returncode == 0 and second["reason"] == "Completed", done.stderr[-2000:]
+    # SFT is taken over from its final checkpoint (no training time), the stage runs in full.
+    assert [(s["name"], s["steps"]) for s in second["stages"]] == [("sft", 2), ("preference", 10)]
+    assert second["stages"][0]["seconds"] == 0.0
+    assert "trained 2 sft + 10 preference steps" in second["message"]
