@@ -51,3 +51,13 @@ def test_the_controller_fails_the_rollout_before_anything_rolls():
     s = tick(kube)
     assert s.phase == "Failed" and s.history[0].reason.startswith("AdapterMethodNotServable")
     assert "trained with method dora" in s.message and kube.kinds("Deployment") == []
+
+
+@pytest.mark.parametrize("config, named", [({"peft_type": "IA3"}, "peft_type 'IA3' is not LORA"),
+                                           ({"use_dora": True}, "DoRA adapters are not supported by TGI or vLLM")])
+def test_a_uri_adapter_of_another_method_is_refused_by_the_fetcher_with_the_remedy(config, named):
+    from ragtune.pods.fetch import FetchError, check_adapter_config
+
+    with pytest.raises(FetchError) as err:
+        check_adapter_config("x", {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], **config}, {"q_proj"}, 128)
+    assert named in str(err.value) and "retrain with method lora or qlora, or merge the adapter" in str(err.value)

@@ -52,10 +52,13 @@ def parse_adapter_arg(value: str) -> tuple[str, str, str]:
 
 def check_adapter_config(name: str, config: dict, allowed_modules: set[str], max_rank: int) -> None:
     """What TGI can load: LoRA (not DoRA / other PEFT types), rank within limits, known modules."""
+    remedy = "retrain with method lora or qlora, or merge the adapter into the base model and serve the merged model"
     if config.get("peft_type", "LORA") != "LORA":
-        raise FetchError("UnsupportedAdapter", f"adapter {name}: peft_type {config.get('peft_type')!r} is not LORA", name)
+        raise FetchError("UnsupportedAdapter", f"adapter {name}: peft_type {config.get('peft_type')!r} is not LORA "
+                                               f"(TGI and vLLM load LoRA adapters only): {remedy}", name)
     if config.get("use_dora"):
-        raise FetchError("UnsupportedAdapter", f"adapter {name}: DoRA adapters are not supported by TGI", name)
+        raise FetchError("UnsupportedAdapter", f"adapter {name}: DoRA adapters are not supported by TGI or vLLM: "
+                                               f"{remedy}", name)
     ranks = [config.get("r", 0)] + list((config.get("rank_pattern") or {}).values())
     if not all(isinstance(r, int) and 1 <= r <= max_rank for r in ranks):
         raise FetchError("UnsupportedAdapter", f"adapter {name}: LoRA rank {max(ranks)} outside 1..{max_rank}", name)
