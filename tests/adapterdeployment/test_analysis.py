@@ -150,10 +150,11 @@ def running(kube: FakeKube, deployment: str, ip: str) -> None:
     pod["status"].update(phase="Running", podIP=ip)
 
 
-def analysed_rollout(kube: FakeKube, port: int, **analysis_spec):
+def analysed_rollout(kube: FakeKube, port: int, auto_rollback: bool = True, **analysis_spec):
     """First rollout promoted, then a second one at its first step with the route accepted."""
     strategy = copy.deepcopy(CANARY)
     strategy["canary"]["analysis"] = {"minRequests": 20, **analysis_spec}
+    strategy["autoRollback"] = auto_rollback
     ftj(kube, "ftj1")
     ad(kube, strategy=strategy, gates={"online": {"evalSetUri": "s3://data/eval.jsonl"}},
        server={"gpus": 0, "port": port})
@@ -278,3 +279,58 @@ def test_a_failure_ends_the_step_before_its_pause_is_over_a_success_does_not(pod
     assert weights(kube) == {"chat-tgi": 100}, "a failure seen 15 s into a 120 s step: weight 0 at once"
     m = s.candidate.traffic.measurements[-1]
     assert m.phase == "Failed" and m.canary.requests == 50 and m.canary.success_rate == 0.5
+
+
+def decide(kube: FakeKube, value: str) -> None:
+    """What `kubectl annotate` (or a GitOps sync) does: metadata only, no new generation."""
+    meta = kube.objects[("AdapterDeployment", "ns", "chat")]["metadata"]
+    meta.setdefault("annotations", {})["ragtune.dev/rollout-decision"] = value
+
+
+def paused_after_a_failure(kube: FakeKube, port: int, p: dict):
+    analysed_rollout(kube, port, auto_rollback=False)
+    p["canary"].serve(0, fail=30)
+    p["stable"].serve(300)
+    kube.clock += 120
+    s = tick(kube)
+    token = s.candidate.traffic.awaiting_decision
+    assert token and weights(kube) == {"chat-tgi": 100}, "the failing canary gets no traffic while paused"
+    accept(kube)
+    kube.clock += 60
+    s = tick(kube)
+    assert s.phase == "RollingOut" and s.candidate is not None, "autoRollback: false waits, it does not roll back"
+    assert kube.get("Deployment", "ns", "chat-tgi-canary") is not None
+    assert f"'rollback {token}'" in s.message and "successRate 0.0000" in s.message
+    return token
+
+
+def test_auto_rollback_false_pauses_at_weight_0_and_rolls_back_on_the_declared_decision(pods):
+    port, p = pods
+    kube = FakeKube()
+    token = paused_after_a_failure(kube, port, p)
+    decide(kube, "rollback g0-m0")  # a decision for another failure: ignored
+    assert tick(kube).candidate is not None
+    decide(kube, f"rollback {token}")
+    tick(kube)
+    kube.clock += 3
+    s = tick(kube)
+    assert s.phase == "RolledBack" and s.candidate is None and kube.get("Deployment", "ns", "chat-tgi-canary") is None
+    assert f"rolled back on the decision {token}" in s.history[0].reason
+    assert any(r == "DecisionApplied" for _, r, _m in kube.events)
+
+
+def test_auto_rollback_false_resumes_the_step_on_the_declared_decision(pods):
+    port, p = pods
+    kube = FakeKube()
+    token = paused_after_a_failure(kube, port, p)
+    decide(kube, f"resume {token}")
+    s = tick(kube)
+    assert weights(kube)["chat-tgi-canary"] == 10 and s.candidate.traffic.failed_measurements == 0
+    assert not s.candidate.traffic.aborting and not s.candidate.traffic.awaiting_decision
+    accept(kube)
+    tick(kube)  # the new window opens
+    p["canary"].serve(30)
+    p["stable"].serve(300)
+    kube.clock += 120
+    s = tick(kube)
+    assert s.candidate.traffic.step == 1 and s.candidate.traffic.measurements[-1].phase == "Successful"

@@ -47,6 +47,7 @@ from ragtune.api.adapterdeployment import (
 )
 from ragtune.api.keys import (
     ANNOTATION_ADAPTERDEPLOYMENT,
+    ANNOTATION_ROLLOUT_DECISION,
     ANNOTATION_ROUTE_HASH,
     LABEL_ADAPTERDEPLOYMENT,
     LABEL_MANAGED_BY,
@@ -198,9 +199,12 @@ def step(t: "_Tick", cand: Candidate) -> bool:
     steps = plan(t.spec)
     tr = cand.traffic = cand.traffic or TrafficStatus()
     if tr.aborting:
-        if back_to_stable(t, cand):
+        if tr.awaiting_decision and not _decided(t, tr):
+            return False
+        if tr.aborting and back_to_stable(t, cand):
             t.rollback(cand, "AnalysisFailed", tr.aborting)
-        return False
+        if tr.aborting:
+            return False
     spec = t.spec.strategy.canary.analysis if t.spec.strategy.canary else None
     while True:
         weight, pause = steps[tr.step]
@@ -235,6 +239,10 @@ def step(t: "_Tick", cand: Candidate) -> bool:
             tr.aborting = tr.measurements[-1].message
             back_to_stable(t, cand)  # weight 0 in this very tick
             t.status.message = f"analysis failed, canary out of the route: {tr.aborting}"
+            if not t.spec.strategy.auto_rollback:
+                tr.awaiting_decision = f"g{cand.generation}-m{len(tr.measurements)}"
+                _ask(t, tr)
+                t.event("Warning", "AwaitingDecision", t.status.message)
             return False
         if verdict != "Successful":  # measure this step again over another pause
             tr.step_started_at = _stamp(t.rec.clock())
@@ -245,6 +253,33 @@ def step(t: "_Tick", cand: Candidate) -> bool:
             return True
         tr.step += 1
         tr.baseline = {}
+
+
+def _ask(t: "_Tick", tr: TrafficStatus) -> None:
+    t.status.message = (f"paused, canary at 0% (autoRollback: false): {tr.aborting}; decide with the annotation "
+                        f"{ANNOTATION_ROLLOUT_DECISION}: 'rollback {tr.awaiting_decision}' or "
+                        f"'resume {tr.awaiting_decision}'")
+
+
+def _decided(t: "_Tick", tr: TrafficStatus) -> bool:
+    """`autoRollback: false` after a failed analysis: the route at weight 0, the canary kept, until
+    the annotation names this failure's token. `rollback`: go on rolling back (True). `resume`:
+    forget the failures and measure the step again at its weight (True, `aborting` cleared)."""
+    route, wrote = ensure_route(t, 0)
+    if wrote:
+        _record(t, tr, -1, 0, route, 0)
+    raw = ((t.body["metadata"].get("annotations") or {}).get(ANNOTATION_ROLLOUT_DECISION) or "").split()
+    if len(raw) != 2 or raw[1] != tr.awaiting_decision or raw[0] not in ("rollback", "resume"):
+        _ask(t, tr)
+        t.wait_hint(PAUSE_POLL_SECONDS)
+        return False
+    t.event("Normal", "DecisionApplied", f"{ANNOTATION_ROLLOUT_DECISION}: {raw[0]} {raw[1]}")
+    if raw[0] == "rollback":
+        tr.aborting = f"{tr.aborting} (rolled back on the decision {raw[1]})"
+    else:
+        tr.aborting, tr.failed_measurements, tr.baseline = None, 0, {}
+    tr.awaiting_decision = None
+    return True
 
 
 def _pods(t: "_Tick") -> dict[str, tuple[str, int]]:

@@ -420,7 +420,11 @@ class StrategySpec(ApiModel):
     """Traffic steps on a Gateway (`type: Canary`); ragtune owns an HTTPRoute whose weighted
     `backendRefs` point at the stable and canary Services."""
     auto_rollback: bool = True
-    """On a failed or timed-out canary, remove it and keep the previous set serving."""
+    """On a failed or timed-out canary, remove it and keep the previous set serving. `false`
+    (traffic analysis failures only, `canary.analysis`): the canary's weight goes to 0 but the
+    canary stays and the rollout waits for a decision carried by the annotation
+    `ragtune.dev/rollout-decision`: `rollback <token>` or `resume <token>` (measure the step again),
+    the token being `status.candidate.traffic.awaitingDecision`."""
     canary_replicas: int = Field(1, ge=1, le=10)
     """Replicas of the canary Deployment."""
 
@@ -616,6 +620,10 @@ class TrafficStatus(ApiModel):
     """Set when the analysis failed: the route is going back to the stable Service (weight 0);
     once the Gateway accepted that, the canary is removed and the rollout ends RolledBack with
     this message."""
+    awaiting_decision: Optional[str] = None
+    """`strategy.autoRollback: false` and the analysis failed: the token a decision must name in
+    the annotation `ragtune.dev/rollout-decision` (`rollback <token>` or `resume <token>`); the
+    canary gets no traffic meanwhile."""
 
 
 class Candidate(ApiModel):

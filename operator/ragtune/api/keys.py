@@ -50,6 +50,10 @@ ANNOTATION_ROLLED_AT = f"{API_GROUP}/rolled-at"
 """On a serving Deployment's pod template: when ragtune last rolled it."""
 ANNOTATION_ROUTE_HASH = f"{API_GROUP}/route-hash"
 """On the HTTPRoute of a `Canary` strategy: hash of the spec ragtune rendered (weights included)."""
+ANNOTATION_ROLLOUT_DECISION = f"{API_GROUP}/rollout-decision"
+"""On an AdapterDeployment with `strategy.autoRollback: false` whose traffic analysis failed:
+`rollback <token>` or `resume <token>`, `<token>` being `status.candidate.traffic.awaitingDecision`
+(a decision left from an earlier failure names another token and is ignored)."""
 
 LABEL_LOCAL_RUNNER = f"{API_GROUP}/local-runner"
 """On the local platform's node: the pod runner runs its pods (see localplatform/)."""
