@@ -140,3 +140,75 @@ def test_two_cpu_nodes_train_one_adapter(platform, namespace, trainer_operator, 
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     print(f"adapter max |2 nodes - 1 process| = {worst:.3g}")
     assert worst <= WEIGHT_TOLERANCE, f"adapter weights differ by {worst}"
+
+
+def _trainer_pid(hostname: str) -> int:
+    """The pid of the training worker (torchrun's child running `ragtune train`) of the pod with this
+    hostname: pods are local processes on the local platform."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if b"train" in cmdline and b"torchrun" not in b" ".join(cmdline) and b"RANK" in environ \
+                and environ.get(b"HOSTNAME") == hostname.encode():
+            return int(proc.name)
+    return 0
+
+
+def test_a_killed_rank_fails_the_attempt_and_every_rank_resumes(platform, namespace, trainer_operator, inputs):
+    """SIGKILL on rank 1's process mid-run: both pods of the attempt fail (rank 0's collective
+    breaks), the Job replaces both, the new ranks rendezvous again and resume from the newest
+    COMPLETE checkpoint (step > 0), and the run succeeds with exactly maxSteps steps."""
+    import signal
+    import time
+
+    name, max_steps = "ddp2-kill", 10
+    spec = _spec(inputs["model"], inputs["train"], f"s3://{BUCKET}/runs", 2)
+    spec["training"]["maxSteps"] = max_steps
+    spec["s3"] = {"endpoint": platform.s3_endpoint, "credentialsSecretRef": {"name": "s3-credentials"}}
+    spec["resources"].update({"nodes": 2, "cpu": "1", "memory": "3Gi", "shmSize": "64Mi",
+                              "nodeSelector": {"kubernetes.io/hostname": "ragtune-local"}})
+    spec["backoffLimit"] = 1
+    platform.apply({"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
+                    "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+    status = wait_status(platform, namespace, name, lambda s: s.get("runId"), timeout=120, what="runId")
+    prefix = run_prefix(f"s3://{BUCKET}/runs", namespace, name, status["runId"])[len(f"s3://{BUCKET}/"):]
+    s3 = platform.s3_client()
+
+    def complete() -> list[int]:
+        objs = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+                for o in page.get("Contents", [])]
+        return sorted(int(k.split("/checkpoint-")[1].split("/")[0]) for k in objs if k.endswith("/COMPLETE"))
+
+    deadline = time.monotonic() + 600
+    while not complete():
+        assert time.monotonic() < deadline, "no complete checkpoint in time"
+        time.sleep(0.2)
+    job = jobs_of(platform, namespace, name)[0]["metadata"]["name"]
+    pid = _trainer_pid(f"{job}-1")
+    assert pid, "rank 1's training process not found"
+    os.kill(pid, signal.SIGKILL)
+    killed_at = complete()
+    assert killed_at and max(killed_at) < max_steps, f"the kill must hit training: complete checkpoints {killed_at}"
+
+    status = wait_status(platform, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"),
+                         timeout=900, what="the run's end")
+    assert status["phase"] == "Succeeded", (status, trainer_operator.log()[-3000:])
+    assert status["attempts"] == 2 and f"trained {max_steps} steps" in status["message"], status
+    pods = pods_of(platform, namespace, job)
+    failed = [p for p in pods if p["status"]["phase"] == "Failed"]
+    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in failed) == ["0", "1"]
+    retry0 = next(p for p in pods if p["status"]["phase"] == "Succeeded"
+                  and p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
+    log = platform.kubectl("-n", namespace, "logs", retry0["metadata"]["name"])
+    progress = [json.loads(line.split("RAGTUNE_PROGRESS ", 1)[1]) for line in log.splitlines() if "RAGTUNE_PROGRESS " in line]
+    first = next(p for p in progress if p.get("stage") == "training")
+    assert first["step"] >= min(killed_at) > 0, (first, killed_at)  # resumed, not from step 0
+    assert max(complete()) == max_steps  # never a step past maxSteps
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    assert [k for k in keys if k.endswith("manifest.json")] == [prefix + "manifest.json"]
