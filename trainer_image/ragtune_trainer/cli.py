@@ -173,7 +173,7 @@ def _execute(ctx_factory):
 
 def _attempt(ctx_factory):
     """(result, None, run id), or (None, (what ran out, the error), run id) on an allocation failure."""
-    from .distributed import wait_for_everyone, world
+    from .distributed import peer_failure, wait_for_everyone, world
     from .train import run
 
     ctx = None
@@ -193,6 +193,10 @@ def _attempt(ctx_factory):
         what = out_of_memory(exc)
         if what is not None:
             return None, (what, f"{type(exc).__name__}: {exc}"), run_id
+        peer = peer_failure(exc)
+        if peer is not None:
+            print(f"ragtune train: RankFailed: {peer}", file=sys.stderr, flush=True)
+            return failed("RankFailed", peer, run_id), None, run_id
         traceback.print_exc()
         return failed("InternalError", f"{type(exc).__name__}: {exc}", run_id), None, run_id
     finally:

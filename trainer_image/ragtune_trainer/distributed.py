@@ -122,6 +122,18 @@ def follower_result(run_id: str, steps: int, seconds: float):
                          message=f"rank {world().rank}: trained {steps} steps; rank 0 evaluates and publishes")
 
 
+_PEER_FAILURE = ("connection closed by peer", "connection reset by peer", "remote worker crashing", "broken pipe")
+
+
+def peer_failure(exc: BaseException) -> Optional[str]:
+    """The result message when `exc` is this rank's collective breaking because another rank died (the
+    attempt fails as a whole; the other rank's pod shows why), else None."""
+    text = " ".join(str(exc).split())
+    if world().distributed and any(p in text.lower() for p in _PEER_FAILURE):
+        return f"another rank of the attempt failed (its pod says why): {text[:300]}"
+    return None
+
+
 # --- `ragtune torchrun` ---------------------------------------------------------------------
 
 
