@@ -7,7 +7,8 @@ weight over at least 1,000 requests, no request fails (steps, promotion, the can
 the rollout ends promoted, and an operator restart in the middle of a step resumes it with the
 same weight and the same pause (nothing rewritten, the step ends when it would have). And, with
 `canary.analysis`, that a candidate whose server fails its requests is rolled back on the step's
-live metrics with no failed request on the stable path.
+live metrics with no failed request on the stable path, and that `autoRollback: false` pauses at
+weight 0 until a decision is declared in an annotation.
 """
 
 from __future__ import annotations
@@ -311,3 +312,55 @@ def traffic_weights(client, namespace: str) -> dict[str, int]:
     from ragtune.adapterdeployment import traffic
 
     return traffic.live_weights(client.get("HTTPRoute", namespace, "chat-route"))
+
+
+def test_auto_rollback_false_pauses_at_weight_0_until_the_declared_decision(
+        platform, namespace, tiny, operator, kube, store, gateway):  # noqa: F811
+    """`strategy.autoRollback: false`: the failed analysis takes the canary out of the route but
+    keeps it; `kubectl annotate ... ragtune.dev/rollout-decision='resume <token>'` measures the
+    step again (it fails again: a new token), `rollback <new token>` ends RolledBack."""
+    host = f"{namespace}.gateway.test"
+    good, good2 = store("good", tiny["good"]), store("good2", tiny["good2"])
+    strategy = {"type": "Canary", "autoRollback": False, "canary": {
+        "gatewayRef": {"name": GATEWAY_NAME, "namespace": GATEWAY_NAMESPACE}, "hostnames": [host],
+        "steps": [{"weight": 20, "pause": "20s"}], "analysis": {"minRequests": 10}}}
+    body = ad_body(platform, namespace, tiny, [{"name": "a", **good}], store, strategy=strategy,
+                   gates={"online": {"enabled": False}}, server={"env": {"STANDIN_FAIL_WITH_ADAPTER": "b"}})
+    platform.apply(body)
+    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
+                                               or {}).get("phase") == "Ready", 240)
+    load = GenerateLoad(gateway, host)
+    wait_until("the stable server through the Gateway", lambda: load.get()[0] == 200, 60)
+
+    def awaiting(previous=None):
+        tr = ((kube.get("AdapterDeployment", namespace, "chat").get("status") or {}).get("candidate") or {}) \
+            .get("traffic") or {}
+        token = tr.get("awaitingDecision")
+        return token if token and token != previous else None
+
+    load.start()
+    try:
+        body["spec"]["adapters"] = [{"name": "a", **good}, {"name": "b", **good2}]
+        platform.apply(body)
+        first = wait_until("the pause after the failed analysis", awaiting, 300)
+        time.sleep(6)  # paused: no rollback, the canary kept, out of the route
+        status = kube.get("AdapterDeployment", namespace, "chat")["status"]
+        assert status["phase"] == "RollingOut" and f"'resume {first}'" in status["message"]
+        assert kube.get("Deployment", namespace, "chat-tgi-canary") is not None
+        assert traffic_weights(kube, namespace) == {"chat-tgi": 100}
+        platform.kubectl("-n", namespace, "annotate", "--overwrite", "adapterdeployment/chat",
+                         f"ragtune.dev/rollout-decision=resume {first}")
+        second = wait_until("the second failure", lambda: awaiting(first), 120)
+        platform.kubectl("-n", namespace, "annotate", "--overwrite", "adapterdeployment/chat",
+                         f"ragtune.dev/rollout-decision=rollback {second}")
+        wait_until("the rollback", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
+                                            or {}).get("phase") == "RolledBack", 60)
+        time.sleep(2)
+    finally:
+        load.stop()
+    final = kube.get("AdapterDeployment", namespace, "chat")["status"]
+    assert f"rolled back on the decision {second}" in final["history"][0]["reason"]
+    assert kube.get("Deployment", namespace, "chat-tgi-canary") is None
+    assert load.failures == [] and all(status == 200 for _, _, status, who in load.answers if who == "a")
+    canary = [a for a in load.answers if a[3] == "a,b"]
+    assert canary and all(status == 424 for _, _, status, _ in canary)
