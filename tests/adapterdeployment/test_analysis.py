@@ -6,6 +6,7 @@ and the rollout against the in-memory API server with real HTTP `/metrics` endpo
 from __future__ import annotations
 
 import copy
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -294,6 +295,7 @@ def paused_after_a_failure(kube: FakeKube, port: int, p: dict):
     kube.clock += 120
     s = tick(kube)
     token = s.candidate.traffic.awaiting_decision
+    assert re.fullmatch(r"g2-\d{8}T\d{6}Z", token or ""), token
     assert token and weights(kube) == {"chat-tgi": 100}, "the failing canary gets no traffic while paused"
     accept(kube)
     kube.clock += 60

@@ -240,7 +240,8 @@ def step(t: "_Tick", cand: Candidate) -> bool:
             back_to_stable(t, cand)  # weight 0 in this very tick
             t.status.message = f"analysis failed, canary out of the route: {tr.aborting}"
             if not t.spec.strategy.auto_rollback:
-                tr.awaiting_decision = f"g{cand.generation}-m{len(tr.measurements)}"
+                # unique per failure (the list of measurements is bounded, its length is not a counter)
+                tr.awaiting_decision = f"g{cand.generation}-" + tr.measurements[-1].at.replace("-", "").replace(":", "")
                 _ask(t, tr)
                 t.event("Warning", "AwaitingDecision", t.status.message)
             return False
