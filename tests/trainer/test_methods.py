@@ -54,6 +54,8 @@ def test_method_trains_publishes_and_continues_into_dpo(method, tiny_model_dir, 
     else:
         assert config["peft_type"] == "IA3" and keys and all("ia3_l" in k for k in keys)
     assert not any(".ref" in k for k in keys)
+    html = (run / "eval/report.html").read_text()
+    assert ("(DoRA r=4, alpha=8)" if method == "dora" else "(IA3 on all-linear)") in html
     pref = json.loads((run / "eval/report.json").read_text())["stages"][1]
     first = next(e for e in pref["lossHistory"] if "rewards/margins" in e)
     # Scored before the first update: policy and reference are the same SFT adapter.

@@ -389,6 +389,14 @@ def _img(png: Optional[str], alt: str, missing: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{png}">'
 
 
+def _shape(spec: dict) -> str:
+    """The adapter's shape: rank and alpha for LoRA-based methods; IA3 has neither."""
+    lora = spec["lora"]
+    if spec["method"] == "ia3":
+        return f"(IA3 on {_e(', '.join(lora['targetModules']))})"
+    return f"({'DoRA' if spec['method'] == 'dora' else 'LoRA'} r={_e(lora['r'])}, alpha={_e(lora['alpha'])})"
+
+
 def render_html(report: dict, outcome: EvalOutcome) -> str:
     spec = report["spec"]
     model = spec["baseModel"]
@@ -404,7 +412,7 @@ def render_html(report: dict, outcome: EvalOutcome) -> str:
 <title>ragtune evaluation: {_e(model.get('id'))}</title><style>{_CSS}</style></head><body>
 <h1>ragtune evaluation report {badge}</h1>
 <p>Base model <b>{_e(model.get('id'))}</b>@{_e(model.get('revision'))}, method {_e(spec['method'])}
-(LoRA r={_e(spec['lora']['r'])}, alpha={_e(spec['lora']['alpha'])}); {_e(base.get('samples', 0))} held-out items
+{_shape(spec)}; {_e(base.get('samples', 0))} held-out items
 from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation took {_e(report['evalSeconds'])} s.
 <span class=muted>{_e(report['createdAt'])}</span></p>
 {_served_note(report)}
