@@ -89,3 +89,66 @@ def test_two_ranks_train_what_one_process_trains_and_only_rank_0_publishes(tiny_
     assert worst <= WEIGHT_TOLERANCE, f"adapter weights differ by {worst}"
     assert len(one) == len(two) == 4
     assert max(abs(x - y) for x, y in zip(one, two)) <= LOSS_TOLERANCE, (one, two)
+
+
+def _pid_with(tag: str, rank: str) -> int:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if env.get(b"S5_TEST_TAG") == tag.encode() and env.get(b"RANK") == rank.encode():
+            return int(proc.name)
+    return 0
+
+
+def test_sigterm_on_one_rank_stops_both_at_one_checkpoint_and_both_resume(tiny_model_dir, train_file, tmp_path):
+    """A SIGTERM seen by rank 1 only (its pod is preempted): the ranks agree at the next step, save
+    one checkpoint holding both ranks' state, both stop (Preempted, retryable); the retry resumes
+    both from it and trains exactly maxSteps."""
+    import signal
+    import time
+    import uuid
+
+    job = _job(tmp_path, tiny_model_dir, train_file, 2)
+    job.write_text(job.read_text().replace('"maxSteps": 4', '"maxSteps": 40').replace(
+        '"checkpointIntervalSteps": 2', '"checkpointIntervalSteps": 1000'))  # only the SIGTERM saves
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "S5_TEST_TAG": tag}
+    cmd = [RAGTUNE, "torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0",
+           "--no-python", RAGTUNE, "train", "-f", str(job), "--run-id", "term"]
+    checkpoints = tmp_path / "out/dev/dist/term/checkpoints"
+    log = tmp_path / "a1.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd + ["--work-dir", str(tmp_path / "a1")], cwd=tmp_path, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while "global batch" not in log.read_text():  # rank 0 is about to train
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(8)  # a few steps in
+        pid = _pid_with(tag, "1")
+        assert pid, "rank 1 not found"
+        os.kill(pid, signal.SIGTERM)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 1, out[-3000:]
+    markers = sorted(checkpoints.glob("checkpoint-*/COMPLETE"))
+    assert len(markers) == 1, out[-3000:]  # one checkpoint, at the step both ranks agreed on
+    marker = json.loads(markers[0].read_text())
+    saved = marker["step"]
+    assert 0 < saved < 40 and marker["worldSize"] == 2 and "rng_state_1.pth" in marker["rankFiles"]
+    assert '"reason": "Preempted"' in out  # rank 0 stopped too, and said why
+
+    done = _run(cmd + ["--work-dir", str(tmp_path / "a2")], tmp_path)
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    assert result["reason"] == "Completed" and result["steps"] == 40
+    losses = [e for e in json.loads((tmp_path / "out/dev/dist/term/eval/report.json").read_text())["lossHistory"]
+              if "loss" in e]
+    assert losses[-1]["step"] == 40

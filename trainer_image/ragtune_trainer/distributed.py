@@ -112,6 +112,16 @@ def wait_for_everyone() -> None:
     PartialState(timeout=timedelta(seconds=WAIT_FOR_RANK0_SECONDS)).wait_for_everyone()
 
 
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true when it is true on any rank (one small all-reduce through accelerate)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    local = torch.tensor([1.0 if f else 0.0 for f in flags], device=PartialState().device)
+    return tuple(bool(v > 0) for v in reduce(local, reduction="sum").tolist())
+
+
 def follower_result(run_id: str, steps: int, seconds: float):
     """What a rank > 0 returns once its training is done: only the CLI's exit code reads it (rank 0
     writes the run's result)."""

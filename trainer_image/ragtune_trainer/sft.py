@@ -240,10 +240,15 @@ def make_callbacks(ctx: RunContext, state: RunState, total_steps: int):
             self.started = time.monotonic()
 
         def on_step_end(self, args, st, control, **kw):
+            due = time.monotonic() - self.last_save >= interval_s
+            if distributed.world().distributed:
+                # The ranks decide together: a SIGTERM or a clock seen by one rank stops or saves
+                # them all at this step (a save is a barrier; ranks at different steps would hang).
+                state.preempt_requested, due = distributed.any_rank(state.preempt_requested, due)
             if state.preempt_requested:
                 control.should_save = True
                 control.should_training_stop = True
-            elif time.monotonic() - self.last_save >= interval_s:
+            elif due:
                 control.should_save = True
             self._report(st, "training")
 
