@@ -249,3 +249,22 @@ def test_sigterm_in_the_preference_stage_and_the_retry_reruns_it_from_the_finish
     assert [(s["name"], s["steps"]) for s in second["stages"]] == [("sft", 2), ("preference", 10)]
     assert second["stages"][0]["seconds"] == 0.0
     assert "trained 2 sft + 10 preference steps" in second["message"]
+
+
+def test_the_local_progress_bar_counts_each_training_stage_from_zero():
+    from ragtune.api.finetunejob import TrainingProgress
+    from ragtune_trainer.cli import ProgressBar
+
+    bar = ProgressBar()
+    try:
+        for p in [TrainingProgress(stage="loading"), TrainingProgress(stage="training", step=0, total_steps=4),
+                  TrainingProgress(stage="training", step=4, total_steps=4)]:
+            bar(p)
+        assert (bar.bar.n, bar.bar.total) == (4, 4)
+        bar(TrainingProgress(stage="preference", step=0, total_steps=8))
+        bar(TrainingProgress(stage="preference", step=3, total_steps=8))
+        assert (bar.bar.n, bar.bar.total) == (3, 8) and bar.bar.desc.startswith("preference")
+        bar(TrainingProgress(stage="evaluating", step=4, total_steps=4))
+        assert (bar.bar.n, bar.bar.total) == (3, 8)  # evaluation does not move the step count
+    finally:
+        bar.close()

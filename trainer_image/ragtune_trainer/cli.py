@@ -142,11 +142,14 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.bar = tqdm(total=0, unit="step", dynamic_ncols=True)
+        self.counting: Optional[str] = None
 
     def __call__(self, p) -> None:
-        if p.total_steps and self.bar.total != p.total_steps and p.stage == "training":
-            self.bar.reset(total=p.total_steps)
-        if p.stage == "training" and p.step > self.bar.n:
+        counted = p.stage in ("training", "preference")  # each training stage counts its own steps
+        if counted and (p.stage != self.counting or (p.total_steps and self.bar.total != p.total_steps)):
+            self.counting = p.stage
+            self.bar.reset(total=p.total_steps or 0)
+        if counted and p.step > self.bar.n:
             self.bar.update(p.step - self.bar.n)
         post = {k: v for k, v in (("loss", p.loss), ("eval", p.eval_loss), ("tok/s", p.tokens_per_second))
                 if v is not None}
