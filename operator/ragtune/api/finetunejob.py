@@ -461,7 +461,8 @@ class TrainingProgress(ApiModel):
     percent: Optional[int] = None
     """`step` / `totalSteps` in percent."""
     stage: Optional[str] = None
-    """What the trainer is doing: `loading`, `training`, `evaluating`, `uploading`."""
+    """What the trainer is doing: `loading`, `training` (SFT), `preference` (the DPO stage),
+    `evaluating`, `uploading`."""
     updated_at: Optional[str] = None
     """When this progress was reported (RFC 3339)."""
 
