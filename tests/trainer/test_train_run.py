@@ -108,6 +108,33 @@ def test_gate_failure_keeps_artifacts_and_fails_permanently(monkeypatch, tiny_mo
     assert result["manifestSha256"] == sha256_bytes(manifest) and result["adapterUri"] == run.as_uri() + "/"
 
 
+def test_the_held_out_split_is_published_listed_and_named_in_the_result(monkeypatch, tiny_model_dir, train_file,
+                                                                        records, tmp_path):
+    """The online gate's default data: the held-out rag records as built for evaluation."""
+    from ragtune.api.pods import EVAL_SET_JSONL
+    from ragtune.pods.online_eval import load_records
+    from ragtune.storage import Storage
+
+    spec = job_spec(tiny_model_dir, train_file.as_uri(), tmp_path / "out", **{"training.maxSteps": 2})
+    code, result = in_cluster(monkeypatch, tmp_path, spec)
+    assert code == 0, result
+    run = tmp_path / "out/ns/job/abcdef12-g1"
+    split = run / EVAL_SET_JSONL
+    lines = [json.loads(line) for line in split.read_text().splitlines()]
+    held_out = {r["id"] for r in lines}
+    assert len(lines) == round(0.2 * len(records)) and held_out <= {r.id for r in records}
+    assert all(r["construction"] for r in lines)  # labelled by the hard-negative construction
+    assert {"answerable"} < {r["construction"] for r in lines}  # and some were made unanswerable
+    listed = {f["path"]: f for f in json.loads((run / "manifest.json").read_text())["files"]}
+    assert listed[EVAL_SET_JSONL]["sha256"] == sha256_file(split) == result["evalSetSha256"]
+    assert result["evalSetUri"] == run.as_uri() + "/" + EVAL_SET_JSONL
+    # What the online evaluator reads, digest-checked.
+    storage = Storage()
+    assert len(load_records(storage, result["evalSetUri"], sha256=result["evalSetSha256"])) == len(lines)
+    with pytest.raises(ValueError, match="sha256"):
+        load_records(storage, result["evalSetUri"], sha256="0" * 64)
+
+
 def test_qlora_trains_a_4bit_nf4_base(monkeypatch, tiny_model_dir, train_file, tmp_path):
     from bitsandbytes.nn import Linear4bit
 

@@ -1,6 +1,6 @@
-"""Publishing a run: the adapter folder (what TGI loads), the evaluation report, every file
-uploaded with its digest, and manifest.json LAST, so a reader that finds a manifest finds
-everything it lists."""
+"""Publishing a run: the adapter folder (what TGI loads), the evaluation report, the held-out
+split (`EVAL_SET_JSONL`, the online gate's default data), every file uploaded with its digest,
+and manifest.json LAST, so a reader that finds a manifest finds everything it lists."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Optional, Sequence
 
 from ragtune.api.common import GateResult
 from ragtune.api.finetunejob import FineTuneJobSpec
-from ragtune.api.pods import ADAPTER_DIR, MANIFEST, PROMPT_JSON, Manifest, ManifestFile, StageSummary
+from ragtune.api.pods import ADAPTER_DIR, EVAL_SET_JSONL, MANIFEST, PROMPT_JSON, Manifest, ManifestFile, StageSummary
 from ragtune.clock import utc_now_iso
 from ragtune.rag.prompt import PromptContract
+from ragtune.rag.records import RagRecord
 from ragtune.storage import folder_digests, join, sha256_bytes, sha256_file
 
 from .run import RunContext, TrainerFailure
@@ -25,14 +26,17 @@ class Published:
     adapter_size_bytes: int
     report_uri: Optional[str]
     prompt_sha256: str
+    eval_set_uri: Optional[str] = None
+    eval_set_sha256: Optional[str] = None
 
 
 def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[dict], gates: list[GateResult],
                 datasets: list[dict], passed: bool, construction: Optional[dict] = None,
-                stages: Sequence[StageSummary] = (), stage_reports: Optional[list[dict]] = None) -> Published:
-    """Write the adapter (and the report when there was an evaluation), upload, manifest last.
-    `stages` go into the manifest; `stage_reports` (each stage's summary and log history) into
-    the report."""
+                stages: Sequence[StageSummary] = (), stage_reports: Optional[list[dict]] = None,
+                eval_records: Sequence[RagRecord] = ()) -> Published:
+    """Write the adapter (and the report when there was an evaluation, and the held-out split when
+    there is one), upload, manifest last. `stages` go into the manifest; `stage_reports` (each
+    stage's summary and log history) into the report."""
     out = ctx.work_dir / "run"
     adapter_files = write_adapter(model, tokenizer, ctx.spec, out / ADAPTER_DIR)
     prompt_path = out / PROMPT_JSON
@@ -42,13 +46,25 @@ def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[di
 
         report_files = write_report(out / "eval", outcome, log_history, ctx.spec, gates, construction,
                                     stages=stage_reports)
-    manifest = publish(ctx, out, adapter_files + report_files, datasets, passed, stages)
+    eval_set = write_eval_set(eval_records, out / EVAL_SET_JSONL) if eval_records else None
+    manifest = publish(ctx, out, adapter_files + report_files + ([eval_set] if eval_set else []), datasets,
+                       passed, stages)
     return Published(
         manifest_sha256=sha256_bytes(manifest),
         adapter_size_bytes=sum(p.stat().st_size for p in adapter_files),
         report_uri=join(ctx.run_uri, "eval/report.html") if report_files else None,
         prompt_sha256=sha256_file(prompt_path),
+        eval_set_uri=join(ctx.run_uri, EVAL_SET_JSONL) if eval_set else None,
+        eval_set_sha256=sha256_file(eval_set) if eval_set else None,
     )
+
+
+def write_eval_set(records: Sequence[RagRecord], path: Path) -> Path:
+    """The held-out split as the trainer evaluated it: one `rag` record a line, in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r.to_dict(), ensure_ascii=False, sort_keys=True) + "\n" for r in records),
+                    encoding="utf-8")
+    return path
 
 
 def write_adapter(model, tokenizer, spec: FineTuneJobSpec, out: Path) -> list[Path]:

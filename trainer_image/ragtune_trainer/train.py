@@ -124,7 +124,8 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
     # --- publish ---
     ctx.report("uploading", step=steps, total_steps=total)
     published = publish_run(ctx, model, tokenizer, outcome, log_history, gates, prepared.datasets, passed,
-                            construction=prepared.construction, stages=stages, stage_reports=stage_reports)
+                            construction=prepared.construction, stages=stages, stage_reports=stage_reports,
+                            eval_records=prepared.eval_records)
     return TrainerResult(
         outcome="Succeeded" if passed else "Failed",
         reason="Completed" if passed else "GateFailed",
@@ -133,6 +134,7 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
         run_id=ctx.run_id, adapter_uri=ctx.run_uri, manifest_sha256=published.manifest_sha256,
         adapter_size_bytes=published.adapter_size_bytes, report_uri=published.report_uri,
         prompt_sha256=published.prompt_sha256,
+        eval_set_uri=published.eval_set_uri, eval_set_sha256=published.eval_set_sha256,
         base=base_m, adapter=adapter_m, foreign_prompt=foreign_m, foreign_prompt_gap=prompt_gap(adapter_m, foreign_m),
         passed=passed, gates=gates, steps=sum(s.steps for s in stages),
         train_seconds=round(sum(s.seconds or 0.0 for s in stages), 2), stages=stages,

@@ -483,6 +483,12 @@ class AdapterArtifact(ApiModel):
     with it (`ragtune prompt render`)."""
     prompt_sha256: Optional[str] = None
     """sha256 of `prompt.json` (also listed in `manifest.json`)."""
+    eval_set_uri: Optional[str] = None
+    """The held-out split the run evaluated on (`eval/heldout.jsonl`, `rag` records as built for
+    evaluation, each with its `construction` label): an AdapterDeployment's online gate uses it
+    when `gates.online.evalSetUri` is empty."""
+    eval_set_sha256: Optional[str] = None
+    """sha256 of that file (also listed in `manifest.json`); the online evaluator verifies it."""
 
 
 class FineTuneJobMetrics(ApiModel):

@@ -77,6 +77,10 @@ REPORT_JSON = "eval/report.json"
 REPORT_HTML = "eval/report.html"
 PROMPT_JSON = "adapter/prompt.json"
 """The prompt contract the adapter was trained with (`ragtune.rag.prompt.PromptContract`)."""
+EVAL_SET_JSONL = "eval/heldout.jsonl"
+"""The held-out split of a `rag` run, one record a line as built for evaluation (after the
+hard-negative construction, each with its `construction` label; the trainer evaluated on the first
+`evaluation.maxSamples`): the online gate's default evaluation set."""
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = "ragtune.dev/manifest/v1"
 
@@ -109,7 +113,7 @@ class Manifest(ApiModel):
     base_model: dict[str, Optional[str]]
     """`{id, revision}` the adapter was trained on."""
     files: list[ManifestFile]
-    """Every adapter, tokenizer and report file with its digest."""
+    """Every adapter, tokenizer and report file, and the held-out split, with its digest."""
     base_model_files: list[ManifestFile] = Field(default_factory=list)
     """Every file of the base model the run trained on, when `baseModel.uri` gave it (paths
     relative to that prefix): a serving pod that downloads the base weights verifies them against
@@ -147,6 +151,10 @@ class TrainerResult(ApiModel):
     report_uri: Optional[str] = None
     prompt_sha256: Optional[str] = None
     """sha256 of `PROMPT_JSON` (the status names it beside its URI)."""
+    eval_set_uri: Optional[str] = None
+    """`EVAL_SET_JSONL` under the run prefix (`rag` runs with a held-out split)."""
+    eval_set_sha256: Optional[str] = None
+    """sha256 of that file (also listed in `manifest.json`)."""
     base: Optional[EvalMetrics] = None
     adapter: Optional[EvalMetrics] = None
     foreign_prompt: Optional[EvalMetrics] = None
@@ -297,6 +305,9 @@ class OnlineEvalConfig(ApiModel):
     stable_url: Optional[str] = None
     candidates: list[CandidateRef]
     eval_set_uri: Optional[str] = None
+    eval_set_sha256: Optional[str] = None
+    """When given, the evaluation set must be one object with this sha256 (the held-out split a
+    FineTuneJob published): a mismatch fails with `EvalSetDigestMismatch`."""
     gate: OnlineGate = Field(default_factory=OnlineGate)
     offline: GatesSpec = Field(default_factory=GatesSpec)
     s3: S3Config = Field(default_factory=S3Config)
@@ -314,7 +325,7 @@ class OnlineEvalResult(ApiModel):
     outcome: Literal["Passed", "Failed", "Error"]
     reason: str
     """`Passed`, `GateFailed`, `NoAdapterEffect`, `AdapterNotServed` (vLLM: 404 for the name),
-    `Regression`, or an error reason (`CanaryUnreachable`, `InvalidEvalSet`, `S3...`)."""
+    `Regression`, or an error reason (`CanaryUnreachable`, `InvalidEvalSet`, `EvalSetDigestMismatch`, `S3...`)."""
     message: str = ""
     results: list[OnlineGateResult] = Field(default_factory=list)
     offline: dict[str, list[GateResult]] = Field(default_factory=dict)

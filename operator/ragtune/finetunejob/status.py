@@ -330,6 +330,9 @@ def result_fields(result: TrainerResult) -> dict[str, Any]:
         if result.prompt_sha256:
             adapter["promptUri"] = result.adapter_uri.rstrip("/") + "/" + PROMPT_JSON
             adapter["promptSha256"] = result.prompt_sha256
+        if result.eval_set_uri and result.eval_set_sha256:
+            adapter["evalSetUri"] = result.eval_set_uri
+            adapter["evalSetSha256"] = result.eval_set_sha256
         out["adapter"] = adapter
     if result.adapter is not None or result.base is not None or result.gates:
         metrics: dict[str, Any] = {

@@ -91,15 +91,28 @@ def server_generate(config: OnlineEvalConfig) -> Generate:
     return generate
 
 
-def load_records(storage, uri: str) -> list[dict[str, Any]]:
-    """JSONL rag records from an object or a prefix of `.jsonl` objects; errors name file and line."""
-    uris = [uri] if not uri.endswith("/") and storage.exists(uri) else \
-        [o.uri for o in storage.list(uri) if o.uri.endswith((".jsonl", ".json"))]
+class EvalSetDigestMismatch(ValueError):
+    """The evaluation set is not the one the FineTuneJob published."""
+
+
+def load_records(storage, uri: str, sha256: Optional[str] = None) -> list[dict[str, Any]]:
+    """JSONL rag records from an object or a prefix of `.jsonl` objects; errors name file and line.
+    With `sha256`, `uri` must be one object with that digest (EvalSetDigestMismatch otherwise)."""
+    from ragtune.storage import sha256_bytes
+
+    if sha256:
+        uris = [uri]
+    else:
+        uris = [uri] if not uri.endswith("/") and storage.exists(uri) else \
+            [o.uri for o in storage.list(uri) if o.uri.endswith((".jsonl", ".json"))]
     if not uris:
         raise ValueError(f"{uri}: no evaluation records found")
     records = []
     for u in uris:
-        for lineno, line in enumerate(storage.get_bytes(u).decode().splitlines(), 1):
+        data = storage.get_bytes(u)
+        if sha256 and sha256_bytes(data) != sha256:
+            raise EvalSetDigestMismatch(f"{u}: sha256 {sha256_bytes(data)}, but the FineTuneJob published {sha256}")
+        for lineno, line in enumerate(data.decode().splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -252,7 +265,10 @@ def evaluate(config: OnlineEvalConfig, storage, generate: Generate) -> OnlineEva
     if not config.eval_set_uri:
         return OnlineEvalResult(outcome="Error", reason="InvalidEvalSet", message="no evaluation set configured")
     try:
-        items = sample(load_records(storage, config.eval_set_uri), config.gate.samples, config.seed)
+        items = sample(load_records(storage, config.eval_set_uri, config.eval_set_sha256), config.gate.samples,
+                       config.seed)
+    except EvalSetDigestMismatch as exc:
+        return OnlineEvalResult(outcome="Error", reason="EvalSetDigestMismatch", message=str(exc), offline=offline)
     except ValueError as exc:
         return OnlineEvalResult(outcome="Error", reason="InvalidEvalSet", message=str(exc))
     budget = config.gate.max_new_tokens
