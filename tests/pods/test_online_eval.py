@@ -217,3 +217,17 @@ def test_prompt_rendering_matches_transformers(tmp_path):
     messages = messages_for(RECORDS[0])
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert render_prompt(tokenizer.chat_template, {"bos_token": "<s>"}, messages) == expected
+
+
+def test_an_eval_set_that_is_not_the_published_split_is_refused(world):
+    """`evalSetSha256` (the split a FineTuneJob published): a changed object is not evaluated on."""
+    from ragtune.storage import local_path, sha256_file
+
+    data, _ = world
+    gen = scripted({"support": GOOD, "base": BASE})
+    ok = config(world).model_copy(update={"eval_set_sha256": sha256_file(local_path(data))})
+    assert evaluate(ok, Storage(), gen).outcome == "Passed"
+    bad = config(world).model_copy(update={"eval_set_sha256": "0" * 64})
+    result = evaluate(bad, Storage(), gen)
+    assert result.outcome == "Error" and result.reason == "EvalSetDigestMismatch"
+    assert data in result.message and "0" * 64 in result.message

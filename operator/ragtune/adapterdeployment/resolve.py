@@ -44,7 +44,10 @@ class Resolution:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     """FineTuneJob `status.metrics` per adapter name (FineTuneJob-sourced adapters only)."""
     eval_sets: dict[str, str] = field(default_factory=dict)
-    """The held-out evaluation data each FineTuneJob used (when it names one)."""
+    """The held-out evaluation data each FineTuneJob used: the split its trainer published
+    (`status.adapter.evalSetUri`), else its `spec.dataset.eval` (a run that predates publishing)."""
+    eval_set_sha256: dict[str, str] = field(default_factory=dict)
+    """URI -> sha256 of each published split (`status.adapter.evalSetSha256`), for the evaluator to verify."""
 
 
 def _same_base(spec: AdapterDeploymentSpec, ftj_spec: dict[str, Any]) -> Optional[str]:
@@ -62,7 +65,9 @@ def _max_rank(spec: AdapterDeploymentSpec) -> int:
     return backend_for(spec.server).max_lora_rank
 
 
-def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: FtjGetter) -> tuple[ResolvedAdapter, Optional[dict], Optional[str]]:
+def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: FtjGetter,
+                ) -> tuple[ResolvedAdapter, Optional[dict], Optional[tuple[str, Optional[str]]]]:
+    """-> (the adapter pinned, its FineTuneJob's metrics, its (eval set uri, sha256 or None))."""
     if source.uri:
         assert source.sha256  # the CRD's CEL rule guarantees it; models validated by pydantic too
         return ResolvedAdapter(name=source.name, uri=source.uri, sha256=source.sha256, source="uri"), None, None
@@ -103,7 +108,11 @@ def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: Ftj
     if not artifact.get("uri") or not artifact.get("sha256"):
         raise ResolveError("AdapterMissing", f"adapter {source.name}: FineTuneJob {ref.name} is Succeeded "
                                              "but reports no adapter uri/sha256")
-    eval_set = ((ftj.get("spec") or {}).get("dataset") or {}).get("eval")
+    if artifact.get("evalSetUri"):
+        eval_set = (artifact["evalSetUri"], artifact.get("evalSetSha256"))
+    else:
+        raw = ((ftj.get("spec") or {}).get("dataset") or {}).get("eval")
+        eval_set = (raw, None) if raw else None
     return (ResolvedAdapter(name=source.name, uri=artifact["uri"], sha256=artifact["sha256"],
                             source=f"FineTuneJob/{ref.name}"),
             status.get("metrics"), eval_set)
@@ -122,7 +131,9 @@ def resolve(spec: AdapterDeploymentSpec, get_ftj: FtjGetter) -> Resolution:
         if metrics is not None:
             out.metrics[adapter.name] = metrics
         if eval_set:
-            out.eval_sets[adapter.name] = eval_set
+            out.eval_sets[adapter.name] = eval_set[0]
+            if eval_set[1]:
+                out.eval_set_sha256[eval_set[0]] = eval_set[1]
     return out
 
 

@@ -484,7 +484,8 @@ class _Tick:
         use_canary = self.use_canary(cand)
         if use_canary and self.spec.gates.online.enabled and not self.eval_set(res.eval_sets, cand.changed):
             self.finish("Failed", "EvalSetMissing", "the online gate needs evaluation data: set "
-                        "spec.gates.online.evalSetUri (the FineTuneJobs name no dataset.eval)")
+                        "spec.gates.online.evalSetUri (the FineTuneJobs published no held-out split "
+                        "and name no dataset.eval)")
             return
         if results:
             self.event("Normal", "OfflineGatePassed", f"adapters {', '.join(results)} passed the offline gate")
@@ -671,12 +672,13 @@ class _Tick:
             stable_url = render.service_url(self.stable_name(), self.ns, port)
         by_name = {a.name: a for a in cand.adapters}
         gated = set(self.report_gated(cand))
+        eval_set = self.eval_set(res.eval_sets, cand.changed) if online else None
         return OnlineEvalConfig(
             canary_url=render.service_url(self.canary_name(), self.ns, port) if online else None,
             stable_url=stable_url if online else None,
             candidates=[CandidateRef(name=n, uri=by_name[n].uri, sha256=by_name[n].sha256, serving=n in serving,
                                      offline=n in gated) for n in cand.changed if online or n in gated],
-            eval_set_uri=self.eval_set(res.eval_sets, cand.changed) if online else None,
+            eval_set_uri=eval_set, eval_set_sha256=res.eval_set_sha256.get(eval_set) if eval_set else None,
             gate=self.spec.gates.online, offline=self.spec.gates, s3=self.spec.s3, seed=cand.generation,
             backend=self.spec.server.backend.value, base_model=self.spec.base_model.id,
         )

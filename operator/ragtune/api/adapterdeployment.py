@@ -268,7 +268,9 @@ class OnlineGate(ApiModel):
     enabled: bool = True
     """Run the online evaluation (ignored by the `Direct` strategy, which has no canary)."""
     eval_set_uri: Optional[ArtifactUri] = None
-    """Evaluation records (`rag` format). Empty: the evaluation split each FineTuneJob used."""
+    """Evaluation records (`rag` format). Empty: the held-out split each FineTuneJob's trainer
+    published (`status.adapter.evalSetUri`, verified against its `evalSetSha256`), else its
+    `dataset.eval` (runs that predate publishing); with neither the rollout fails `EvalSetMissing`."""
     samples: int = Field(16, ge=1, le=10000)
     """Items sampled from the evaluation set."""
     max_new_tokens: int = Field(128, ge=1, le=4096)
