@@ -141,10 +141,13 @@ def test_per_construction_metrics_fit_the_termination_message():
                            adapter_uri="s3://bucket/" + "k" * 200, manifest_sha256="a" * 64, adapter_size_bytes=10**9,
                            report_uri="s3://bucket/" + "k" * 200 + "/eval/report.html", base=m, adapter=m,
                            prompt_sha256="b" * 64, foreign_prompt=foreign, foreign_prompt_gap=prompt_gap(m, foreign),
-                           passed=False, gates=gates, steps=100000, train_seconds=123456.7)
+                           passed=False, gates=gates, steps=100000, train_seconds=123456.7,
+                           eval_set_uri="s3://bucket/" + "k" * 200 + "/eval/heldout.jsonl", eval_set_sha256="e" * 64)
     text = encode_termination_message(result)
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
     decoded = TrainerResult.model_validate_json(text)
+    assert decoded.eval_set_uri == result.eval_set_uri and decoded.eval_set_sha256 == "e" * 64
+    assert decoded.message == "x" * 200  # the message goes before the gates (it repeats them)
     assert decoded.adapter.refusal_by_construction.near_miss == rate and len(decoded.gates) == len(gates)
     assert all(g.bound == 0.012345 or g.bound == 0.234567 for g in decoded.gates if g.metric != "foreignPromptGap")
     # what the foreign-prompt gap needs survives (the report keeps the full foreign metrics)

@@ -171,7 +171,8 @@ class TrainerResult(ApiModel):
 def encode_termination_message(result: ApiModel) -> str:
     """Compact JSON within the kubelet's 4 KiB limit (keeps of the foreign-prompt metrics only what
     the gap uses, then drops the gates' confidence intervals (their bounds stay; report.json has
-    them all), then drops gate details, then the message)."""
+    them all), then cuts the message to 200 characters (a GateFailed message only repeats the
+    gates, from which the operator rebuilds it), then drops gate details)."""
     data = result.to_wire()
     text = json.dumps(data, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and isinstance(data.get("foreignPrompt"), dict):
@@ -181,11 +182,11 @@ def encode_termination_message(result: ApiModel) -> str:
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and any("interval" in g for g in data.get("gates") or []):
         data["gates"] = [{k: v for k, v in g.items() if k != "interval"} for g in data["gates"]]
         text = json.dumps(data, separators=(",", ":"))
-    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and "gates" in data:
-        data["gates"] = [g for g in data["gates"] if not g.get("passed")][:5]
-        text = json.dumps(data, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
         data["message"] = data.get("message", "")[:200]
+        text = json.dumps(data, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and "gates" in data:
+        data["gates"] = [g for g in data["gates"] if not g.get("passed")][:5]
         text = json.dumps(data, separators=(",", ":"))
     return text
 
