@@ -42,6 +42,12 @@ def test_s3_run_reads_data_and_model_and_publishes_manifest_last(platform, s3_en
     assert sha256_bytes(manifest) == result["manifestSha256"]
     datasets = json.loads(manifest)["datasets"]
     assert datasets[0]["uri"] == f"s3://{bucket}/data/train.jsonl" and datasets[0]["etag"]
+    # The held-out split, where the online evaluator reads it, digest-checked against the result.
+    from ragtune.pods.online_eval import load_records
+
+    assert result["evalSetUri"] == run + "eval/heldout.jsonl"
+    split = load_records(s3_env, result["evalSetUri"], sha256=result["evalSetSha256"])
+    assert split and all(r["construction"] for r in split)
 
 
 def test_wrong_credentials_are_access_denied(platform, monkeypatch, tmp_path, tiny_model_dir):
