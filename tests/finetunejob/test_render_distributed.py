@@ -67,6 +67,8 @@ def test_nodes_render_a_headless_service_then_an_indexed_job():
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd and "--rdzv-backend=c10d" in cmd
     assert f"--rdzv-endpoint={name}-0.{svc['metadata']['name']}:29500" in cmd
     assert f"--rdzv-id={RUN_ID}" in cmd
+    # c10d orders ranks by the agents' addresses: each is its pod's stable name, index 0 sorts first.
+    assert f"--local-addr={name}-$(JOB_COMPLETION_INDEX).{svc['metadata']['name']}" in cmd
     assert world_size(s) == 6
 
 

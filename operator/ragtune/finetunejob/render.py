@@ -269,13 +269,16 @@ def service_name(job: str) -> str:
 
 def _rendezvous_command(spec: FineTuneJobSpec, job: str, run_id: str) -> list[str]:
     # `ragtune torchrun` is torchrun keeping the workers' exit code (torchrun exits 1 for any
-    # failure, which would hide the permanent exit 2 from the podFailurePolicy). With the c10d
-    # backend ranks follow the agents' sorted addresses, so index 0 (`<job>-0...`) is rank 0.
+    # failure, which would hide the permanent exit 2 from the podFailurePolicy). The c10d backend
+    # ignores --node-rank: it numbers the agents in the sorted order of their addresses, so each
+    # agent's address is its pod's stable name and index 0 (`<job>-0.<service>`) sorts first: rank 0,
+    # the one that writes the result, is always index 0's pod (left to the FQDN, it was not).
     return [
         "ragtune", "torchrun",
         f"--nnodes={spec.resources.nodes}",
         f"--nproc-per-node={processes_per_node(spec)}",
         "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--local-addr={job}-$(JOB_COMPLETION_INDEX).{service_name(job)}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={job}-0.{service_name(job)}:{RENDEZVOUS_PORT}",
         f"--rdzv-id={run_id}",
