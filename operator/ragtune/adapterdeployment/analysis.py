@@ -51,7 +51,10 @@ def read_metrics(ip: str, port: int) -> Optional[str]:
 
 
 def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """(name, labels, value) of every sample of the Prometheus text format."""
+    """(name, labels, value) of every sample of the Prometheus text format. (Not
+    prometheus_client's parser: it renames a counter without the `_total` suffix, which is how TGI
+    exposes `tgi_request_count`, to `tgi_request_count_total`, and it rejects a whole scrape for
+    one malformed line, where this skips the line.)"""
     out = []
     for line in text.splitlines():
         if not line or line.startswith("#"):
