@@ -29,8 +29,23 @@ Baseline in the same run: `standin_direct_start_seconds`, the stand-in started a
 process on the same model (what serving costs with no Kubernetes at all).
 
 Target (issue 5): operator overhead < 5 s on the local platform.
+
+3. `canary` (issue 18, `--canary`): the weighted canary through the real gateway (Traefik, the
+   local platform's `gateway` part) with `canary.analysis`, under a bounded load of one-token
+   `POST /generate` requests through the Gateway (`--clients` closed loops). A good candidate
+   goes through the steps: `operator_overhead_per_step_seconds` is, per step, the time from the
+   end of its pause (the status first seen with the step accepted, polled every 0.1 s, + pause)
+   to the status showing the next step (goal <= 2 s). A candidate whose server fails every request
+   (the stand-in's `STANDIN_FAIL_WITH_ADAPTER`) is rolled back by the analysis:
+   `analysis_failure_to_weight0_seconds` is the time from the failed measurement (its `at`, whole
+   seconds: high by up to 1 s) to the last answer from the canary seen by the clients (the data
+   plane at weight 0; goal <= 5 s). Baseline in the same run: the
+   Gateway's own latency from a route write to its Accepted status (`gateway_accept_seconds`,
+   median over the run's writes), the floor of any weight change; ratios against it. Failed
+   requests per scenario on the stable path (and transport errors) must be 0.
 Platform selection as in the tests (ragtune_local.testing.open_platform).
-Usage: python bench/rollout.py [--strategies Canary Direct] [--swap tgi vllm] [--clients 2] [--window 10]
+Usage: python bench/rollout.py [--strategies Canary Direct] [--swap tgi vllm] [--canary] [--clients 2]
+       [--window 10]
 """
 
 from __future__ import annotations
@@ -161,8 +176,7 @@ def server_pods(kube: Kube, namespace: str) -> dict[str, int]:
 
 def ready_endpoints(kube: Kube, namespace: str, service: str) -> list[str]:
     """URLs the Service routes to: its selected pods that are Ready and not terminating, at the
-    target port (what the EndpointSlice controller would list; on the local platform pod IPs are
-    loopback addresses, which EndpointSlices may not hold, so the pods are read directly)."""
+    target port (what the EndpointSlice controller would list, read from the pods directly)."""
     svc = kube.get("Service", namespace, service)
     port = next(p["targetPort"] for p in svc["spec"]["ports"] if p.get("name") == "http")
     pods = kube.list("Pod", namespace, svc["spec"]["selector"])
@@ -334,11 +348,219 @@ def measure_swap(kube: Kube, platform, backend: str, base: Path, bucket: str, ru
         platform.delete_namespace(namespace)
 
 
+class GatewayLoad:
+    """`clients` closed loops of one-token `POST /generate` through the Gateway (the route's host):
+    (sent, answered wall time, HTTP status or 0 on a transport error, adapter set that answered)."""
+
+    BODY = json.dumps({"inputs": PROMPT, "parameters": {"max_new_tokens": 1}}).encode()
+
+    def __init__(self, port: int, host: str, clients: int):
+        self.port, self.host = port, host
+        self.answers: list[tuple[float, float, int, str]] = []
+        self.halt = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
+
+    def _loop(self) -> None:
+        import http.client
+
+        from ragtune_local.testdoubles.tgi_standin.server import ADAPTERS_HEADER
+
+        conn = None
+        while not self.halt.is_set():
+            sent = time.time()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                conn.request("POST", "/generate", body=self.BODY,
+                             headers={"Host": self.host, "Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                self.answers.append((sent, time.time(), resp.status, resp.getheader(ADAPTERS_HEADER) or ""))
+            except (OSError, http.client.HTTPException):
+                self.answers.append((sent, time.time(), 0, ""))
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.05)
+
+    def __enter__(self) -> "GatewayLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.halt.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+    def failed(self, start: float, end: float, stable: str) -> dict:
+        got = [a for a in self.answers if start <= a[0] < end]
+        return {"requests": len(got), "stable_answers": sum(a[3] == stable for a in got),
+                "stable_failed": sum(a[3] == stable and a[2] != 200 for a in got),
+                "transport_or_gateway_errors": sum(a[3] == "" for a in got),
+                "canary_answers": sum(a[3] not in ("", stable) for a in got),
+                "canary_failed": sum(a[3] not in ("", stable) and a[2] != 200 for a in got)}
+
+
+class StatusPoll:
+    """The AdapterDeployment's status and its HTTPRoute's generation / accepted generation, every 0.1 s."""
+
+    def __init__(self, kube: Kube, namespace: str):
+        self.kube, self.namespace = kube, namespace
+        self.seen: list[tuple[float, dict, int, int]] = []  # (wall time, status, route gen, accepted gen)
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.halt.is_set():
+            try:
+                status = (self.kube.get("AdapterDeployment", self.namespace, "chat") or {}).get("status") or {}
+                route = self.kube.get("HTTPRoute", self.namespace, "chat-route") or {"metadata": {}}
+                conds = [c for p in (route.get("status") or {}).get("parents") or [] for c in p.get("conditions") or []
+                         if c.get("type") == "Accepted" and c.get("status") == "True"]
+                self.seen.append((time.time(), status, route["metadata"].get("generation", 0),
+                                  max((c.get("observedGeneration", 0) for c in conds), default=0)))
+            except Exception as exc:  # an API hiccup: keep polling
+                print(f"[rollout] poll: {exc}", file=sys.stderr)
+            self.halt.wait(0.1)
+
+    def __enter__(self) -> "StatusPoll":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.halt.set()
+        self.thread.join(timeout=10)
+
+    def accept_latencies(self) -> list[float]:
+        """Per route generation: first seen written -> first seen Accepted."""
+        written: dict[int, float] = {}
+        accepted: dict[int, float] = {}
+        for t, _, gen, acc in self.seen:
+            written.setdefault(gen, t)
+            accepted.setdefault(acc, t)
+        return [accepted[g] - written[g] for g in sorted(written) if g in accepted and g > 1 and g - 1 in written]
+
+
+def _traffic(status: dict) -> dict:
+    return (status.get("candidate") or {}).get("traffic") or {}
+
+
+def _stamp(value: str) -> float:
+    from datetime import datetime, timezone
+
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def measure_canary(kube: Kube, platform, base: Path, bucket: str, runs: dict, clients: int) -> dict:
+    """The good and the failing candidate through the Gateway (see the module docstring)."""
+    from ragtune_local.gateway import GATEWAY_NAME, GATEWAY_NAMESPACE
+    from ragtune_local.testing import _to_stderr
+
+    if platform.local is None:
+        raise RuntimeError("--canary needs the local platform's gateway part (RAGTUNE_TEST_KUBECONFIG is set)")
+    port = platform.local.start_gateway(log=_to_stderr).ports["gateway"]
+    namespace = platform.create_namespace("canary")
+    host = f"{namespace}.gateway.test"
+    pause = 20
+    steps = [{"weight": 20, "pause": f"{pause}s"}, {"weight": 50, "pause": f"{pause}s"}]
+
+    def adapter(name: str, key: str) -> dict:
+        return {"name": name, "uri": f"s3://{bucket}/{runs[key][0]}/", "sha256": runs[key][1]}
+
+    body = swap_body(platform, namespace, "tgi", base, bucket, runs["v1"])
+    body["spec"]["server"]["env"] = {"STANDIN_FAIL_WITH_ADAPTER": "faulty"}
+    body["spec"]["strategy"] = {"type": "Canary", "canary": {
+        "gatewayRef": {"name": GATEWAY_NAME, "namespace": GATEWAY_NAMESPACE}, "hostnames": [host], "steps": steps,
+        # latency and speed limits wide: canary and stable share 2 busy cores, and a one-token
+        # request's time is mostly scheduling noise
+        "analysis": {"minRequests": 10, "minSuccessRate": 0.95, "maxP95LatencyRatio": 4,
+                     "minTokensPerSecondRatio": 0.25}}}
+    body["spec"]["gates"] = {"online": {"enabled": False}}
+    try:
+        platform.apply(body)
+        wait_served(kube, namespace, 1, runs["v1"][1], timeout=600)
+        out: dict[str, Any] = {"pause_seconds": pause, "steps": steps, "clients": clients,
+                               "analysis": body["spec"]["strategy"]["canary"]["analysis"]}
+        with GatewayLoad(port, host, clients) as load, StatusPoll(kube, namespace) as poll:
+            time.sleep(5)
+            # 1. a good candidate through every step
+            t0 = time.time()
+            patient(kube.merge_patch, "AdapterDeployment", namespace, "chat",
+                    {"spec": {"adapters": [adapter("support", "v2")]}})
+            try:
+                wait_served(kube, namespace, 2, runs["v2"][1], timeout=900)
+                outcome = "Promoted"
+            except RuntimeError as exc:  # e.g. a spurious latency failure: recorded, the next scenario still runs
+                outcome = str(exc)
+            t1 = time.time()
+            overheads, lower = [], []
+            for k in range(len(steps)):
+                # The pause counts from `stepStartedAt` (whole seconds, floored: this bound is high by
+                # up to 1 s); the status first seen with it (0.1 s polls, after the status write) gives
+                # the low bound.
+                seen = next(((t, _traffic(s)["stepStartedAt"]) for t, s, _, _ in poll.seen
+                             if t >= t0 and _traffic(s).get("step") == k and _traffic(s).get("stepStartedAt")), None)
+                nxt = next((t for t, s, _, _ in poll.seen if t >= t0 and (_traffic(s).get("step") or 0) > k), None)
+                if seen and nxt:
+                    overheads.append(round(nxt - (_stamp(seen[1]) + pause), 2))
+                    lower.append(round(nxt - (seen[0] + pause), 2))
+            good = load.failed(t0, t1, "support")
+            # 2. a candidate whose server fails every request: rolled back by the analysis
+            time.sleep(3)
+            t2 = time.time()
+            patient(kube.merge_patch, "AdapterDeployment", namespace, "chat",
+                    {"spec": {"adapters": [adapter("support", "v2"), adapter("faulty", "v1")]}})
+            deadline = time.monotonic() + 900
+            while not any(t >= t2 and s.get("phase") == "RolledBack" for t, s, _, _ in poll.seen):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the failing candidate was not rolled back within 900 s")
+                time.sleep(0.5)
+            time.sleep(3)
+            t3 = time.time()
+        failing = load.failed(t2, t3, "support")
+        measured = max((_traffic(s).get("measurements") or [] for t, s, _, _ in poll.seen if t >= t2), key=len)
+        failed = next(m for m in measured if m["phase"] == "Failed")
+        failure_at = _stamp(failed["at"])  # whole seconds: the figure is high by up to 1 s
+        seen_at = next(t for t, s, _, _ in poll.seen if t >= t2 and _traffic(s).get("aborting"))
+        last_canary = max((a[1] for a in load.answers if t2 <= a[0] < t3 and a[3] not in ("", "support")),
+                          default=None)
+        final = kube.get("AdapterDeployment", namespace, "chat")["status"]
+        accept = poll.accept_latencies()
+        floor = statistics.median(accept) if accept else None
+        to_zero = round(last_canary - failure_at, 2) if last_canary else None
+        seen_to_zero = round(last_canary - seen_at, 2) if last_canary else None
+        out.update({
+            "good": {"operator_overhead_per_step_seconds": overheads,
+                     "operator_overhead_per_step_low_bound_seconds": lower, "goal_seconds": 2.0,
+                     "meets_goal": bool(overheads) and max(overheads) <= 2.0, "requests": good,
+                     "outcome": outcome},
+            "failing": {"analysis_failure_to_weight0_seconds": to_zero, "goal_seconds": 5.0,
+                        "aborting_seen_in_status_to_last_canary_answer_seconds": seen_to_zero,
+                        "meets_goal": to_zero is not None and to_zero <= 5.0,
+                        "failed_measurement": failed, "outcome": final.get("phase"),
+                        "reason": (final.get("history") or [{}])[0].get("reason"), "requests": failing},
+            "gateway_accept_seconds": {"median": round(floor, 3) if floor is not None else None,
+                                       "samples": [round(x, 3) for x in accept]},
+            "zero_failed_on_stable_path": good["stable_failed"] + failing["stable_failed"] == 0
+            and good["transport_or_gateway_errors"] + failing["transport_or_gateway_errors"] == 0,
+        })
+        if floor:
+            out["ratio_overhead_max_vs_gateway_accept"] = round(max(overheads) / floor, 2) if overheads else None
+            out["ratio_failure_to_weight0_vs_gateway_accept"] = round(to_zero / floor, 2) if to_zero else None
+        print(f"[rollout] canary: {json.dumps(out)}", file=sys.stderr)
+        return out
+    finally:
+        platform.delete_namespace(namespace)
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategies", nargs="*", default=["Canary", "Direct"])
     parser.add_argument("--swap", nargs="*", default=["tgi", "vllm"], choices=["tgi", "vllm"],
                         help="backends whose adapter swap under load is measured")
+    parser.add_argument("--canary", action="store_true",
+                        help="the weighted canary through the gateway with analysis (issue 18)")
     parser.add_argument("--clients", type=int, default=2, help="concurrent request loops during the swap")
     parser.add_argument("--window", type=float, default=10.0, help="seconds of load before and after the swap")
     args = parser.parse_args()
@@ -366,6 +588,7 @@ def main() -> dict:
     operator = None
     results = {}
     swaps: dict[str, dict] = {}
+    canary = None
     try:
         platform.install_crds()
         kube = Kube(platform.api_client())
@@ -403,6 +626,8 @@ def main() -> dict:
                                                       report=report))
         for backend in args.swap:
             swaps[backend] = measure_swap(kube, platform, backend, swap_base, bucket, runs, args.clients, args.window)
+        if args.canary:
+            canary = measure_canary(kube, platform, swap_base, bucket, runs, max(args.clients, 2))
     finally:
         if operator is not None:
             operator.send_signal(signal.SIGINT)
@@ -442,6 +667,8 @@ def main() -> dict:
             doc["swap"]["ratio_tgi_restart_vs_vllm"] = round(ratio, 1)
             doc["swap"]["goal_10x_met"] = ratio >= 10
         doc["swap"]["zero_failed_requests"] = {k: v["failed_requests"] == 0 for k, v in swaps.items()}
+    if canary is not None:
+        doc["canary"] = canary
     return doc
 
 
