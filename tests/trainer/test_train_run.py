@@ -157,16 +157,14 @@ def test_qlora_is_evaluated_and_gated_on_the_unquantised_base_that_servers_load(
     """Issue 12 item 6: the report's adapter answers are those of the published adapter on the
     unquantised base (recomputed here independently); the 4-bit figure is reported beside them."""
     import torch
+    from bitsandbytes.nn import Linear4bit
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ragtune.rag.prompt import render_prompt
     from ragtune.rag.records import Context, RagRecord
-    from ragtune_trainer.evaluate import generate_answers
-
-    from bitsandbytes.nn import Linear4bit
-
     from ragtune_trainer import evaluate
+    from ragtune_trainer.evaluate import generate_answers
 
     evaluated_on, real_evaluate = [], evaluate.evaluate_run
 
