@@ -18,6 +18,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 MANAGED_BY = "ragtune"
 """Value of `app.kubernetes.io/managed-by` on every child object."""
+ANNOTATION_JOB_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+"""Set by the Job controller on each pod of an Indexed Job: its index (index 0 speaks for a multi-node run)."""
 
 # --- ragtune's labels and annotations ----------------------------------------------------------
 

@@ -242,7 +242,6 @@ RENDEZVOUS_PORT = 29500
 """torchrun's c10d rendezvous store, served by index 0's agent."""
 RENDEZVOUS_JOIN_TIMEOUT_SECONDS = 600
 """How long the ranks wait for each other to join before the attempt fails."""
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 
 def processes_per_node(spec: FineTuneJobSpec) -> int:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ragtune.api.base import validate_tolerant
 from ragtune.api.finetunejob import FineTuneJobStatus, Phase, TrainingProgress
 from ragtune.api.gates import describe_failures
-from ragtune.api.keys import GROUP_VERSION
+from ragtune.api.keys import ANNOTATION_JOB_COMPLETION_INDEX, GROUP_VERSION
 from ragtune.api.pods import EXIT_PERMANENT, OOM_REMEDIES, PROMPT_JSON, TrainerResult
 from ragtune.runtime.conditions import get_condition, set_condition
 
@@ -201,7 +201,7 @@ class PodView:
 
 
 def _index(annotations: dict) -> Optional[int]:
-    value = annotations.get("batch.kubernetes.io/job-completion-index")
+    value = annotations.get(ANNOTATION_JOB_COMPLETION_INDEX)
     return int(value) if value is not None and str(value).isdigit() else None
 
 
