@@ -207,7 +207,8 @@ def test_sigterm_in_the_preference_stage_and_the_retry_reruns_it_from_the_finish
     train = write_jsonl(tmp_path / "data" / "train.jsonl", with_rejected(records[:24]))
     spec = job_spec(tiny_model_dir, train.as_uri(), tmp_path / "out", **{
         "training.maxSteps": 2, "training.checkpointIntervalSteps": 50,
-        "training.preference": {"enabled": True, "steps": 10, "learningRate": 0.01},
+        # An idle machine runs these steps in ~0.1 s each: enough of them to stop one mid-stage.
+        "training.preference": {"enabled": True, "steps": 30, "learningRate": 0.01},
         "evaluation.maxSamples": 2, "evaluation.maxNewTokens": 2, "evaluation.fewShot": 0,
     })
     obj = {"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
@@ -246,9 +247,9 @@ def test_sigterm_in_the_preference_stage_and_the_retry_reruns_it_from_the_finish
     second = json.loads((tmp_path / "term2").read_text())
     assert done.returncode == 0 and second["reason"] == "Completed", done.stderr[-2000:]
     # SFT is taken over from its final checkpoint (no training time), the stage runs in full.
-    assert [(s["name"], s["steps"]) for s in second["stages"]] == [("sft", 2), ("preference", 10)]
+    assert [(s["name"], s["steps"]) for s in second["stages"]] == [("sft", 2), ("preference", 30)]
     assert second["stages"][0]["seconds"] == 0.0
-    assert "trained 2 sft + 10 preference steps" in second["message"]
+    assert "trained 2 sft + 30 preference steps" in second["message"]
 
 
 def test_the_local_progress_bar_counts_each_training_stage_from_zero():

@@ -120,6 +120,19 @@ def test_progress_printer_is_rate_limited_but_reports_stage_changes():
     assert json.loads(lines[1][len(PROGRESS_PREFIX):]) == {"step": 2, "stage": "evaluating"}
 
 
+def test_progress_printer_reports_a_stages_first_step_at_once():
+    """A short stage (e.g. the preference stage's few steps) is seen under way, not only its start."""
+    out = io.StringIO()
+    p = cli.ProgressPrinter(interval=60, stream=out)
+    for progress in [TrainingProgress(stage="preference", step=0), TrainingProgress(stage="preference", step=1),
+                     TrainingProgress(stage="preference", step=2), TrainingProgress(stage="evaluating", step=2),
+                     TrainingProgress(stage="evaluating", step=3)]:
+        p(progress)
+    steps = [(d["stage"], d["step"]) for d in (json.loads(line[len(PROGRESS_PREFIX):])
+                                               for line in out.getvalue().splitlines())]
+    assert steps == [("preference", 0), ("preference", 1), ("evaluating", 2)]
+
+
 @pytest.mark.parametrize("reason, code", [
     ("Completed", 0), ("GateFailed", EXIT_PERMANENT), ("InvalidDataset", EXIT_PERMANENT),
     ("S3Unreachable", EXIT_RETRYABLE), ("Preempted", EXIT_RETRYABLE), ("OutOfMemory", EXIT_PERMANENT),

@@ -119,17 +119,23 @@ def load_local_job(path: str, output: Optional[str], overrides: list[str]):
 
 
 class ProgressPrinter:
-    """`RAGTUNE_PROGRESS {json}` lines, at most one per interval (stage changes go out at once)."""
+    """`RAGTUNE_PROGRESS {json}` lines, at most one per interval; a stage change and a stage's first
+    step go out at once (the status says a stage is under way as soon as it is)."""
 
     def __init__(self, interval: float = PROGRESS_INTERVAL_S, stream=sys.stdout):
         self.interval, self.stream = interval, stream
         self.last_time = 0.0
         self.last_stage: Optional[str] = None
+        self.stepped = False
 
     def __call__(self, progress) -> None:
         now = time.monotonic()
-        if progress.stage == self.last_stage and now - self.last_time < self.interval:
+        first_step = progress.stage == self.last_stage and not self.stepped and (progress.step or 0) >= 1
+        if progress.stage == self.last_stage and now - self.last_time < self.interval and not first_step:
             return
+        if progress.stage != self.last_stage:
+            self.stepped = False
+        self.stepped = self.stepped or (progress.step or 0) >= 1
         self.last_time, self.last_stage = now, progress.stage
         self.stream.write(contract.PROGRESS_PREFIX + json.dumps(progress.to_wire(), separators=(",", ":")) + "\n")
         self.stream.flush()
