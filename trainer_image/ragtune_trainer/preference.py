@@ -44,6 +44,7 @@ from ragtune.rag.records import RagRecord
 from . import data as D
 from .base_model import Plan
 from .run import Preempted, RunContext, RunState, TrainerFailure
+from .sft import stage_trainer_args
 
 STAGE = "preference"
 AUTO_MIN_F1 = 0.5
@@ -155,21 +156,11 @@ def build_dpo_config(ctx: RunContext, plan: Plan, out_dir, has_eval: bool):
         max_steps=pref.steps,
         beta=pref.beta,
         loss_type=["sigmoid"],
-        bf16=plan.dtype == "bfloat16",
-        fp16=plan.dtype == "float16",
-        gradient_checkpointing=False,  # enabled on the model in load_model when the plan says so
         max_length=None,  # pairs over maxSeqLength were dropped; nothing to truncate
         remove_unused_columns=False,
         eval_strategy="no",  # held-out pairs are scored once, after the last step
         save_strategy="no",
-        logging_steps=1 if pref.steps <= 200 else max(1, pref.steps // 100),
-        logging_first_step=True,
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        use_cpu=plan.device == "cpu",
+        **stage_trainer_args(ctx.spec, plan, pref.steps),
     )
 
 

@@ -173,6 +173,26 @@ def make_trainer_class():
     return RagSFTTrainer
 
 
+def stage_trainer_args(spec: FineTuneJobSpec, plan: Plan, steps: int) -> dict:
+    """The Trainer settings every training stage shares (SFT, preference): precision from the
+    plan, checkpointing done on the model (`load_model`), logging at most ~100 points, seeds, no
+    external reporting or tqdm (progress goes through the callbacks), CPU when the plan says so."""
+    t = spec.training
+    return dict(
+        bf16=plan.dtype == "bfloat16",
+        fp16=plan.dtype == "float16",
+        activation_checkpointing=False,  # enabled on the model in load_model (also covers QLoRA prep)
+        logging_steps=1 if steps <= 200 else max(1, steps // 100),
+        logging_first_step=True,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=plan.device == "cpu",
+    )
+
+
 def build_sft_config(spec: FineTuneJobSpec, plan: Plan, out_dir: Path, total_steps: int, has_eval: bool,
                      sampling: str = "random"):
     from trl import SFTConfig
@@ -188,9 +208,6 @@ def build_sft_config(spec: FineTuneJobSpec, plan: Plan, out_dir: Path, total_ste
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
         max_steps=total_steps,
-        bf16=plan.dtype == "bfloat16",
-        fp16=plan.dtype == "float16",
-        activation_checkpointing=False,  # enabled on the model in load_model (also covers QLoRA prep)
         padding_free=plan.padding_free,
         max_length=None,  # lengths are validated against maxSeqLength; nothing to truncate
         train_sampling_strategy=sampling,
@@ -203,14 +220,7 @@ def build_sft_config(spec: FineTuneJobSpec, plan: Plan, out_dir: Path, total_ste
         save_strategy="steps",
         save_steps=t.checkpoint_interval_steps,
         save_total_limit=2,
-        logging_steps=1 if total_steps <= 200 else max(1, total_steps // 100),
-        logging_first_step=True,
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        use_cpu=plan.device == "cpu",
+        **stage_trainer_args(spec, plan, total_steps),
         **distributed.trainer_settings(plan.strategy, plan.device),
     )
 
