@@ -36,6 +36,15 @@ from ragtune.api.pods import SERVER_METRICS_PATH
 
 SCRAPE_TIMEOUT = 3.0
 VLLM_COMPLETION_HANDLERS = ("/v1/completions", "/v1/chat/completions")
+SERIES = {
+    "tgi": {"tgi_request_count": "requests", "tgi_request_success": "success",
+            "tgi_request_duration_bucket": "le", "tgi_request_duration_sum": "seconds",
+            "tgi_request_generated_tokens_sum": "tokens"},
+    "vllm": {"vllm:e2e_request_latency_seconds_bucket": "le", "vllm:e2e_request_latency_seconds_sum": "seconds",
+             "vllm:generation_tokens_total": "tokens"},
+}
+"""Per backend: the sample each counter comes from (`le`: the duration histogram's buckets). vLLM's
+requests and successes are `http_requests_total` on its completion handlers (`counters`)."""
 _LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -78,29 +87,17 @@ def counters(text: str, backend: str) -> dict[str, float]:
     def add(key: str, value: float) -> None:
         out[key] = out.get(key, 0.0) + value
 
+    series = SERIES["vllm" if backend == "vllm" else "tgi"]
     for name, labels, value in parse(text):
-        if backend == "vllm":
-            if name == "http_requests_total" and labels.get("handler") in VLLM_COMPLETION_HANDLERS:
-                add("requests", value)
-                if labels.get("status", "").startswith("2"):
-                    add("success", value)
-            elif name == "vllm:e2e_request_latency_seconds_bucket":
-                add(f"le:{labels.get('le')}", value)
-            elif name == "vllm:e2e_request_latency_seconds_sum":
-                add("seconds", value)
-            elif name == "vllm:generation_tokens_total":
-                add("tokens", value)
-        else:
-            if name == "tgi_request_count":
-                add("requests", value)
-            elif name == "tgi_request_success":
+        key = series.get(name)
+        if key == "le":
+            add(f"le:{labels.get('le')}", value)
+        elif key is not None:
+            add(key, value)
+        elif backend == "vllm" and name == "http_requests_total" and labels.get("handler") in VLLM_COMPLETION_HANDLERS:
+            add("requests", value)
+            if labels.get("status", "").startswith("2"):
                 add("success", value)
-            elif name == "tgi_request_duration_bucket":
-                add(f"le:{labels.get('le')}", value)
-            elif name == "tgi_request_duration_sum":
-                add("seconds", value)
-            elif name == "tgi_request_generated_tokens_sum":
-                add("tokens", value)
     return out
 
 
