@@ -347,6 +347,11 @@ def pod_template(spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter], o
         pod_spec["nodeSelector"] = dict(server.node_selector)
     if server.tolerations:
         pod_spec["tolerations"] = [t.to_wire() for t in server.tolerations]
+    if server.affinity is not None:
+        # Empty lists left out: the pod spec reads as written (an empty list means the same).
+        pod_spec["affinity"] = server.affinity.model_dump(by_alias=True, exclude_defaults=True, mode="json")
+    if server.priority_class_name:
+        pod_spec["priorityClassName"] = server.priority_class_name
     return {
         "metadata": {"labels": _labels(owner, track, backend.name), "annotations": annotations},
         "spec": pod_spec,
@@ -511,6 +516,10 @@ def eval_job(spec: AdapterDeploymentSpec, owner: Owner, generation: int, config:
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
+                    # The server's priority (an evaluation preempted mid-gate rolls the canary back);
+                    # not its placement: a CPU client needs no GPU node.
+                    **({"priorityClassName": spec.server.priority_class_name}
+                       if spec.server.priority_class_name else {}),
                     "securityContext": workloads.restricted_pod(SERVER_USER),
                     "containers": [{
                         "name": "online-eval",

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, Field, model_validator
 from .base import ApiModel, cel, k8s_extensions
 from .common import (
     IMAGE_REF,
+    Affinity,
     ArtifactUri,
     Condition,
     CpuQuantity,
@@ -23,8 +24,8 @@ from .common import (
     NodeSelector,
     S3Config,
     ServedBaseModelRef,
+    Toleration,
 )
-from .finetunejob import Toleration
 from .keys import GROUP_VERSION
 
 DEFAULT_TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
@@ -190,6 +191,9 @@ class ServerSpec(ApiModel):
             cel("!has(self.deploymentRef) || self.backend == 'tgi'",
                 "deploymentRef (an existing Deployment) is supported for backend: tgi only",
                 field_path=".deploymentRef"),
+            cel("!has(self.deploymentRef) || (!has(self.affinity) && !has(self.priorityClassName))",
+                "affinity and priorityClassName place ragtune's own server pods: with deploymentRef the "
+                "referenced Deployment's template places its pods", field_path=".deploymentRef"),
             cel("self.backend != 'vllm' || (!has(self.maxInputTokens) && !has(self.maxTotalTokens) && "
                 "!has(self.maxConcurrentRequests))",
                 "maxInputTokens, maxTotalTokens and maxConcurrentRequests are TGI settings: for vllm use "
@@ -231,9 +235,16 @@ class ServerSpec(ApiModel):
     startup_timeout_seconds: int = Field(1800, ge=60, le=7200)
     """How long the startupProbe waits for weights and adapters to load."""
     node_selector: NodeSelector = Field(default_factory=dict)
-    """Node labels the server pods must match."""
+    """Node labels the server pods (stable and canary) must match."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    """Tolerations, e.g. for tainted GPU nodes."""
+    """Tolerations of the server pods, e.g. for tainted GPU nodes."""
+    affinity: Optional[Affinity] = None
+    """Node and pod (anti-)affinity of the server pods (stable and canary), e.g. replicas on
+    different nodes or a GPU type. Not with `deploymentRef`: that Deployment's own template places
+    its pods."""
+    priority_class_name: Optional[K8sName] = None
+    """PriorityClass of the server pods and of the online-evaluation Job (a canary whose
+    evaluation is preempted rolls back). Not with `deploymentRef`."""
     env: ServerEnv = Field(default_factory=dict)
     """Extra server environment variables. Not for secrets (names like `*_TOKEN`, `*_SECRET`,
     `*_PASSWORD`, `*_KEY` are refused) and not for what ragtune sets itself (`MODEL_ID`,
@@ -245,6 +256,9 @@ class ServerSpec(ApiModel):
             raise ValueError("vllm settings need backend: vllm")
         if self.deployment_ref is not None and self.backend != ServerBackend.TGI:
             raise ValueError("deploymentRef (an existing Deployment) is supported for backend: tgi only")
+        if self.deployment_ref is not None and (self.affinity is not None or self.priority_class_name):
+            raise ValueError("affinity and priorityClassName place ragtune's own server pods: with deploymentRef "
+                             "the referenced Deployment's template places its pods")
         tgi_only = [n for n in ("max_input_tokens", "max_total_tokens", "max_concurrent_requests")
                     if getattr(self, n) is not None]
         if tgi_only and self.backend == ServerBackend.VLLM:

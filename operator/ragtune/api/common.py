@@ -7,7 +7,7 @@ import re
 from enum import Enum
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, Field, ValidationInfo
+from pydantic import AfterValidator, Field, ValidationInfo, model_validator
 
 from ragtune.addresses import (
     ALWAYS_FORBIDDEN,
@@ -238,22 +238,196 @@ MemoryQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K
 """A memory quantity greater than zero: `32Gi`, `512Mi`."""
 
 
-def _valid_selector_keys(selector: dict[str, str]) -> dict[str, str]:
-    for key in selector:
-        if not re.match(QUALIFIED_NAME, key) or len(key) > 317:
-            raise ValueError(f"node selector key {key!r} is not a valid label key ([prefix/]name, name at most "
-                             "63 alphanumerics, '-', '_' or '.')")
-    return selector
+def _label_map(what: str, max_items: int):
+    """A map of label keys to label values (a node selector, `matchLabels`); keys are checked by
+    CEL and the model (a structural schema cannot constrain map keys)."""
+
+    def check_keys(labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if not re.match(QUALIFIED_NAME, key) or len(key) > 317:
+                raise ValueError(f"{what} key {key!r} is not a valid label key ([prefix/]name, name at most "
+                                 "63 alphanumerics, '-', '_' or '.')")
+        return labels
+
+    return Annotated[
+        dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]],
+        Field(max_length=max_items, json_schema_extra=k8s_extensions(
+            cel(f"self.all(k, k.size() <= 317 && k.matches('{QUALIFIED_NAME.replace(chr(92), chr(92) * 2)}'))",
+                f"{what} keys must be valid label keys ([prefix/]name, name at most 63 alphanumerics, "
+                "'-', '_' or '.')"))),
+        AfterValidator(check_keys),
+    ]
 
 
-NodeSelector = Annotated[
-    dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]],
-    Field(max_length=64, json_schema_extra=k8s_extensions(
-        cel(f"self.all(k, k.size() <= 317 && k.matches('{QUALIFIED_NAME.replace(chr(92), chr(92) * 2)}'))",
-            "node selector keys must be valid label keys ([prefix/]name, name at most 63 alphanumerics, "
-            "'-', '_' or '.')"))),
-    AfterValidator(_valid_selector_keys),
-]
+NodeSelector = _label_map("node selector", 64)
+"""Node labels a pod must match."""
+
+
+# --- Pod placement (FineTuneJob `resources`, AdapterDeployment `server`) -------------------
+
+
+class Toleration(ApiModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: Optional[str] = None
+    """Taint key; empty with `Exists` matches every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Exists` or `Equal`."""
+    value: Optional[str] = None
+    """Taint value for `Equal`."""
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    """Taint effect; empty matches all effects."""
+    toleration_seconds: Optional[int] = None
+    """For `NoExecute`: how long the pod stays bound after the taint appears."""
+
+
+LabelKey = Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME)]
+"""A label key: `[prefix/]name`."""
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+"""A label value: empty or up to 63 alphanumerics, '-', '_' or '.'."""
+_SET_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def _check_requirement(operator: str, values: list[str], what: str) -> None:
+    if operator in ("In", "NotIn") and not values:
+        raise ValueError(f"{what} operator {operator} needs at least one value")
+    if operator in ("Exists", "DoesNotExist") and values:
+        raise ValueError(f"{what} operator {operator} takes no values")
+    if operator in ("Gt", "Lt") and (len(values) != 1 or not re.fullmatch(r"-?[0-9]+", values[0])):
+        raise ValueError(f"{what} operator {operator} needs exactly one integer value")
+
+
+_REQUIREMENT_RULE = cel(
+    "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : "
+    "self.operator in ['Exists', 'DoesNotExist'] ? (!has(self.values) || size(self.values) == 0) : "
+    "(has(self.values) && size(self.values) == 1 && self.values[0].matches('^-?[0-9]+$'))",
+    "In and NotIn need at least one value, Exists and DoesNotExist none, Gt and Lt exactly one integer",
+    field_path=".values", reason="FieldValueInvalid")
+
+
+class NodeSelectorRequirement(ApiModel):
+    """One node label test (core/v1 NodeSelectorRequirement)."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": k8s_extensions(_REQUIREMENT_RULE)}
+
+    key: LabelKey
+    """Node label key."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    """`In`/`NotIn` (one of `values`), `Exists`/`DoesNotExist` (no values), `Gt`/`Lt` (one integer value)."""
+    values: list[LabelValue] = Field(default_factory=list, max_length=64)
+    """Label values to compare with."""
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> "NodeSelectorRequirement":
+        _check_requirement(self.operator, self.values, f"node selector requirement {self.key!r}:")
+        return self
+
+
+class NodeSelectorTerm(ApiModel):
+    """Node label tests that must all hold (core/v1 NodeSelectorTerm, `matchExpressions` only)."""
+
+    match_expressions: list[NodeSelectorRequirement] = Field(min_length=1, max_length=32)
+    """Requirements, ANDed."""
+
+
+class RequiredNodeTerms(ApiModel):
+    """Terms of which at least one must match (core/v1 NodeSelector)."""
+
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=16)
+    """Terms, ORed."""
+
+
+class PreferredSchedulingTerm(ApiModel):
+    """A weighted node preference."""
+
+    weight: int = Field(ge=1, le=100)
+    """Weight 1-100, added to a node's score when `preference` matches."""
+    preference: NodeSelectorTerm
+    """The node labels preferred."""
+
+
+class NodeAffinity(ApiModel):
+    """Which nodes the pods may (required) or should (preferred) run on."""
+
+    required_during_scheduling_ignored_during_execution: Optional[RequiredNodeTerms] = None
+    """Hard rule: pods are only scheduled onto nodes matching one of its terms."""
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
+        default_factory=list, max_length=16)
+    """Soft rules: nodes matching them score higher."""
+
+
+class LabelSelectorRequirement(ApiModel):
+    """One pod label test (metav1 LabelSelectorRequirement)."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": k8s_extensions(cel(
+        "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : "
+        "(!has(self.values) || size(self.values) == 0)",
+        "In and NotIn need at least one value, Exists and DoesNotExist none",
+        field_path=".values", reason="FieldValueInvalid"))}
+
+    key: LabelKey
+    """Pod label key."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    """`In`/`NotIn` (one of `values`) or `Exists`/`DoesNotExist` (no values)."""
+    values: list[LabelValue] = Field(default_factory=list, max_length=64)
+    """Label values to compare with."""
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> "LabelSelectorRequirement":
+        _check_requirement(self.operator, self.values, f"label selector requirement {self.key!r}:")
+        return self
+
+
+class LabelSelector(ApiModel):
+    """Pods selected by their labels (metav1 LabelSelector); both parts ANDed."""
+
+    match_labels: _label_map("matchLabels", 32) = Field(default_factory=dict)
+    """Labels the pods must carry with exactly these values."""
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
+    """Further label tests."""
+
+
+class PodAffinityTerm(ApiModel):
+    """Pods of this namespace that match `labelSelector`, counted per `topologyKey` domain."""
+
+    label_selector: LabelSelector
+    """The pods this term is about (e.g. the server's own: `app.kubernetes.io/instance: <name>`)."""
+    topology_key: LabelKey
+    """Node label whose value is the domain, e.g. `kubernetes.io/hostname` (one node) or
+    `topology.kubernetes.io/zone`."""
+
+
+class WeightedPodAffinityTerm(ApiModel):
+    """A weighted pod (anti-)affinity preference."""
+
+    weight: int = Field(ge=1, le=100)
+    """Weight 1-100."""
+    pod_affinity_term: PodAffinityTerm
+    """The term."""
+
+
+class PodAffinity(ApiModel):
+    """Run in the same (affinity) or another (anti-affinity) topology domain as other pods."""
+
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] = Field(
+        default_factory=list, max_length=16)
+    """Hard rules."""
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] = Field(
+        default_factory=list, max_length=16)
+    """Soft rules."""
+
+
+class Affinity(ApiModel):
+    """Scheduling constraints (core/v1 Affinity) in the same wire form, limited to what placement
+    of ragtune's pods needs: node terms by `matchExpressions`, pod terms within the object's own
+    namespace (no `namespaces`/`namespaceSelector`, `matchFields` or `matchLabelKeys`)."""
+
+    node_affinity: Optional[NodeAffinity] = None
+    """Node constraints (e.g. a GPU type)."""
+    pod_affinity: Optional[PodAffinity] = None
+    """Co-location with other pods."""
+    pod_anti_affinity: Optional[PodAffinity] = None
+    """Spreading away from other pods (e.g. replicas on different nodes)."""
 
 
 # --- S3 ------------------------------------------------------------------------------

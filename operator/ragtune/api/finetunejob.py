@@ -23,6 +23,7 @@ from .common import (
     NodeSelector,
     PromptGap,
     S3Config,
+    Toleration,
 )
 from .keys import GROUP_VERSION
 from .prompt import DEFAULT_REFUSAL, PromptSpec
@@ -269,21 +270,6 @@ class OutputSpec(ApiModel):
 
     uri: ArtifactUri
     """S3 prefix (or `file:///...` for local runs)."""
-
-
-class Toleration(ApiModel):
-    """A pod toleration (core/v1 Toleration)."""
-
-    key: Optional[str] = None
-    """Taint key; empty with `Exists` matches every taint."""
-    operator: Literal["Exists", "Equal"] = "Equal"
-    """`Exists` or `Equal`."""
-    value: Optional[str] = None
-    """Taint value for `Equal`."""
-    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
-    """Taint effect; empty matches all effects."""
-    toleration_seconds: Optional[int] = None
-    """For `NoExecute`: how long the pod stays bound after the taint appears."""
 
 
 class ResourcesSpec(ApiModel):

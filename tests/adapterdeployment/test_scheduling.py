@@ -1,0 +1,94 @@
+"""Placement of the serving pods (spec.server: nodeSelector, tolerations, affinity,
+priorityClassName) and the stable server's PodDisruptionBudget: rendered objects and validation."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from ragtune.adapterdeployment import render
+from ragtune.api.finetunejob import ResourcesSpec
+
+from .test_render import ADAPTERS, IMAGE, OWNER, make_spec
+
+AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["H100", "A100"]}]}]},
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 10, "preference": {"matchExpressions": [{"key": "gpu.mem", "operator": "Gt", "values": ["40"]}]}}],
+    },
+    "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+        "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "chat"},
+                          "matchExpressions": [{"key": "ragtune.dev/track", "operator": "Exists"}]},
+        "topologyKey": "kubernetes.io/hostname"}}]},
+}
+PLACED = {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+          "affinity": AFFINITY, "priorityClassName": "serving-high"}
+
+
+@pytest.mark.parametrize("backend", ["tgi", "vllm"])
+def test_stable_and_canary_pods_carry_the_placement_as_given(backend):
+    spec = make_spec(server={"backend": backend, **PLACED})
+    for canary in (False, True):
+        pod = render.deployment(spec, ADAPTERS[:1], OWNER, canary=canary, operator_image=IMAGE)["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"pool": "gpu"}
+        assert pod["tolerations"] == PLACED["tolerations"]
+        assert pod["affinity"] == AFFINITY  # the core/v1 wire form, unchanged
+        assert pod["priorityClassName"] == "serving-high"
+
+
+def test_no_placement_renders_no_placement_fields():
+    pod = render.deployment(make_spec(), ADAPTERS, OWNER, canary=False, operator_image=IMAGE)["spec"]["template"]["spec"]
+    assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName"} & set(pod)
+    job = render.eval_job(make_spec(), OWNER, 1, {"candidates": []}, IMAGE)["spec"]["template"]["spec"]
+    assert "priorityClassName" not in job
+
+
+def test_a_placement_change_rolls_the_pods():
+    before = render.deployment(make_spec(), ADAPTERS, OWNER, canary=False, operator_image=IMAGE)
+    after = render.deployment(make_spec(server={"priorityClassName": "serving-high"}), ADAPTERS, OWNER,
+                              canary=False, operator_image=IMAGE)
+    assert render.live_template_hash(before) != render.live_template_hash(after)
+
+
+def test_the_evaluator_gets_the_priority_but_not_the_gpu_placement():
+    job = render.eval_job(make_spec(server=PLACED), OWNER, 3, {"candidates": []}, IMAGE)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "serving-high"
+    assert not {"nodeSelector", "tolerations", "affinity"} & set(pod)
+
+
+BAD = [
+    ({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In"}]}]}}}}, "needs at least one value"),
+    ({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": {
+        "matchExpressions": [{"key": "mem", "operator": "Gt", "values": ["lots"]}]}}]}}}, "exactly one integer"),
+    ({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "labelSelector": {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]},
+        "topologyKey": "kubernetes.io/hostname"}]}}}, "takes no values"),
+    ({"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "labelSelector": {"matchLabels": {"bad key!": "x"}}, "topologyKey": "kubernetes.io/hostname"}]}}},
+     "matchLabels key"),
+    ({"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "labelSelector": {}, "topologyKey": "kubernetes.io/hostname", "namespaces": ["other"]}]}}}, "namespaces"),
+    ({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 0, "preference": {
+        "matchExpressions": [{"key": "a", "operator": "Exists"}]}}]}}}, "weight"),
+    ({"priorityClassName": "Not_A_Name"}, "priorityClassName"),
+    ({"deploymentRef": {"name": "tgi"}, "priorityClassName": "serving-high"}, "deploymentRef"),
+    ({"deploymentRef": {"name": "tgi"}, "affinity": {}}, "deploymentRef"),
+]
+
+
+@pytest.mark.parametrize("server, message", BAD, ids=[m for _, m in BAD])
+def test_bad_placement_is_refused_naming_what_is_wrong(server, message):
+    with pytest.raises(ValidationError) as err:
+        make_spec(server=server)
+    assert message in str(err.value)
+
+
+def test_finetunejob_and_adapterdeployment_share_one_toleration_type():
+    from ragtune.api import adapterdeployment, common
+
+    assert ResourcesSpec.model_fields["tolerations"].annotation == list[common.Toleration]
+    assert adapterdeployment.ServerSpec.model_fields["tolerations"].annotation == list[common.Toleration]
