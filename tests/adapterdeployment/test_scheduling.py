@@ -92,3 +92,69 @@ def test_finetunejob_and_adapterdeployment_share_one_toleration_type():
 
     assert ResourcesSpec.model_fields["tolerations"].annotation == list[common.Toleration]
     assert adapterdeployment.ServerSpec.model_fields["tolerations"].annotation == list[common.Toleration]
+
+
+# --- the stable server's PodDisruptionBudget ------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, name", [("tgi", "chat-tgi"), ("vllm", "chat-server")])
+def test_the_budget_selects_exactly_the_stable_pods_one_at_a_time(backend, name):
+    spec = make_spec(server={"backend": backend, "replicas": 3})
+    pdb = render.pod_disruption_budget(spec, OWNER)
+    assert pdb["apiVersion"] == "policy/v1" and pdb["metadata"]["name"] == name
+    assert pdb["metadata"]["ownerReferences"] == [OWNER.reference()]  # deleted with the AdapterDeployment
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    stable = render.deployment(spec, ADAPTERS[:1], OWNER, canary=False, operator_image=IMAGE)
+    canary = render.deployment(spec, ADAPTERS[:1], OWNER, canary=True, operator_image=IMAGE)
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    assert selector == stable["spec"]["selector"]["matchLabels"]
+    labels = canary["spec"]["template"]["metadata"]["labels"]
+    assert not all(labels.get(k) == v for k, v in selector.items())  # the canary is not protected
+
+
+@pytest.mark.parametrize("server", [{"replicas": 1}, {"replicas": 0}, {"replicas": 4, "deploymentRef": {"name": "tgi"}}])
+def test_no_budget_for_one_replica_or_someone_elses_deployment(server):
+    assert render.pod_disruption_budget(make_spec(server=server), OWNER) is None
+
+
+def test_the_controller_creates_updates_and_removes_the_budget():
+    from .fakekube import FakeKube
+    from .test_rollout import ad, edit, ftj, tick
+
+    kube = FakeKube()
+    ftj(kube, "ftj1")
+    ad(kube, server={"gpus": 0, "replicas": 2}, strategy={"type": "Direct"})
+    tick(kube)
+    assert kube.kinds("PodDisruptionBudget") == []  # nothing serves yet
+    kube.ready("chat-tgi")
+    assert tick(kube).phase == "Ready"
+    pdb = kube.get("PodDisruptionBudget", "ns", "chat-tgi")
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+    writes = len(kube.writes)
+    tick(kube)
+    assert len(kube.writes) == writes  # in place: not written again
+    # someone edits it: put back
+    kube.objects[("PodDisruptionBudget", "ns", "chat-tgi")]["spec"]["maxUnavailable"] = 2
+    tick(kube)
+    assert kube.get("PodDisruptionBudget", "ns", "chat-tgi")["spec"]["maxUnavailable"] == 1
+    edit(kube, server={"gpus": 0, "replicas": 1})
+    tick(kube)
+    kube.ready("chat-tgi")
+    assert tick(kube).phase == "Ready"
+    assert kube.kinds("PodDisruptionBudget") == []
+
+
+def test_a_budget_of_that_name_that_is_not_ours_is_left_alone():
+    from .fakekube import FakeKube
+    from .test_rollout import ad, ftj, tick
+
+    kube = FakeKube()
+    ftj(kube, "ftj1")
+    theirs = {"kind": "PodDisruptionBudget", "metadata": {"name": "chat-tgi", "namespace": "ns"},
+              "spec": {"minAvailable": 1}}
+    kube.create(theirs)
+    ad(kube, server={"gpus": 0, "replicas": 1}, strategy={"type": "Direct"})
+    tick(kube)
+    kube.ready("chat-tgi")
+    assert tick(kube).phase == "Ready"
+    assert kube.get("PodDisruptionBudget", "ns", "chat-tgi")["spec"] == {"minAvailable": 1}

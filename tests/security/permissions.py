@@ -46,6 +46,8 @@ PERMISSIONS: list[Permission] = [
     *_many("", "pods/log", "get", "finetunejob", "sample RAGTUNE_PROGRESS lines from the trainer log"),
     *_many("apps", "deployments", "create get update delete", "adapterdeployment", "TGI stable and canary Deployments"),
     *_many("", "services", "create get delete", "adapterdeployment", "TGI stable and canary Services (get: adopt one that exists)"),
+    *_many("policy", "poddisruptionbudgets", "create get update delete", "adapterdeployment",
+           "the PodDisruptionBudget of the stable server (replicas > 1; update: replicas changed, delete: one replica)"),
     *_many("", "configmaps", "create get update delete", "adapterdeployment",
            "the desired adapter set of a vLLM server and canary (its sidecars load it; update: a new set, no restart)"),
     *_many("gateway.networking.k8s.io", "httproutes", "create get update delete", "adapterdeployment",

@@ -94,6 +94,11 @@ runs with peering and cluster scanning off.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "get", "delete"]
+# The PodDisruptionBudget of an AdapterDeployment's stable server (replicas > 1); `update`: a new
+# replica count or backend.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["create", "get", "update", "delete"]
 # The desired-set ConfigMap of a vLLM server (its sidecars load the set from it): only ConfigMaps
 # the operator creates; never a Secret.
 - apiGroups: [""]

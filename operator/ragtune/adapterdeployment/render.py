@@ -1,6 +1,6 @@
 """Pure functions: an AdapterDeployment + its resolved adapters -> server Deployment, Service,
-canary, the vLLM desired-set ConfigMap and the online-evaluation Job (plain dicts in the
-Kubernetes wire form).
+canary, the stable server's PodDisruptionBudget, the vLLM desired-set ConfigMap and the
+online-evaluation Job (plain dicts in the Kubernetes wire form).
 
 TGI takes its adapters at start (`LORA_ADAPTERS` + the fetch init container), so the set is part of
 the pod template and a new set rolls the pods. vLLM's pod template does not depend on the set at
@@ -399,6 +399,29 @@ def service(spec: AdapterDeploymentSpec, owner: Owner, *, canary: bool,
             "selector": selector or _selector(owner, track, kind),
             # port == targetPort: the local platform resolves Services straight to a pod IP.
             "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],
+        },
+    }
+
+
+def pod_disruption_budget(spec: AdapterDeploymentSpec, owner: Owner) -> Optional[dict[str, Any]]:
+    """The stable server's PodDisruptionBudget: voluntary disruptions (node drains) take its pods
+    one at a time. None where there is nothing to protect: one replica (a budget would block
+    every drain, or allow the only pod to go), or a `deploymentRef` server (not ragtune's pods)."""
+    if spec.server.deployment_ref is not None or spec.server.replicas <= 1:
+        return None
+    kind = spec.server.backend.value
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": stable_name(owner.name, kind), "namespace": owner.namespace,
+                     "labels": _labels(owner, "stable", kind), "annotations": {ANNOTATION_AD_NAME: owner.name},
+                     "ownerReferences": [owner.reference()]},
+        "spec": {
+            "selector": {"matchLabels": _selector(owner, "stable", kind)},
+            # One pod at a time whatever the replica count (a rolling update adds one first).
+            "maxUnavailable": 1,
+            # A crash-looping pod serves nothing: never let it block a drain.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 

@@ -764,6 +764,7 @@ class _Tick:
         else:
             self.kube.delete("Deployment", self.ns, dep["metadata"]["name"])
             self.kube.delete("Service", self.ns, dep["metadata"]["name"])
+            self.kube.delete("PodDisruptionBudget", self.ns, dep["metadata"]["name"])
             if self.dynamic:
                 self.kube.delete("ConfigMap", self.ns, render.adapter_set_name(self.name, False))
 
@@ -792,6 +793,7 @@ class _Tick:
             return  # not ours (a user's Deployment of that name): left alone
         self.kube.delete("Deployment", self.ns, previous)
         self.kube.delete("Service", self.ns, previous)
+        self.kube.delete("PodDisruptionBudget", self.ns, previous)
         if other == "vllm":
             self.kube.delete("ConfigMap", self.ns, render.adapter_set_name(self.name, False))
         self.event("Normal", "ServerReplaced", f"{self.stable_name()} ({self.backend}) serves now; removed {previous}")
@@ -841,12 +843,34 @@ class _Tick:
             if not self.spec.server.deployment_ref:
                 self.status.endpoint = render.service_url(self.stable_name(), self.ns, self.spec.server.port)
 
+    def ensure_disruption_budget(self) -> None:
+        """The stable server's PodDisruptionBudget as the spec wants it (`render.pod_disruption_budget`):
+        created, updated (replicas or backend changed) or removed (one replica). One GET per tick
+        between rollouts; a PDB of that name that is not ours is left alone."""
+        if self.spec.server.deployment_ref:
+            return
+        name = self.stable_name()
+        desired = render.pod_disruption_budget(self.spec, self.owner)
+        live = self.kube.get("PodDisruptionBudget", self.ns, name)
+        if live is not None and self.owner.uid not in {r.get("uid") for r in live["metadata"].get("ownerReferences") or []}:
+            return
+        if desired is None:
+            if live is not None:
+                self.kube.delete("PodDisruptionBudget", self.ns, name)
+            return
+        if live is None:
+            self.kube.create(desired)
+        elif {k: live["spec"].get(k) for k in desired["spec"]} != desired["spec"]:
+            desired["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+            self.kube.replace(desired)
+
     def watch_stable(self, keep_phase: bool = True) -> None:
         """Between rollouts: report the stable server's health; recreate it if someone deleted it."""
         traffic.between_rollouts(self)
         if not self.status.serving:
             self.cond("Ready", False, "NothingServing", "no adapter set has been promoted yet")
             return
+        self.ensure_disruption_budget()
         dep = self.kube.get("Deployment", self.ns, self.stable_name())
         if dep is None and not self.spec.server.deployment_ref:
             self.kube.create(render.service(self.spec, self.owner, canary=False))

@@ -36,6 +36,7 @@ KINDS = {
     "FineTuneJob": (f"/apis/{API_GROUP}/{API_VERSION}", "finetunejobs"),
     "AdapterDeployment": (f"/apis/{API_GROUP}/{API_VERSION}", "adapterdeployments"),
     "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
 }
 
 RETRYABLE_STATUSES = frozenset({0, 408, 409, 429, 500, 502, 503, 504})
