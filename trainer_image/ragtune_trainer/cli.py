@@ -37,8 +37,14 @@ def add_commands(subparsers) -> None:
 
     dataset = subparsers.add_parser("dataset", help="training data tools")
     dsub = dataset.add_subparsers(dest="dataset_command", metavar="COMMAND", required=True)
-    validate = dsub.add_parser("validate", help="check every record; exit 1 if any is invalid")
-    validate.add_argument("uri", help="s3://bucket/key, s3://bucket/prefix/, file:///path or a local path")
+    validate = dsub.add_parser("validate", help="check every record and the data's hygiene (duplicates, class "
+                                                "balance, train/test overlap); exit 1 if a record is invalid or "
+                                                "an eval item repeats a training item")
+    validate.add_argument("uri", help="training data: s3://bucket/key, s3://bucket/prefix/, file:///path or a local "
+                                      "path")
+    validate.add_argument("--eval", dest="eval_uri", metavar="EVAL",
+                          help="held-out data (spec.dataset.eval), checked the same way and for overlap with the "
+                               "training data")
     validate.add_argument("--format", default="rag", choices=["rag", "messages", "prompt-completion"])
     validate.add_argument("--tokenizer", help="tokenizer folder, to check lengths against --max-seq-length")
     validate.add_argument("--max-seq-length", type=int, default=None)
@@ -293,6 +299,7 @@ def cmd_dataset_validate(args: argparse.Namespace) -> int:
     from ragtune.storage import Storage, StorageError, to_uri
 
     from . import data as D
+    from .hygiene import check
 
     tokenizer = None
     if args.tokenizer:
@@ -302,9 +309,9 @@ def cmd_dataset_validate(args: argparse.Namespace) -> int:
     if args.max_seq_length and tokenizer is None:
         raise SystemExit("--max-seq-length needs --tokenizer (lengths are counted in tokens)")
     storage = Storage(S3Config(endpoint=args.s3_endpoint) if args.s3_endpoint else None)
-    uri = to_uri(args.uri)
+    uris = [to_uri(args.uri)] + ([to_uri(args.eval_uri)] if args.eval_uri else [])
     try:
-        loaded = D.load_rows(uri, storage)
+        loaded = [D.load_rows(uri, storage) for uri in uris]
     except StorageError as err:
         print(f"{err.reason}: {err}", file=sys.stderr)
         return 1
@@ -317,10 +324,16 @@ def cmd_dataset_validate(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"--prompt: {exc}", file=sys.stderr)
             return 1
-    report, _ = D.validate(loaded, args.format, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
-                           refusal=prompt.refusal if prompt else D.DEFAULT_REFUSAL, prompt=prompt)
-    print(report.render())
-    return 0 if report.ok else 1
+    ok, items = True, []
+    for data in loaded:
+        report, examples = D.validate(data, args.format, tokenizer=tokenizer, max_seq_length=args.max_seq_length,
+                                      refusal=prompt.refusal if prompt else D.DEFAULT_REFUSAL, prompt=prompt)
+        print(report.render())
+        ok = ok and report.ok
+        items.append([D.hygiene_item(e) for e in examples])  # the valid records only
+    hygiene = check(items[0], items[1] if len(items) > 1 else None)
+    print(hygiene.render())
+    return 0 if ok and hygiene.ok else 1
 
 
 # --- ragtune report compare ------------------------------------------------------------

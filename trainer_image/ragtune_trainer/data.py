@@ -25,6 +25,8 @@ from ragtune.rag.prompt import DEFAULT_REFUSAL, PromptContract, apply_template, 
 from ragtune.rag.records import Context, RagRecord
 from ragtune.storage import Storage, StorageError, local_path
 
+from .hygiene import Item
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_REPORTED_ERRORS = 200  # the report counts every bad row; it prints the first ones in full
 
@@ -118,6 +120,10 @@ class Example:
     prompt: Union[list[dict], str]
     completion: str
     record: Optional[RagRecord] = None
+    where: str = ""
+    """file:line of the row it was parsed from (set by `validate`; hygiene names items by it)."""
+    source: str = ""
+    """URI of that file."""
 
 
 def parse_rag(row: Row, refusal: str = DEFAULT_REFUSAL) -> RagRecord:
@@ -283,8 +289,21 @@ def validate(
                 problems.append(("over-length", f"{n} tokens after tokenisation > maxSeqLength {max_seq_length}"))
         report.errors.extend(RowError(row.where, kind, msg) for kind, msg in problems)
         if not problems:
+            example.where, example.source = row.where, row.source
             examples.append(example)
     return report, examples
+
+
+def hygiene_item(example: Example) -> Item:
+    """What `hygiene.check` compares of an example: a `rag` record's question, context texts,
+    answer and label; for the other formats the user turns (or the prompt) and the target."""
+    r = example.record
+    if r is not None:
+        return Item(example.where, example.source, r.question, tuple(c.text for c in r.contexts), r.answer,
+                    r.answerable)
+    question = example.prompt if isinstance(example.prompt, str) else \
+        "\n".join(m["content"] for m in example.prompt if m["role"] == "user")
+    return Item(example.where, example.source, question, (), example.completion)
 
 
 # --- Tokenisation ----------------------------------------------------------------------
@@ -316,12 +335,25 @@ def tokenize(tokenizer, example: Example) -> dict[str, list[int]]:
 # --- RAFT and splits -------------------------------------------------------------------
 
 
-def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic shuffle-split: (train, eval), each non-empty when there are >= 2 items."""
-    order = list(range(len(items)))
+def split(items: list, eval_fraction: float, seed: int, groups: Optional[list[int]] = None) -> tuple[list, list]:
+    """Deterministic shuffle-split: (train, eval), each non-empty when there are >= 2 items (>= 2
+    groups). `groups` (`hygiene.groups`): items of one group land on the same side, whole groups
+    are shuffled and taken while they fit the eval share; one per item (the default) is the plain
+    shuffle-split."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups if groups is not None else range(len(items))):
+        members.setdefault(g, []).append(i)
+    order = list(members)
     random.Random(seed).shuffle(order)
     n_eval = min(max(1, round(len(items) * eval_fraction)), len(items) - 1) if len(items) > 1 else 0
-    eval_idx = set(order[:n_eval])
+    eval_idx: set[int] = set()
+    for g in order:
+        if len(eval_idx) + len(members[g]) <= n_eval:
+            eval_idx.update(members[g])
+        if len(eval_idx) == n_eval:
+            break
+    if not eval_idx and len(order) > 1:  # every group is bigger than the eval share: hold out the smallest
+        eval_idx.update(min((members[g] for g in order), key=len))
     return ([x for i, x in enumerate(items) if i not in eval_idx], [x for i, x in enumerate(items) if i in eval_idx])
 
 

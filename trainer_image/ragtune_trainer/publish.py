@@ -33,7 +33,7 @@ class Published:
 def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[dict], gates: list[GateResult],
                 datasets: list[dict], passed: bool, construction: Optional[dict] = None,
                 stages: Sequence[StageSummary] = (), stage_reports: Optional[list[dict]] = None,
-                eval_records: Sequence[RagRecord] = ()) -> Published:
+                eval_records: Sequence[RagRecord] = (), data_hygiene: Optional[dict] = None) -> Published:
     """Write the adapter (and the report when there was an evaluation, and the held-out split when
     there is one), upload, manifest last. `stages` go into the manifest; `stage_reports` (each
     stage's summary and log history) into the report."""
@@ -45,7 +45,7 @@ def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[di
         from .report import write_report
 
         report_files = write_report(out / "eval", outcome, log_history, ctx.spec, gates, construction,
-                                    stages=stage_reports)
+                                    stages=stage_reports, data_hygiene=data_hygiene)
     eval_set = write_eval_set(eval_records, out / EVAL_SET_JSONL) if eval_records else None
     manifest = publish(ctx, out, adapter_files + report_files + ([eval_set] if eval_set else []), datasets,
                        passed, stages)

@@ -87,10 +87,12 @@ def construction_summary(samples: list[dict], base: EvalMetrics, adapter: EvalMe
 def build_report(
     outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec, gates: list[GateResult],
     construction: Optional[dict[str, dict[str, int]]] = None, stages: Optional[list[dict]] = None,
+    data_hygiene: Optional[dict] = None,
 ) -> dict[str, Any]:
     """`construction`: the RAFT construction counts of the train and eval splits
     (`build_raft(stats=...)`), reported as they are. `stages`: what each training stage did
-    (`{name, steps, seconds, items, lossHistory, ...}`, in order); `lossHistory` stays SFT's."""
+    (`{name, steps, seconds, items, lossHistory, ...}`, in order); `lossHistory` stays SFT's.
+    `data_hygiene`: `hygiene.HygieneReport.to_wire()` of the data as given (None: not measured)."""
     contract = PromptContract.from_spec(spec)
     metrics = {"base": outcome.base.to_wire(), "adapter": outcome.adapter.to_wire()}
     if outcome.few_shot_base is not None:
@@ -110,6 +112,7 @@ def build_report(
         "intervals": outcome.intervals,
         "refusalByConstruction": construction_summary(outcome.samples, outcome.base, outcome.adapter),
         "construction": construction or {},
+        "dataHygiene": data_hygiene,
         "gates": [g.to_wire() for g in gates],
         "evalSeconds": outcome.seconds,
         "spec": _spec_summary(spec),
@@ -122,12 +125,12 @@ def build_report(
 def write_report(
     out_dir: Path, outcome: EvalOutcome, loss_history: list[dict], spec: FineTuneJobSpec,
     gates: list[GateResult], construction: Optional[dict[str, dict[str, int]]] = None,
-    stages: Optional[list[dict]] = None,
+    stages: Optional[list[dict]] = None, data_hygiene: Optional[dict] = None,
 ) -> list[Path]:
     """Write `report.json` and `report.html` into `out_dir` (the run's `eval/` folder)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = build_report(outcome, loss_history, spec, gates, construction, stages)
+    report = build_report(outcome, loss_history, spec, gates, construction, stages, data_hygiene)
     json_path = out_dir / PurePosixPath(REPORT_JSON).name
     html_path = out_dir / PurePosixPath(REPORT_HTML).name
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
@@ -355,6 +358,26 @@ def _construction_table(rows: list[dict]) -> str:
             "<th>adapter refusal</th></tr>" + body + "</table>")
 
 
+def _hygiene_table(hygiene: Optional[dict]) -> str:
+    """Per split: items, duplicates, answerable share per file; then the overlap."""
+    if not hygiene:
+        return "<p class=muted>Not measured.</p>"
+    rows = []
+    for name in ("train", "eval"):
+        part = hygiene.get(name)
+        if not part:
+            continue
+        balance = "; ".join(f"{_e(b['source'].rsplit('/', 1)[-1])}: {b['answerable']} / {b['unanswerable']} "
+                            f"({b['answerableShare']:.0%} answerable)" for b in part["balance"]) or "-"
+        rows.append(f"<tr><td>{name}</td><td class=num>{part['items']}</td><td class=num>{part['exactDuplicates']}"
+                    f"</td><td class=num>{part['nearDuplicates']}</td><td>{balance}</td></tr>")
+    origin = {"split": "held out of the training file, copies kept on one side",
+              "file": "a separate file"}.get(hygiene.get("evalOrigin") or "", "none")
+    return ("<table><tr><th>split</th><th>items</th><th>exact duplicates</th><th>near-duplicates</th>"
+            "<th>answerable / unanswerable per file</th></tr>" + "".join(rows) + "</table>"
+            f"<p>Train/test overlap: <b>{hygiene.get('overlap', 0)}</b> <span class=muted>(eval: {origin})</span></p>")
+
+
 def pick_examples(samples: list[dict], per_kind: int = EXAMPLES_PER_KIND, refusal: str = DEFAULT_REFUSAL) -> list[dict]:
     """A few answerable and unanswerable items. Answerable: those where base and adapter differ
     first. Unanswerable: the hardest cases first - the adapter answered instead of refusing, on
@@ -421,6 +444,7 @@ from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation t
                                          report['spec']['evaluation'].get('fewShot', 0))}
 {_img(metrics_plot(outcome.base, outcome.adapter), "base vs adapter metrics", "No metrics measured.")}
 <h2>Refusal by construction</h2>{_construction_table(report['refusalByConstruction'])}
+<h2>Data hygiene</h2>{_hygiene_table(report.get('dataHygiene'))}
 <h2>Trained vs foreign prompt</h2>{_foreign_section(report)}
 <h2>Training loss</h2>
 {_img(loss_plot(report['lossHistory']), "loss curve", "No loss history recorded.")}

@@ -19,6 +19,7 @@ from ragtune.rag.records import RagRecord
 from ragtune.storage import StorageError
 
 from . import data as D
+from . import hygiene as H
 from .run import RunContext, TrainerFailure
 
 EVAL_LOSS_ITEMS = 64
@@ -41,6 +42,8 @@ class PreparedData:
     """Training items for the few-shot baseline (`evaluation.fewShot`)."""
     train_records: list[RagRecord] = field(default_factory=list)
     """The RAFT training items (`rag` data): the preference stage renders its pairs from them."""
+    hygiene: Optional[dict] = None
+    """`hygiene.check` of the records as given (after the split), wire form: the report's `dataHygiene`."""
 
 
 class Tokenised:
@@ -123,8 +126,14 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
     if ds.eval:
         eval_data, eval_ex = load_and_check(ds.eval, ctx, tokenised)
         objects += eval_data.objects
-    else:
-        train_ex, eval_ex = D.split(train_ex, ds.eval_split, seed)
+        hygiene = H.check([D.hygiene_item(e) for e in train_ex], [D.hygiene_item(e) for e in eval_ex])
+        if not hygiene.ok:  # gates measured on trained items would pass a memorising adapter
+            raise TrainerFailure("InvalidDataset", hygiene.overlap_message())
+    else:  # copies of an item stay on one side, so the held-out split never repeats a training item
+        items = [D.hygiene_item(e) for e in train_ex]
+        train_idx, eval_idx = D.split(list(range(len(items))), ds.eval_split, seed, groups=H.groups(items))
+        train_ex, eval_ex = [train_ex[i] for i in train_idx], [train_ex[i] for i in eval_idx]
+        hygiene = H.check([items[i] for i in train_idx], [items[i] for i in eval_idx], eval_origin="split")
     eval_records: list[RagRecord] = []
     construction: dict[str, dict[str, int]] = {}
     few_shot: list[RagRecord] = []
@@ -159,4 +168,5 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         construction=construction,
         few_shot=few_shot,
         train_records=train_recs,
+        hygiene=hygiene.to_wire(),
     )

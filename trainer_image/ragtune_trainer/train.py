@@ -125,7 +125,7 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
     ctx.report("uploading", step=steps, total_steps=total)
     published = publish_run(ctx, model, tokenizer, outcome, log_history, gates, prepared.datasets, passed,
                             construction=prepared.construction, stages=stages, stage_reports=stage_reports,
-                            eval_records=prepared.eval_records)
+                            eval_records=prepared.eval_records, data_hygiene=prepared.hygiene)
     return TrainerResult(
         outcome="Succeeded" if passed else "Failed",
         reason="Completed" if passed else "GateFailed",
