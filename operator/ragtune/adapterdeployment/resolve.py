@@ -11,15 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from pydantic import ValidationError
+
 from ragtune.api.adapterdeployment import (
     AdapterDeploymentSpec,
     AdapterSource,
     GatesSpec,
     ResolvedAdapter,
 )
+from ragtune.api.base import validate_tolerant
 from ragtune.api.common import EvalMetrics, GateResult
-from ragtune.api.finetunejob import SERVABLE_METHODS, FineTuneJobSpec, LoraSpec
+from ragtune.api.finetunejob import SERVABLE_METHODS, FineTuneJobSpec, LoraSpec, RaftConfig
 from ragtune.api.gates import describe_failures, evaluate_gates
+from ragtune.api.prompt import PromptSpec
+from ragtune.rag.prompt import PromptContract
 
 # A FineTuneJob getter: name -> the object as a dict, or None when it does not exist.
 FtjGetter = Callable[[str], Optional[dict[str, Any]]]
@@ -48,6 +53,9 @@ class Resolution:
     (`status.adapter.evalSetUri`), else its `spec.dataset.eval` (a run that predates publishing)."""
     eval_set_sha256: dict[str, str] = field(default_factory=dict)
     """URI -> sha256 of each published split (`status.adapter.evalSetSha256`), for the evaluator to verify."""
+    prompts: dict[str, dict[str, str]] = field(default_factory=dict)
+    """The prompt contract (prompt.json's form) each FineTuneJob's spec trains with, where it is not
+    ragtune's default: the evaluator's fallback for a run that publishes no `adapter/prompt.json`."""
 
 
 def _same_base(spec: AdapterDeploymentSpec, ftj_spec: dict[str, Any]) -> Optional[str]:
@@ -59,6 +67,19 @@ def _same_base(spec: AdapterDeploymentSpec, ftj_spec: dict[str, Any]) -> Optiona
     return None
 
 
+def trained_prompt(ftj_spec: dict[str, Any]) -> Optional[dict[str, str]]:
+    """The prompt contract a FineTuneJob's spec trains with, in prompt.json's form: `spec.prompt`
+    with the refusal `prompt.refusal`, else `dataset.raft.refusal` (`PromptContract.from_spec`, as
+    the trainer resolves it). None for ragtune's default contract. Fields a newer ragtune added are
+    ignored (`validate_tolerant`)."""
+    from types import SimpleNamespace
+
+    prompt = validate_tolerant(PromptSpec, ftj_spec.get("prompt") or {})
+    raft = validate_tolerant(RaftConfig, ((ftj_spec.get("dataset") or {}).get("raft")) or {})
+    contract = PromptContract.from_spec(SimpleNamespace(prompt=prompt, dataset=SimpleNamespace(raft=raft)))
+    return None if contract == PromptContract() else contract.to_wire()
+
+
 def _max_rank(spec: AdapterDeploymentSpec) -> int:
     from .backends import backend_for
 
@@ -66,11 +87,12 @@ def _max_rank(spec: AdapterDeploymentSpec) -> int:
 
 
 def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: FtjGetter,
-                ) -> tuple[ResolvedAdapter, Optional[dict], Optional[tuple[str, Optional[str]]]]:
-    """-> (the adapter pinned, its FineTuneJob's metrics, its (eval set uri, sha256 or None))."""
+                ) -> tuple[ResolvedAdapter, Optional[dict], Optional[tuple[str, Optional[str]]], Optional[dict]]:
+    """-> (the adapter pinned, its FineTuneJob's metrics, its (eval set uri, sha256 or None), its
+    FineTuneJob's prompt contract (`trained_prompt`))."""
     if source.uri:
         assert source.sha256  # the CRD's CEL rule guarantees it; models validated by pydantic too
-        return ResolvedAdapter(name=source.name, uri=source.uri, sha256=source.sha256, source="uri"), None, None
+        return ResolvedAdapter(name=source.name, uri=source.uri, sha256=source.sha256, source="uri"), None, None, None
     ref = source.fine_tune_job_ref
     assert ref is not None
     ftj = get_ftj(ref.name)
@@ -113,9 +135,16 @@ def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: Ftj
     else:
         raw = ((ftj.get("spec") or {}).get("dataset") or {}).get("eval")
         eval_set = (raw, None) if raw else None
+    try:
+        prompt = trained_prompt(ftj.get("spec") or {})
+    except ValidationError as exc:  # admitted by the same rules: only a FineTuneJob of another ragtune version
+        err = exc.errors()[0]
+        where = "spec.dataset.raft" if exc.title == RaftConfig.__name__ else "spec.prompt"
+        raise ResolveError("InvalidPrompt", f"adapter {source.name}: FineTuneJob {ref.name} "
+                                            f"{where}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     return (ResolvedAdapter(name=source.name, uri=artifact["uri"], sha256=artifact["sha256"],
                             source=f"FineTuneJob/{ref.name}"),
-            status.get("metrics"), eval_set)
+            status.get("metrics"), eval_set, prompt)
 
 
 def resolve(spec: AdapterDeploymentSpec, get_ftj: FtjGetter) -> Resolution:
@@ -126,8 +155,10 @@ def resolve(spec: AdapterDeploymentSpec, get_ftj: FtjGetter) -> Resolution:
         raise ResolveError("DuplicateAdapterName", f"adapter names must be unique: {', '.join(duplicates)}")
     out = Resolution(adapters=[])
     for source in spec.adapters:
-        adapter, metrics, eval_set = resolve_one(spec, source, get_ftj)
+        adapter, metrics, eval_set, prompt = resolve_one(spec, source, get_ftj)
         out.adapters.append(adapter)
+        if prompt is not None:
+            out.prompts[adapter.name] = prompt
         if metrics is not None:
             out.metrics[adapter.name] = metrics
         if eval_set:

@@ -677,7 +677,8 @@ class _Tick:
             canary_url=render.service_url(self.canary_name(), self.ns, port) if online else None,
             stable_url=stable_url if online else None,
             candidates=[CandidateRef(name=n, uri=by_name[n].uri, sha256=by_name[n].sha256, serving=n in serving,
-                                     offline=n in gated) for n in cand.changed if online or n in gated],
+                                     offline=n in gated, prompt=res.prompts.get(n) if online else None)
+                        for n in cand.changed if online or n in gated],
             eval_set_uri=eval_set, eval_set_sha256=res.eval_set_sha256.get(eval_set) if eval_set else None,
             gate=self.spec.gates.online, offline=self.spec.gates, s3=self.spec.s3, seed=cand.generation,
             backend=self.spec.server.backend.value, base_model=self.spec.base_model.id,

@@ -298,6 +298,10 @@ class CandidateRef(ApiModel):
     offline: bool = False
     """Apply the offline gate to the run's `eval/report.json` (adapters given by `uri`: the
     operator has no FineTuneJob status to read their evaluation from)."""
+    prompt: Optional[dict[str, str]] = None
+    """The prompt contract (prompt.json's form) of the adapter's FineTuneJob spec, where it is not
+    ragtune's default; used when the run publishes no `adapter/prompt.json` (which wins: it is
+    what the run trained with, pinned by the manifest)."""
 
 
 class OnlineEvalConfig(ApiModel):

@@ -139,19 +139,22 @@ def messages_for(record: dict[str, Any], prompt: PromptContract = PromptContract
 
 def adapter_prompt(storage, cand: CandidateRef) -> PromptContract:
     """The prompt contract the adapter was trained with: its run's `adapter/prompt.json`, verified
-    against the manifest (pinned by digest); ragtune's default prompt for runs that predate it."""
+    against the manifest (pinned by digest); for runs that predate it, the contract of its
+    FineTuneJob's spec the operator passed (`CandidateRef.prompt`), else ragtune's default."""
     from ragtune.api.pods import MANIFEST, PROMPT_JSON, Manifest
     from ragtune.storage import sha256_bytes
 
+    fallback = PromptContract.from_wire(cand.prompt, f"adapter {cand.name}: the FineTuneJob's prompt") \
+        if cand.prompt else PromptContract()
     base = cand.uri.rstrip("/") + "/"
     if not storage.exists(base + MANIFEST):  # never deployed (the fetcher refuses it): nothing to read
-        return PromptContract()
+        return fallback
     raw = storage.get_bytes(base + MANIFEST)
     if cand.sha256 and sha256_bytes(raw) != cand.sha256:
         raise ValueError(f"adapter {cand.name}: {base}{MANIFEST} does not match the pinned sha256")
     listed = {f.path: f.sha256 for f in Manifest.model_validate_json(raw).files}
     if PROMPT_JSON not in listed:
-        return PromptContract()
+        return fallback
     data = storage.get_bytes(base + PROMPT_JSON)
     if sha256_bytes(data) != listed[PROMPT_JSON]:
         raise ValueError(f"adapter {cand.name}: {base}{PROMPT_JSON} does not match its sha256 in the manifest")
