@@ -212,3 +212,25 @@ def test_training_split_keeps_copies_out_of_the_held_out_items(tmp_path, records
     held_out = {r.question.lower() for r in prepared.eval_records}
     trained = {r.question.lower() for r in prepared.train_records}
     assert held_out and not held_out & trained
+
+
+def test_trainer_pod_reports_overlap_as_invalid_dataset_before_loading_the_model(monkeypatch, tmp_path, records,
+                                                                                 tiny_model_dir, capsys):
+    from ragtune.api.pods import EXIT_PERMANENT
+
+    rows = [r.to_dict() for r in records[:12]]
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:10])
+    test = write_jsonl(tmp_path / "eval.jsonl", rows[10:] + [dict(rows[2], id="again", answer=rows[2]["answer"])])
+    spec = {"baseModel": {"id": "test/tiny-llama", "uri": tiny_model_dir.as_uri()},
+            "dataset": {"train": train.as_uri(), "eval": test.as_uri()}, "output": {"uri": (tmp_path / "out").as_uri()},
+            "training": {"maxSeqLength": 512}, "resources": {"gpus": 0}}
+    term = tmp_path / "termination"
+    monkeypatch.setenv("RAGTUNE_OBJECT", json.dumps({"metadata": {"name": "job", "namespace": "ns", "uid": "u1"},
+                                                     "spec": spec}))
+    monkeypatch.setenv("RAGTUNE_TERMINATION_MESSAGE_PATH", str(term))
+    monkeypatch.setattr("ragtune_trainer.train.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["train", "--in-cluster", "--work-dir", str(tmp_path / "work")]) == EXIT_PERMANENT
+    result = json.loads(term.read_text())
+    assert result["reason"] == "InvalidDataset"
+    assert f"{train.as_uri()}:3 = {test.as_uri()}:3 (same question)" in result["message"]
+    assert "train/test overlap: 1 eval item(s)" in capsys.readouterr().err
