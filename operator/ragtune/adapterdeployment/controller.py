@@ -97,6 +97,7 @@ class AdapterDeploymentController:
                 raise RetryableError(f"{namespace}/{name}: {err}") from None
             raise
         metrics.observe_reconcile(KIND, "success")
+        metrics.ADAPTERDEPLOYMENT_PHASES.set(key, out.phase)
         for type_, reason, message in out.events:  # one path for both kinds: kopf's event queue
             kopf.event(out.involved, type=type_, reason=reason, message=message)
         if out.online_gate is not None:
@@ -125,6 +126,7 @@ class AdapterDeploymentController:
 
     def forget(self, namespace: str, name: str) -> None:
         self.queue.forget((namespace, name))
+        metrics.ADAPTERDEPLOYMENT_PHASES.forget((namespace, name))
         self.track_refs(namespace, name, None)
 
     def restore_referenced(self, namespace: str, name: str) -> bool:

@@ -99,6 +99,8 @@ class Outcome:
     """Seconds after which to tick again because something is awaited; None: only on a watch event."""
     involved: Optional[dict[str, Any]] = None
     """The AdapterDeployment the events are about (apiVersion, kind, metadata)."""
+    phase: Optional[str] = None
+    """The phase the tick left (None: the object is gone or being deleted), for the phase gauge."""
 
 
 def _parse_time(stamp: Optional[str]) -> Optional[float]:
@@ -241,6 +243,7 @@ class Reconciler:
             err = exc.errors()[0]
             message = f"spec.{'.'.join(map(str, err['loc']))}: {err['msg']}"
             new = {**old, "phase": "Failed", "message": message, "observedGeneration": meta.get("generation")}
+            out.phase = "Failed"
             if new != old:
                 self._write(body, old, new)
                 out.events.append(("Warning", "InvalidSpec", message))
@@ -254,6 +257,7 @@ class Reconciler:
                 raise
             state.refused(err)
         out.again = state.again()
+        out.phase = state.status.phase.value if state.status.phase else None
         try:
             self._write(body, old, state.status.to_wire())
         except KubeError as err:

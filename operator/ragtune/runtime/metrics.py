@@ -15,6 +15,8 @@ RECONCILES = Counter(
     "ragtune_reconciles_total", "Reconciles by resource kind and outcome (success, error).", ["kind", "outcome"]
 )
 FINETUNEJOB_PHASE = Gauge("ragtune_finetunejobs", "FineTuneJobs by phase (as seen by this operator).", ["phase"])
+ADAPTERDEPLOYMENT_PHASE = Gauge("ragtune_adapterdeployments", "AdapterDeployments by phase (as seen by this operator).",
+                                ["phase"])
 TRAINING_DURATION = Histogram(
     "ragtune_training_duration_seconds",
     "Wall-clock duration of finished training runs (Job start to end).",
@@ -85,6 +87,7 @@ class PhaseTracker:
 
 
 FINETUNEJOB_PHASES = PhaseTracker()
+ADAPTERDEPLOYMENT_PHASES = PhaseTracker(ADAPTERDEPLOYMENT_PHASE)
 
 
 def start_server(port: int, addr: str = "0.0.0.0") -> None:
