@@ -201,7 +201,7 @@ def test_training_run_fails_on_overlap_and_reports_hygiene(tmp_path, records, pr
     assert hygiene["train"]["exactDuplicates"] == 1 and hygiene["eval"]["items"] == 10
 
 
-def test_training_split_keeps_copies_out_of_the_held_out_items(tmp_path, records, prepare):
+def test_training_split_keeps_copies_out_of_the_held_out_items(tmp_path, records, prepare, capsys):
     rows = [r.to_dict() for r in records[:30]]
     copies = [dict(r, id=f"copy-{n}", question=r["question"].upper()) for n, r in enumerate(rows[:15])]
     train = write_jsonl(tmp_path / "train.jsonl", rows + copies)
@@ -212,6 +212,9 @@ def test_training_split_keeps_copies_out_of_the_held_out_items(tmp_path, records
     held_out = {r.question.lower() for r in prepared.eval_records}
     trained = {r.question.lower() for r in prepared.train_records}
     assert held_out and not held_out & trained
+    log = capsys.readouterr().err
+    assert "ragtune train: data hygiene: train " in log and "near-duplicate(s) (first: " in log
+    assert log.rstrip().endswith("train/test overlap 0")
 
 
 def test_trainer_pod_reports_overlap_as_invalid_dataset_before_loading_the_model(monkeypatch, tmp_path, records,

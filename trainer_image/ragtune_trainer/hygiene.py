@@ -147,6 +147,18 @@ class HygieneReport:
         return (f"train/test overlap: {self.overlap} eval item(s) repeat a training item "
                 "(remove them from one side):\n" + "\n".join(lines))
 
+    def summary(self) -> str:
+        """One log line: items, duplicates and the first one named, per split, and the overlap."""
+        parts = []
+        for part in (self.train, self.eval):
+            if part is not None:
+                first = f" (first: {part.examples[0].where} repeats {part.examples[0].other})" if part.examples else ""
+                parts.append(f"{part.name} {part.items} item(s), {part.exact_duplicates} exact duplicate(s), "
+                             f"{part.near_duplicates} near-duplicate(s){first}")
+        if self.eval is not None:
+            parts.append(f"train/test overlap {self.overlap}")
+        return "; ".join(parts)
+
     def render(self) -> str:
         """The CLI's summary: counts, every listed finding, the balance per file."""
         out = []

@@ -9,6 +9,7 @@ tokenisation per item (`Tokenised`), and so do validation and the rows of the ot
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,6 +20,7 @@ from ragtune.rag.records import RagRecord
 from ragtune.storage import StorageError
 
 from . import data as D
+from . import distributed
 from . import hygiene as H
 from .run import RunContext, TrainerFailure
 
@@ -134,6 +136,8 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         train_idx, eval_idx = D.split(list(range(len(items))), ds.eval_split, seed, groups=H.groups(items))
         train_ex, eval_ex = [train_ex[i] for i in train_idx], [train_ex[i] for i in eval_idx]
         hygiene = H.check([items[i] for i in train_idx], [items[i] for i in eval_idx], eval_origin="split")
+    if distributed.world().main:
+        print(f"ragtune train: data hygiene: {hygiene.summary()}", file=sys.stderr)
     eval_records: list[RagRecord] = []
     construction: dict[str, dict[str, int]] = {}
     few_shot: list[RagRecord] = []
