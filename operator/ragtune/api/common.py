@@ -238,9 +238,12 @@ MemoryQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K
 """A memory quantity greater than zero: `32Gi`, `512Mi`."""
 
 
-def _label_map(what: str, max_items: int):
+def _label_map(what: str, max_items: int, admission: bool = True):
     """A map of label keys to label values (a node selector, `matchLabels`); keys are checked by
-    CEL and the model (a structural schema cannot constrain map keys)."""
+    the model and, with `admission`, by CEL (a structural schema cannot constrain map keys).
+    `admission` False for maps nested in lists, where a key rule's estimated CEL cost (unbounded
+    key length x every enclosing list's size) would risk the CRD's cost budget: the operator's
+    model refuses a bad key (`InvalidSpec`, naming the field), and the API server the pod."""
 
     def check_keys(labels: dict[str, str]) -> dict[str, str]:
         for key in labels:
@@ -249,12 +252,12 @@ def _label_map(what: str, max_items: int):
                                  "63 alphanumerics, '-', '_' or '.')")
         return labels
 
+    rules = [cel(f"self.all(k, k.size() <= 317 && k.matches('{QUALIFIED_NAME.replace(chr(92), chr(92) * 2)}'))",
+                 f"{what} keys must be valid label keys ([prefix/]name, name at most 63 alphanumerics, "
+                 "'-', '_' or '.')")] if admission else []
     return Annotated[
         dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]],
-        Field(max_length=max_items, json_schema_extra=k8s_extensions(
-            cel(f"self.all(k, k.size() <= 317 && k.matches('{QUALIFIED_NAME.replace(chr(92), chr(92) * 2)}'))",
-                f"{what} keys must be valid label keys ([prefix/]name, name at most 63 alphanumerics, "
-                "'-', '_' or '.')"))),
+        Field(max_length=max_items, json_schema_extra=k8s_extensions(*rules)),
         AfterValidator(check_keys),
     ]
 
@@ -381,7 +384,7 @@ class LabelSelectorRequirement(ApiModel):
 class LabelSelector(ApiModel):
     """Pods selected by their labels (metav1 LabelSelector); both parts ANDed."""
 
-    match_labels: _label_map("matchLabels", 32) = Field(default_factory=dict)
+    match_labels: _label_map("matchLabels", 32, admission=False) = Field(default_factory=dict)
     """Labels the pods must carry with exactly these values."""
     match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
     """Further label tests."""
