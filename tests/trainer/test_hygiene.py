@@ -100,6 +100,11 @@ def test_other_formats_compare_prompt_and_target_without_balance(tmp_path):
     part = H.check(train).train
     # the same completion alone is no near-duplicate: there are no contexts
     assert (part.exact_duplicates, part.near_duplicates, part.balance) == (1, 0, [])
+    # a prompt without words has no question key: its exact copy still overlaps
+    test = items(tmp_path, "eval.jsonl", [{"prompt": "???", "completion": "hi"}], "prompt-completion")
+    report = H.check(train + items(tmp_path, "more.jsonl", [{"prompt": "?", "completion": "hi"}],
+                                   "prompt-completion"), test)
+    assert report.overlap == 1 and report.overlap_examples[0].reason == H.SAME
 
 
 def test_grouped_split_keeps_copies_on_one_side_and_is_the_plain_split_without_copies():

@@ -214,11 +214,11 @@ def check(train: Sequence[Item], eval: Optional[Sequence[Item]] = None, eval_ori
     report.eval, report.eval_origin = _split("eval", eval, eval_keys), eval_origin
     seen: dict[bytes, str] = {}
     for item, k in zip(train, train_keys):
-        for key in (k.question, k.support):
+        for key in (k.question, k.support, k.exact):
             if key is not None:
                 seen.setdefault(key, item.where)
-    for item, k in zip(eval, eval_keys):
-        for key, why in ((k.question, SAME_QUESTION), (k.support, SAME_SUPPORT)):
+    for item, k in zip(eval, eval_keys):  # (exact last: it only adds copies whose question has no words)
+        for key, why in ((k.question, SAME_QUESTION), (k.support, SAME_SUPPORT), (k.exact, SAME)):
             if key is not None and key in seen:
                 report.overlap += 1
                 if len(report.overlap_examples) < MAX_EXAMPLES:
