@@ -158,3 +158,26 @@ def test_a_budget_of_that_name_that_is_not_ours_is_left_alone():
     kube.ready("chat-tgi")
     assert tick(kube).phase == "Ready"
     assert kube.get("PodDisruptionBudget", "ns", "chat-tgi")["spec"] == {"minAvailable": 1}
+
+
+def test_a_backend_switch_moves_the_budget_to_the_new_server():
+    from .test_vllm_dynamic import V1, Cluster, _adapter
+
+    c = Cluster(replicas=2)
+    c.ad([_adapter("support", V1)])
+    c.kube.objects[("AdapterDeployment", "ns", "chat")]["spec"]["server"] = {"gpus": 0, "replicas": 2}  # TGI
+    c.tick()
+    c.kube.ready("chat-tgi")
+    assert c.tick().phase == "Ready" and c.kube.kinds("PodDisruptionBudget") == ["chat-tgi"]
+    c.kube.merge_patch("AdapterDeployment", "ns", "chat", {"spec": {"server": {
+        "backend": "vllm", "gpus": 0, "replicas": 2, "vllm": {"maxLoras": 2}}}})
+    c.tick()
+    assert c.kube.kinds("PodDisruptionBudget") == ["chat-tgi"]  # TGI serves until vLLM does
+    c.start_pods()
+    for pod in ("chat-server-0", "chat-server-1"):
+        c.serve(pod, {"support": V1})
+    s = c.tick()
+    assert s.phase == "Ready" and s.deployment_name == "chat-server"
+    assert c.kube.kinds("PodDisruptionBudget") == ["chat-server"]
+    selector = c.kube.get("PodDisruptionBudget", "ns", "chat-server")["spec"]["selector"]["matchLabels"]
+    assert selector == c.kube.get("Deployment", "ns", "chat-server")["spec"]["selector"]["matchLabels"]
