@@ -128,8 +128,9 @@ class ProgressPrinter:
     """`RAGTUNE_PROGRESS {json}` lines, at most one per interval; a stage change and a stage's first
     step go out at once (the status says a stage is under way as soon as it is)."""
 
-    def __init__(self, interval: float = PROGRESS_INTERVAL_S, stream=sys.stdout):
-        self.interval, self.stream = interval, stream
+    def __init__(self, interval: float = PROGRESS_INTERVAL_S, stream=None):
+        # sys.stdout when the run starts, not when this module was imported (it may have been replaced since)
+        self.interval, self.stream = interval, stream if stream is not None else sys.stdout
         self.last_time = 0.0
         self.last_stage: Optional[str] = None
         self.stepped = False
