@@ -144,17 +144,19 @@ def adapter_prompt(storage, cand: CandidateRef) -> PromptContract:
     from ragtune.api.pods import MANIFEST, PROMPT_JSON, Manifest
     from ragtune.storage import sha256_bytes
 
-    fallback = PromptContract.from_wire(cand.prompt, f"adapter {cand.name}: the FineTuneJob's prompt") \
-        if cand.prompt else PromptContract()
+    def fallback() -> PromptContract:
+        return PromptContract.from_wire(cand.prompt, f"adapter {cand.name}: the FineTuneJob's prompt") \
+            if cand.prompt else PromptContract()
+
     base = cand.uri.rstrip("/") + "/"
     if not storage.exists(base + MANIFEST):  # never deployed (the fetcher refuses it): nothing to read
-        return fallback
+        return fallback()
     raw = storage.get_bytes(base + MANIFEST)
     if cand.sha256 and sha256_bytes(raw) != cand.sha256:
         raise ValueError(f"adapter {cand.name}: {base}{MANIFEST} does not match the pinned sha256")
     listed = {f.path: f.sha256 for f in Manifest.model_validate_json(raw).files}
     if PROMPT_JSON not in listed:
-        return fallback
+        return fallback()
     data = storage.get_bytes(base + PROMPT_JSON)
     if sha256_bytes(data) != listed[PROMPT_JSON]:
         raise ValueError(f"adapter {cand.name}: {base}{PROMPT_JSON} does not match its sha256 in the manifest")
