@@ -10,6 +10,13 @@ same clients with no operator in between (what the API server and the Job contro
 and `crd_only_create_seconds`: the N FineTuneJobs created with no operator running (the floor of
 `all_jobs_seconds`: every Job comes after its FineTuneJob; `ratio_floor_crd_vs_direct`). Creates the
 API server answers with 504/429/5xx when overloaded are retried (`creates_retried`).
+
+Where the time goes, per round: `api_writes` (the API server's own `apiserver_request_total`,
+mutating verbs by resource, counted from the round's start until its last Job), `cpu_seconds` of
+each platform part and of the operator over the same span, and `all_status_seconds` (until every
+FineTuneJob's status names its Job: the status writes the operator may defer in a burst).
+`--status-writes-per-second 0 20` runs the operator round once per value (`0`: unlimited), the
+before/after of the operator's write budget in one run.
 Pods land on kwok GPU nodes (they need `nvidia.com/gpu`), so nothing really trains.
 
 Targets (issue 2): N=1000: every Job within 60 s, operator RSS <= 200 MB.
@@ -25,12 +32,14 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,9 +111,12 @@ class JobWatcher(threading.Thread):
             response.release_conn()
 
 
-def start_operator(kubeconfig: str, log: Path) -> tuple[subprocess.Popen, int]:
+def start_operator(kubeconfig: str, log: Path, status_writes_per_second: float | None = None
+                   ) -> tuple[subprocess.Popen, int]:
     health = free_port()
     env = {**os.environ, "KUBECONFIG": kubeconfig, "RAGTUNE_METRICS_PORT": str(free_port())}
+    if status_writes_per_second is not None:
+        env["RAGTUNE_STATUS_WRITES_PER_SECOND"] = str(status_writes_per_second)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ragtune.cli", "operator", "run", "--all-namespaces",
                                  "--liveness", f"http://127.0.0.1:{health}/healthz"],
@@ -131,6 +143,51 @@ def peak_rss_mb(pid: int) -> float:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_SAMPLE = re.compile(r'^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+_WRITES = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
+
+
+def api_writes(kube: Kube) -> Counter:
+    """The API server's count of mutating requests so far, by verb and resource[/subresource]."""
+    counts: Counter = Counter()
+    for line in kube.request("GET", "/metrics", raw=True).splitlines():
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        labels = dict(_LABEL.findall(match.group(1)))
+        if labels.get("verb") in _WRITES:
+            resource = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+            counts[f"{labels['verb']} {resource}"] += int(float(match.group(2)))
+    return counts
+
+
+class Span:
+    """API writes and CPU seconds (per platform part and the extra processes) between start and stop."""
+
+    def __init__(self, platform, kube: Kube, extra: dict[str, int] | None = None) -> None:
+        self.platform, self.kube, self.extra = platform, kube, extra or {}
+
+    def _cpu(self) -> dict[str, float]:
+        pids = {**(self.platform.local.part_pids() if self.platform.local else {}), **self.extra}
+        out = {}
+        for part, pid in pids.items():
+            try:
+                out[part] = cpu_seconds(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return out
+
+    def start(self) -> "Span":
+        self._writes0, self._cpu0 = api_writes(self.kube), self._cpu()
+        return self
+
+    def stop(self) -> dict:
+        writes, cpu = api_writes(self.kube) - self._writes0, self._cpu()
+        return {"api_writes": dict(writes.most_common()),
+                "cpu_seconds": {p: round(cpu[p] - self._cpu0.get(p, 0.0), 1) for p in sorted(cpu)}}
 
 
 def create_retrying(kube: Kube, path: str, body: dict, retries: list) -> None:
@@ -183,8 +240,8 @@ def delete_and_wait(platform, namespace: str, timeout: float = 600) -> None:
     print(f"warning: namespace {namespace} still terminating after {timeout} s", file=sys.stderr)
 
 
-def direct_baseline(platform, kube: Kube, n: int, timeout: float) -> float:
-    """Seconds to create the same N Jobs straight from the clients (no operator)."""
+def direct_baseline(platform, kube: Kube, n: int, timeout: float) -> dict:
+    """Seconds to create the same N Jobs straight from the clients (no operator), and the span."""
     namespace = platform.create_namespace("bench-direct")
     try:
         jobs = []
@@ -196,6 +253,7 @@ def direct_baseline(platform, kube: Kube, n: int, timeout: float) -> float:
         watcher = JobWatcher(kube, namespace, "app.kubernetes.io/managed-by=ragtune")
         watcher.start()
         watcher.ready.wait(30)
+        span = Span(platform, kube).start()
         start = time.monotonic()
         retries: list = []
         with ThreadPoolExecutor(CLIENTS) as pool:
@@ -206,7 +264,7 @@ def direct_baseline(platform, kube: Kube, n: int, timeout: float) -> float:
         ok = wait_all(watcher, [j["metadata"]["labels"]["ragtune.dev/finetunejob"] for j in jobs], timeout)
         elapsed = time.monotonic() - start
         watcher.stop.set()
-        return elapsed if ok else float("nan")
+        return {"seconds": elapsed if ok else float("nan"), **span.stop()}
     finally:
         delete_and_wait(platform, namespace)
 
@@ -227,11 +285,32 @@ def crd_only_baseline(platform, kube: Kube, n: int) -> float:
         delete_and_wait(platform, namespace)
 
 
-def run_once(platform, kube: Kube, n: int, timeout: float, workdir: Path) -> dict:
-    baseline = direct_baseline(platform, kube, n, timeout)
+def wait_all_statuses(kube: Kube, namespace: str, n: int, start: float, timeout: float) -> float:
+    """Seconds from `start` until every FineTuneJob's status names its Job (listed every 2 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = kube.request("GET", f"/apis/ragtune.dev/v1alpha1/namespaces/{namespace}/finetunejobs")["items"]
+        if len(items) >= n and all((o.get("status") or {}).get("jobName") for o in items):
+            return time.monotonic() - start
+        time.sleep(2)
+    return float("nan")
+
+
+def run_once(platform, kube: Kube, n: int, timeout: float, workdir: Path, write_rates: list) -> dict:
+    direct = direct_baseline(platform, kube, n, timeout)
     crd_only = crd_only_baseline(platform, kube, n)
+    rounds = [operator_round(platform, kube, n, timeout, workdir, rate, direct["seconds"]) for rate in write_rates]
+    return {**rounds[-1], "direct_jobs_seconds": round(direct["seconds"], 2),
+            "direct": {k: v for k, v in direct.items() if k != "seconds"},
+            "crd_only_create_seconds": round(crd_only, 2),
+            "ratio_floor_crd_vs_direct": round(crd_only / direct["seconds"], 2) if direct["seconds"] else None,
+            **({"by_status_write_rate": rounds} if len(rounds) > 1 else {})}
+
+
+def operator_round(platform, kube: Kube, n: int, timeout: float, workdir: Path, write_rate: float | None,
+                   baseline: float) -> dict:
     namespace = platform.create_namespace("bench")
-    proc, _ = start_operator(platform.kubeconfig, workdir / f"operator-{n}.log")
+    proc, _ = start_operator(platform.kubeconfig, workdir / f"operator-{n}.log", write_rate)
     try:
         watcher = JobWatcher(kube, namespace, "app.kubernetes.io/managed-by=ragtune")
         watcher.start()
@@ -245,6 +324,7 @@ def run_once(platform, kube: Kube, n: int, timeout: float, workdir: Path) -> dic
             create_retrying(kube, f"/apis/ragtune.dev/v1alpha1/namespaces/{namespace}/finetunejobs", obj, retries)
             created[obj["metadata"]["name"]] = time.monotonic()
 
+        span = Span(platform, kube, {"operator": proc.pid}).start()
         start = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:
             list(pool.map(create, objects))
@@ -252,12 +332,15 @@ def run_once(platform, kube: Kube, n: int, timeout: float, workdir: Path) -> dic
         names = list(created)
         complete = wait_all(watcher, names, timeout)
         all_jobs = max(watcher.seen.values()) - start if complete else float("nan")
+        spent = span.stop()
         latencies = [watcher.seen[k] - created[k] for k in names if k in watcher.seen]
         watcher.stop.set()
+        all_status = wait_all_statuses(kube, namespace, n, start, timeout)
         rss = peak_rss_mb(proc.pid)
         cpu = cpu_seconds(proc.pid)
         return {
             "n": n,
+            "status_writes_per_second": "default" if write_rate is None else write_rate or "unlimited",
             "all_jobs_created": complete,
             "jobs_seen": len(watcher.seen),
             "apply_seconds": round(apply_seconds, 2),
@@ -268,10 +351,9 @@ def run_once(platform, kube: Kube, n: int, timeout: float, workdir: Path) -> dic
             "latency_max_seconds": round(max(latencies), 3) if latencies else None,
             "operator_peak_rss_mb": round(rss, 1),
             "operator_cpu_seconds": round(cpu, 1),
-            "direct_jobs_seconds": round(baseline, 2),
             "ratio_vs_direct": round(all_jobs / baseline, 2) if baseline and baseline == baseline else None,
-            "crd_only_create_seconds": round(crd_only, 2),
-            "ratio_floor_crd_vs_direct": round(crd_only / baseline, 2) if baseline and baseline == baseline else None,
+            "all_status_seconds": round(all_status, 2),
+            **spent,
             "meets_targets": bool(complete and all_jobs <= 60 and rss <= 200) if n >= 1000 else None,
         }
     finally:
@@ -283,6 +365,8 @@ def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[100, 1000], help="FineTuneJobs per round")
     parser.add_argument("--timeout", type=float, default=300, help="give up on a round after this many seconds")
+    parser.add_argument("--status-writes-per-second", type=float, nargs="+", default=None,
+                        help="run the operator round once per value (RAGTUNE_STATUS_WRITES_PER_SECOND; 0: unlimited)")
     args = parser.parse_args()
 
     from ragtune_local.testing import close_platform, open_platform
@@ -297,7 +381,8 @@ def main() -> dict:
         # Enough fake GPU capacity (and pod slots: 110 per node) for every pod at once.
         handle.gpu_nodes(math.ceil(biggest / 100) + 1, gpus=100, prefix="bench-gpu")
         kube = Kube(kubeconfig=handle.kubeconfig, workers=CLIENTS)
-        rounds = [run_once(handle, kube, n, args.timeout, workdir) for n in args.n]
+        rates = args.status_writes_per_second or [None]
+        rounds = [run_once(handle, kube, n, args.timeout, workdir, rates) for n in args.n]
         kube.close()
     finally:
         if owned:

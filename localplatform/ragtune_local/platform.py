@@ -144,6 +144,10 @@ class LocalPlatform:
     def running_parts(self) -> dict[str, bool]:
         return {name: ref.alive() for name, ref in self._recorded().items()}
 
+    def part_pids(self) -> dict[str, int]:
+        """The process id of each running part (what a bench reads CPU time from)."""
+        return {name: ref.pid for name, ref in self._recorded().items() if ref.alive()}
+
     def is_running(self) -> bool:
         return any(self.running_parts().values())
 

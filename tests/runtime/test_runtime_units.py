@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from ragtune.api.pods import TRAINER_IMAGE
 from ragtune.runtime.metrics import PhaseTracker
+from ragtune.runtime.ratelimit import WriteBudget
 from ragtune.runtime.settings import ConfigError, OperatorConfig
 from ragtune.runtime.workqueue import WorkQueue
 
@@ -27,10 +28,46 @@ def test_config_defaults_and_overrides():
     ({"RAGTUNE_METRICS_PORT": "http"}, "RAGTUNE_METRICS_PORT"),
     ({"RAGTUNE_PROGRESS_INTERVAL_SECONDS": "0"}, "RAGTUNE_PROGRESS_INTERVAL_SECONDS"),
     ({"RAGTUNE_LOG_FORMAT": "xml"}, "RAGTUNE_LOG_FORMAT"),
+    ({"RAGTUNE_STATUS_WRITES_PER_SECOND": "-1"}, "RAGTUNE_STATUS_WRITES_PER_SECOND"),
 ])
 def test_config_errors_name_the_variable(env, named):
     with pytest.raises(ConfigError, match=named):
         OperatorConfig.from_env(env)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_write_budget_allows_a_burst_then_gives_each_waiting_key_its_own_slot():
+    clock = FakeClock()
+    budget: WriteBudget[str] = WriteBudget(rate=2.0, burst=3, clock=clock)
+    assert [budget.delay(k) for k in "abc"] == [0.0, 0.0, 0.0]  # the burst
+    waits = [budget.delay(k) for k in "defg"]
+    assert waits == pytest.approx([0.5, 1.0, 1.5, 2.0])  # one slot each, 1/rate apart, none shared
+    assert len(budget) == 4
+    # Asking again before the slot keeps the slot (no second reservation, no debt added).
+    clock.now += 0.25
+    assert budget.delay("d") == pytest.approx(0.25) and budget.delay("g") == pytest.approx(1.75)
+    clock.now += 0.25
+    assert budget.delay("d") == 0.0 and len(budget) == 3  # d's slot is due: it writes
+    # A newcomer queues behind the reserved slots, not ahead of them.
+    assert budget.delay("h") == pytest.approx(2.0)
+    budget.forget("g")
+    assert len(budget) == 3
+    # After a quiet spell the bucket is full again, but never holds more than the burst.
+    clock.now += 60
+    assert [budget.delay(k) for k in ("e", "f", "h")] == [0.0, 0.0, 0.0]  # due reservations
+    assert [budget.delay(k) for k in "xyz"] == [0.0, 0.0, 0.0] and budget.delay("w") > 0
+
+
+def test_write_budget_of_zero_is_unlimited():
+    budget: WriteBudget[int] = WriteBudget(rate=0, burst=0, clock=FakeClock())
+    assert all(budget.delay(i) == 0.0 for i in range(10_000)) and len(budget) == 0
 
 
 def test_phase_tracker_counts_each_object_once():

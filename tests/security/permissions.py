@@ -4,7 +4,8 @@ list; the chart's Roles/ClusterRole must equal it).
 `used_by` says which code path makes the call, so the audit-log test knows which entries a
 FineTuneJob run must exercise and which belong to other paths:
 `kopf` (framework, every run), `finetunejob` (finetunejob/, runtime/kube.py),
-`adapterdeployment` (adapterdeployment/), `leader` (runtime/leader.py), `admission` (needed only on
+`adapterdeployment` (adapterdeployment/), `leader` (runtime/leader.py), `kueue` (finetunejob/kueue.py:
+only while a run with `spec.queueName` waits), `admission` (needed only on
 clusters running the OwnerReferencesPermissionEnforcement admission plugin).
 """
 
@@ -52,6 +53,8 @@ PERMISSIONS: list[Permission] = [
            "the desired adapter set of a vLLM server and canary (its sidecars load it; update: a new set, no restart)"),
     *_many("gateway.networking.k8s.io", "httproutes", "create get update delete", "adapterdeployment",
            "the HTTPRoute of a `Canary` strategy: weights of the stable and canary Services"),
+    *_many("kueue.x-k8s.io", "workloads", "list", "kueue",
+           "why a run with spec.queueName waits (listed only while one is queued)"),
     *_many("", "events", "create", "kopf", "an Event on every transition"),
     *_many("coordination.k8s.io", "leases", "create get update", "leader",
            "leader election between replicas (release namespace only; get/update only the Lease ragtune-operator)"),

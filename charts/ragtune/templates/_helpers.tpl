@@ -109,6 +109,10 @@ runs with peering and cluster scanning off.
 - apiGroups: ["gateway.networking.k8s.io"]
   resources: ["httproutes"]
   verbs: ["create", "get", "update", "delete"]
+# Kueue's Workloads, read (listed) only while a FineTuneJob with spec.queueName waits: why it waits.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list"]
 # Events on every transition.
 - apiGroups: [""]
   resources: ["events"]

@@ -353,6 +353,13 @@ class FineTuneJobSpec(ApiModel):
                 reason="FieldValueInvalid",
             ),
             cel(
+                "!has(self.queueName) || !has(self.suspend) || !self.suspend",
+                "a FineTuneJob with spec.queueName is started and stopped by its Kueue queue: leave "
+                "spec.suspend out (to hold it, stop the LocalQueue with its stopPolicy, or delete the run)",
+                field_path=".suspend",
+                reason="FieldValueForbidden",
+            ),
+            cel(
                 "!has(self.dataset.eval) || self.dataset.eval != self.dataset.train",
                 "dataset.eval must differ from dataset.train (held-out data)",
                 field_path=".dataset.eval",
@@ -395,6 +402,20 @@ class FineTuneJobSpec(ApiModel):
     suspend: bool = False
     """Suspend the run: the training pod is stopped (it checkpoints first) and resumed when
     this is set back to false."""
+    queue_name: Optional[str] = Field(None, min_length=1, max_length=63,
+                                      pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Kueue LocalQueue (in this namespace) that admits the run: the training Job is created
+    suspended with the label `kueue.x-k8s.io/queue-name`, Kueue starts it when the queue's quota
+    allows (and may suspend it again to preempt it), and the operator never touches its
+    `suspend`; until then the run is `Queued` with Kueue's reason. Cannot be combined with
+    `suspend`."""
+
+    @model_validator(mode="after")
+    def _queue_owns_suspend(self) -> "FineTuneJobSpec":
+        if self.queue_name is not None and self.suspend:
+            raise ValueError("a FineTuneJob with spec.queueName is started and stopped by its Kueue queue: "
+                             "leave spec.suspend out")
+        return self
 
     @model_validator(mode="after")
     def _method_base(self) -> "FineTuneJobSpec":
@@ -425,6 +446,7 @@ class Phase(str, Enum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"
 
 
 class TrainingProgress(ApiModel):
@@ -511,7 +533,7 @@ class FineTuneJobStatus(ApiModel):
     """Observed state, written by the operator."""
 
     phase: Optional[Phase] = None
-    """Pending, Running, Evaluating, Succeeded, Failed or Suspended."""
+    """Pending, Queued (waiting for its Kueue queue), Running, Evaluating, Succeeded, Failed or Suspended."""
     message: Optional[str] = None
     """One line on what is happening or what went wrong."""
     observed_generation: Optional[int] = None

@@ -20,6 +20,11 @@ MANAGED_BY = "ragtune"
 """Value of `app.kubernetes.io/managed-by` on every child object."""
 ANNOTATION_JOB_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 """Set by the Job controller on each pod of an Indexed Job: its index (index 0 speaks for a multi-node run)."""
+LABEL_KUEUE_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
+"""On a trainer Job of a FineTuneJob with `spec.queueName`: the Kueue LocalQueue that admits it."""
+KUEUE_GROUP = "kueue.x-k8s.io"
+KUEUE_VERSION = "v1beta2"
+"""The Kueue API the operator reads Workloads from (Kueue's storage version since v0.15)."""
 
 # --- ragtune's labels and annotations ----------------------------------------------------------
 

@@ -8,7 +8,9 @@ deduplicating work queue, and `reconcile(key)` brings the world in line:
    409 AlreadyExists means it is there already, so an operator restart never makes a second Job),
    Jobs of superseded runs are deleted, run-control fields (`suspend`, ...) are applied in place;
 2. the status is recomputed from the Job and its pods (`jobstatus.build_status`) and written as a
-   merge patch only when it differs; a change of phase or reason emits an Event.
+   merge patch only when it differs; a change of phase or reason emits an Event. Status writes
+   spend a budget (`runtime.ratelimit.WriteBudget`): in a burst a key whose write must wait comes
+   back at its reserved slot and writes the newest status then; Job creates never wait.
 
 The operator's only writes to a FineTuneJob are to its status subresource: no finalizers, no
 annotations. Deleting a FineTuneJob deletes its Jobs (foreground) at once; owner references
@@ -35,9 +37,11 @@ from ragtune.api.pods import PROGRESS_PREFIX, run_id
 from ragtune.runtime import metrics
 from ragtune.runtime.conditions import set_condition
 from ragtune.runtime.kube import Kube, KubeError
+from ragtune.runtime.ratelimit import WriteBudget
 from ragtune.runtime.settings import get_config
 from ragtune.runtime.workqueue import RetryableError, WorkQueue
 
+from .kueue import QueueWatcher
 from .render import (
     ANNOTATION_FINETUNEJOB,
     CONTAINER,
@@ -69,6 +73,8 @@ Key = tuple[str, str]
 TRAINER_LABELS = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_NAME: TRAINER_APP}
 JOB_CREATE_RETRY_SECONDS = 60.0
 COALESCE_SECONDS = 1.0
+QUEUE_POLL_SECONDS = 5.0
+"""How often Kueue's Workloads are listed while some run is queued (see `kueue.QueueWatcher`)."""
 """Job and pod events within this window fold into one status update (a pod goes through several
 states in a second; each would otherwise be a status write)."""
 
@@ -184,8 +190,11 @@ class FineTuneJobController:
         self.config = get_config()
         self.kube: Optional[Kube] = None
         self.queue: WorkQueue[Key] = WorkQueue(self.reconcile, workers=16, name="finetunejob")
+        self.status_budget: WriteBudget[Key] = self._budget()
         self.sampler: Optional[ProgressSampler] = None
         self._sampler_task: Optional[asyncio.Task] = None
+        self.queues: Optional[QueueWatcher] = None
+        self._queues_task: Optional[asyncio.Task] = None
         self.ftjs: Any = {}
         self.jobs: Any = {}
         self.pods: Any = {}
@@ -197,22 +206,30 @@ class FineTuneJobController:
 
     # --- lifecycle -----------------------------------------------------------------
 
+    def _budget(self) -> WriteBudget[Key]:
+        rate = self.config.status_writes_per_second
+        return WriteBudget(rate, burst=round(rate * 1.5))
+
     async def start(self) -> None:
         self.config = get_config()
+        self.status_budget = self._budget()
         self.kube = Kube(workers=self.config.api_workers)
         self.sampler = ProgressSampler(self.kube, self.config.progress_interval,
                                        self.config.progress_reads_per_second, self._on_progress)
+        self.queues = QueueWatcher(self.kube, QUEUE_POLL_SECONDS, self.queue.add)
 
     def _start_workers(self) -> None:
         # Started from the first watch handler, not at startup: tasks inherit the handler's
         # context, which carries kopf's event-posting queue (kopf.event needs it).
         self.queue.start()
         self._sampler_task = asyncio.create_task(self.sampler.run(), name="progress-sampler")
+        self._queues_task = asyncio.create_task(self.queues.run(), name="kueue-workloads")
 
     async def stop(self) -> None:
-        if self._sampler_task is not None:
-            self._sampler_task.cancel()
-            await asyncio.gather(self._sampler_task, return_exceptions=True)
+        tasks = [t for t in (self._sampler_task, self._queues_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.queue.stop()
         if self.kube is not None:
             self.kube.close()
@@ -227,7 +244,7 @@ class FineTuneJobController:
     def alive(self) -> bool:
         if self._sampler_task is None:
             return True  # no watch event yet
-        return self.queue.alive and not self._sampler_task.done()
+        return self.queue.alive and not self._sampler_task.done() and not self._queues_task.done()
 
     def _on_progress(self, key: Key, progress: dict) -> None:
         self.progress[key] = progress
@@ -242,8 +259,11 @@ class FineTuneJobController:
         self.progress.pop(key, None)
         self._written.pop(key, None)
         self._specs.pop(key, None)
+        self.status_budget.forget(key)
         if self.sampler:
             self.sampler.untrack(key)
+        if self.queues:
+            self.queues.untrack(key)
         metrics.FINETUNEJOB_PHASES.forget(key)
         for job in list(self.jobs.get(key, ())):
             if job.owner_uid == ftj.uid and not job.deleting:
@@ -275,8 +295,7 @@ class FineTuneJobController:
             try:
                 spec = FineTuneJobSpec.model_validate(ftj.spec, context=IN_CLUSTER)
             except ValidationError as exc:
-                await self._write_invalid_spec(ftj, _error_message(exc))
-                return None
+                return await self._write_failed(ftj, "InvalidSpec", _error_message(exc))
             wanted = spec_hash(spec)
             self._specs[key] = (ftj.uid, ftj.generation, spec, wanted)
 
@@ -302,8 +321,7 @@ class FineTuneJobController:
                 # status (the timer is a safety net). Creating Jobs first keeps them fast in a burst.
                 return 5.0
             if problem[0] == "JobRejected":  # the same spec renders the same Job: no retry can help
-                await self._write_failed(ftj, *problem)
-                return None
+                return await self._write_failed(ftj, *problem)
             again = JOB_CREATE_RETRY_SECONDS
         else:
             patch = run_control_patch(job.run_control(), spec)
@@ -311,8 +329,8 @@ class FineTuneJobController:
                 await self._patch_run_control(ftj, job, patch)
 
         pods = list(self.pods.get((namespace, job.name), ())) if job else []
-        await self._write_status(ftj, job, pods, problem)
-        return again
+        deferred = await self._write_status(ftj, job, pods, problem)
+        return min((t for t in (again, deferred) if t is not None), default=None)
 
     async def _create_job(self, ftj: FtjView, spec: FineTuneJobSpec) -> Optional[tuple[str, str]]:
         """Create this generation's Job; returns a (reason, message) problem if the API refuses it:
@@ -365,25 +383,30 @@ class FineTuneJobController:
             return ftj.status
         return written[1]
 
-    async def _write_invalid_spec(self, ftj: FtjView, message: str) -> None:
-        await self._write_failed(ftj, "InvalidSpec", message)
-
-    async def _write_failed(self, ftj: FtjView, reason: str, message: str) -> None:
+    async def _write_failed(self, ftj: FtjView, reason: str, message: str) -> Optional[float]:
         """A failure before any Job runs (the run cannot start with this spec)."""
         old = self._base_status(ftj)
         conditions = set_condition(old.get("conditions"), "Succeeded", False, reason, message, ftj.generation)
         conditions = set_condition(conditions, "Failed", True, reason, message, ftj.generation)
         new = {**old, "phase": "Failed", "message": message, "observedGeneration": ftj.generation,
                "conditions": conditions}
-        await self._patch_status(ftj, old, new)
+        return await self._patch_status(ftj, old, new)
 
     async def _write_status(self, ftj: FtjView, job: Optional[JobView], pods: list[PodView],
-                            problem: Optional[tuple[str, str]]) -> None:
+                            problem: Optional[tuple[str, str]]) -> Optional[float]:
+        """Writes the status the Job and pods call for; returns seconds until a write that had to
+        wait for the budget may happen (None when written or nothing to write)."""
         key = (ftj.namespace, ftj.name)
         old = self._base_status(ftj)
         view = FtjView(ftj.name, ftj.namespace, ftj.uid, ftj.generation, ftj.spec, old)
-        new = build_status(view, job, pods, problem, self.progress.get(key))
-        await self._patch_status(ftj, old, new)
+        workload = None
+        if job is not None and job.queued:
+            self.queues.track(key, job.uid)
+            workload = self.queues.view(ftj.namespace, job.uid)
+        else:
+            self.queues.untrack(key)
+        new = build_status(view, job, pods, problem, self.progress.get(key), workload)
+        deferred = await self._patch_status(ftj, old, new)
 
         running_pod = next((p for p in primary(pods) if p.running and not p.deleting), None)
         if new.get("phase") in ("Running", "Evaluating") and running_pod is not None and self.sampler:
@@ -391,18 +414,23 @@ class FineTuneJobController:
         elif self.sampler:
             self.sampler.untrack(key)
             self.progress.pop(key, None)
+        return deferred
 
-    async def _patch_status(self, ftj: FtjView, old: dict, new: dict) -> None:
+    async def _patch_status(self, ftj: FtjView, old: dict, new: dict) -> Optional[float]:
         key = (ftj.namespace, ftj.name)
-        metrics.FINETUNEJOB_PHASES.set(key, new.get("phase"))
         patch = status_patch(old, new)
         if not patch:
-            return
+            metrics.FINETUNEJOB_PHASES.set(key, new.get("phase"))
+            return None
+        wait = self.status_budget.delay(key)
+        if wait > 0:
+            return wait
+        metrics.FINETUNEJOB_PHASES.set(key, new.get("phase"))
         try:
             await self.kube.run(self.kube.patch_status, "finetunejobs", ftj.namespace, ftj.name, patch)
         except KubeError as exc:
             if exc.status == 404:
-                return
+                return None
             if exc.retryable:
                 raise RetryableError(f"writing status: {exc}") from None
             raise
@@ -421,6 +449,7 @@ class FineTuneJobController:
             gates = (new.get("metrics") or {}).get("gates")
             if gates:
                 metrics.observe_gates(KIND, all(g.get("passed") for g in gates))
+        return None
 
 
 controller = FineTuneJobController()

@@ -7,6 +7,10 @@ trained (anything but the run-control fields below). Changing `suspend`, `backof
 continue the same run (it resumes from its checkpoints), and a longer deadline or more retries
 should not throw away hours of training. `specHash` (an annotation on the Job) records which
 spec a Job trains, so the controller can tell after a restart which Job is current.
+
+Queues: with `spec.queueName` the Job carries Kueue's `kueue.x-k8s.io/queue-name` label and is
+created suspended; Kueue owns `suspend` from then on (it starts the Job on admission and
+suspends it to preempt it), so run control never patches it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ragtune.api.keys import (
     GROUP_VERSION,
     LABEL_FINETUNEJOB,
     LABEL_GENERATION,
+    LABEL_KUEUE_QUEUE_NAME,
     LABEL_MANAGED_BY,
     LABEL_NAME,
     LABEL_RUN_ID,
@@ -194,7 +199,7 @@ def render_job(
 
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
-        "suspend": spec.suspend,
+        "suspend": spec.suspend or spec.queue_name is not None,  # a queued Job waits for Kueue
         # A replacement pod starts only once the previous one is gone: two trainers never
         # write to the same run folder.
         "podReplacementPolicy": "Failed",
@@ -227,6 +232,8 @@ def render_job(
     }
     if nodes > 1:
         _make_indexed(job, spec, run_id)
+    if spec.queue_name is not None:  # on the Job, for Kueue (not on its pods)
+        job["metadata"]["labels"] = {**labels, LABEL_KUEUE_QUEUE_NAME: spec.queue_name}
     return job
 
 
@@ -313,7 +320,7 @@ def workload_for(spec: FineTuneJobSpec):
 
 def render_service(meta: dict, job: dict) -> dict:
     """The headless Service giving the pods of a multi-node run `<job>-<index>.<service>` names."""
-    labels = dict(job["metadata"]["labels"])
+    labels = {k: v for k, v in job["metadata"]["labels"].items() if k != LABEL_KUEUE_QUEUE_NAME}
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -358,7 +365,7 @@ def _make_indexed(job: dict, spec: FineTuneJobSpec, run_id: str) -> None:
 def run_control_patch(job_spec: dict, spec: FineTuneJobSpec) -> dict:
     """The patch that brings a Job's mutable run-control fields in line with the spec ({} if none)."""
     patch: dict[str, Any] = {}
-    if bool(job_spec.get("suspend")) != spec.suspend:
+    if spec.queue_name is None and bool(job_spec.get("suspend")) != spec.suspend:  # Kueue's otherwise
         patch["suspend"] = spec.suspend
     if job_spec.get("activeDeadlineSeconds") != spec.active_deadline_seconds and spec.active_deadline_seconds:
         patch["activeDeadlineSeconds"] = spec.active_deadline_seconds

@@ -10,6 +10,9 @@ without any state of its own. Conditions:
 - `Succeeded`: Unknown while in progress (its reason says what the run waits for), True when
   the run completed and passed its gates, False with the failure reason.
 - `Failed` / `Suspended`: present once they happened; True while they hold.
+
+A run with `spec.queueName` whose Job Kueue holds suspended is `Queued`; the reason Kueue gives
+(its Workload's `QuotaReserved` / `Evicted` condition, `WorkloadView`) is the `Ready` reason.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pydantic import ValidationError
 from ragtune.api.base import validate_tolerant
 from ragtune.api.finetunejob import FineTuneJobStatus, Phase, TrainingProgress
 from ragtune.api.gates import describe_failures
-from ragtune.api.keys import ANNOTATION_JOB_COMPLETION_INDEX, GROUP_VERSION
+from ragtune.api.keys import ANNOTATION_JOB_COMPLETION_INDEX, GROUP_VERSION, LABEL_KUEUE_QUEUE_NAME
 from ragtune.api.pods import EXIT_PERMANENT, OOM_REMEDIES, PROMPT_JSON, TrainerResult
 from ragtune.runtime.conditions import get_condition, set_condition
 
@@ -88,6 +91,8 @@ class JobView:
     deleting: bool = False
     completions: int = 1
     """Pods of one attempt: `resources.nodes` (an Indexed Job), 1 for a single-pod run."""
+    queue_name: str = ""
+    """The Kueue LocalQueue that admits the Job (its `kueue.x-k8s.io/queue-name` label), if any."""
 
     @classmethod
     def from_body(cls, body: dict) -> "JobView":
@@ -117,10 +122,16 @@ class JobView:
             created=meta.get("creationTimestamp", ""),
             deleting=bool(meta.get("deletionTimestamp")),
             completions=int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1,
+            queue_name=labels.get(LABEL_KUEUE_QUEUE_NAME, ""),
         )
 
     def condition(self, type_: str) -> Optional[Cond]:
         return next((c for c in self.conditions if c.type == type_ and c.status == "True"), None)
+
+    @property
+    def queued(self) -> bool:
+        """Held by Kueue: suspended, with a queue (the operator never suspends such a Job)."""
+        return self.suspend and bool(self.queue_name)
 
     @property
     def attempts_allowed(self) -> int:
@@ -369,6 +380,46 @@ class Assessment:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WorkloadView:
+    """What Kueue says of a queued Job: its Workload's name and conditions."""
+    name: str
+    conditions: tuple[Cond, ...] = ()
+
+    @classmethod
+    def from_body(cls, body: dict) -> "WorkloadView":
+        return cls(name=body.get("metadata", {}).get("name", ""),
+                   conditions=_conds((body.get("status") or {}).get("conditions")))
+
+    def condition(self, type_: str) -> Optional[Cond]:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def waiting_reason(self) -> tuple[str, str]:
+        """(reason, message) of why the Workload does not run: evicted (e.g. preempted) or not
+        (yet) given quota (`Pending`, `Inadmissible` for a missing LocalQueue, ...)."""
+        evicted = self.condition("Evicted")
+        if evicted is not None and evicted.status == "True":
+            return evicted.reason or "Evicted", evicted.message
+        reserved = self.condition("QuotaReserved")
+        if reserved is not None and reserved.status == "False":
+            return reserved.reason or "Pending", reserved.message
+        admitted = self.condition("Admitted")
+        if admitted is not None and admitted.status == "True":
+            return "Admitted", f"admitted ({admitted.message or 'quota reserved'}); Kueue is starting the Job"
+        return "Pending", "waiting for Kueue to reserve quota"
+
+
+def _assess_queued(job: JobView, workload: Optional[WorkloadView]) -> Assessment:
+    if workload is None:
+        kueue_reason, detail = "Pending", (f"no Kueue Workload for Job {job.name} yet (is Kueue installed, "
+                                           f"managing batch/job, with LocalQueue {job.queue_name} here?)")
+    else:
+        kueue_reason, detail = workload.waiting_reason()
+    msg = _one_line(f"queued in LocalQueue {job.queue_name} (Job {job.name}): {kueue_reason}: {detail}", 600)
+    return Assessment(Phase.QUEUED.value, "Queued", msg, ("False", kueue_reason, msg),
+                      ("False", "Queued", msg), suspended=False)
+
+
 def _newest(pods: list[PodView]) -> Optional[PodView]:
     return max(pods, key=lambda p: (p.created, p.name)) if pods else None
 
@@ -392,9 +443,10 @@ def _end_time(job: JobView, pods: list[PodView]) -> Optional[str]:
 
 
 def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[str, str]] = None,
-           stage: Optional[str] = None) -> Assessment:
+           stage: Optional[str] = None, workload: Optional[WorkloadView] = None) -> Assessment:
     """What phase and conditions the run is in. `problem` is a failure to create the Job;
-    `stage` the trainer's last reported stage (from its progress lines)."""
+    `stage` the trainer's last reported stage (from its progress lines); `workload` what Kueue
+    says of a queued Job."""
     if job is None:
         if problem is not None:
             reason, message = problem
@@ -410,6 +462,8 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
     if failed is not None:
         return _assess_failed(job, pods, failed)
 
+    if job.queued:
+        return _assess_queued(job, workload)
     if job.suspend:
         msg = f"suspended (Job {job.name}); set spec.suspend to false to resume the run"
         return Assessment(Phase.SUSPENDED.value, "Suspended", msg, ("Unknown", "Suspended", msg),
@@ -522,6 +576,7 @@ def build_status(
     pods: list[PodView],
     problem: Optional[tuple[str, str]] = None,
     progress: Optional[dict] = None,
+    workload: Optional[WorkloadView] = None,
 ) -> dict:
     """The complete status the FineTuneJob should have (wire form). Terminal outcomes of a run
     are kept as they are: pods may be gone by the time the operator looks again."""
@@ -533,7 +588,7 @@ def build_status(
             kept["completionTime"] = _end_time(job, pods)
         return kept
 
-    a = assess(job, pods, problem, stage=(progress or old.get("progress") or {}).get("stage"))
+    a = assess(job, pods, problem, stage=(progress or old.get("progress") or {}).get("stage"), workload=workload)
     new_run = job is None or old.get("runId") != job.run_id
     conditions = list(old.get("conditions") or [])
     conditions = set_condition(conditions, "Ready", a.ready[0], a.ready[1], a.ready[2], gen)

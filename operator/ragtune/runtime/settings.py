@@ -10,6 +10,7 @@
 | `RAGTUNE_PROGRESS_INTERVAL_SECONDS` | `15` | how often the progress of one running job is sampled |
 | `RAGTUNE_PROGRESS_READS_PER_SECOND` | `5` | cap on pod-log reads per second over all jobs |
 | `RAGTUNE_API_WORKERS` | `16` | concurrent Kubernetes API calls made by the controllers (as many as the FineTuneJob work queue's workers: in a burst, Job creates are bound by the API server's latency, not by CPU) |
+| `RAGTUNE_STATUS_WRITES_PER_SECOND` | `20` | budget for FineTuneJob status writes (with their Events), bursts of 1.5 s' worth; `0` = no limit. Job creates and deletes are never held back: in a burst the statuses follow within seconds (`ragtune.runtime.ratelimit`) |
 | `RAGTUNE_LEADER_ELECTION` | `false` | take a Lease before reconciling, so that of several replicas one works (the chart sets `true`) |
 | `RAGTUNE_LEADER_ELECTION_NAMESPACE` | `$POD_NAMESPACE`, else `default` | namespace of the Lease `ragtune-operator` |
 | `RAGTUNE_LEASE_SECONDS` | `15` | a leader that has not renewed for this long is replaced (failover time) |
@@ -71,6 +72,7 @@ class OperatorConfig:
     progress_interval: float = 15.0
     progress_reads_per_second: float = 5.0
     api_workers: int = 16
+    status_writes_per_second: float = 20.0
     leader_election: bool = False
     leader_election_namespace: str = "default"
     lease_seconds: float = 15.0
@@ -94,6 +96,7 @@ class OperatorConfig:
             progress_interval=_number(env, "RAGTUNE_PROGRESS_INTERVAL_SECONDS", 15.0, float, 1),
             progress_reads_per_second=_number(env, "RAGTUNE_PROGRESS_READS_PER_SECOND", 5.0, float, 0.1),
             api_workers=int(_number(env, "RAGTUNE_API_WORKERS", 16, int, 1)),
+            status_writes_per_second=_number(env, "RAGTUNE_STATUS_WRITES_PER_SECOND", 20.0, float, 0),
             leader_election=_flag(env, "RAGTUNE_LEADER_ELECTION"),
             leader_election_namespace=(env.get("RAGTUNE_LEADER_ELECTION_NAMESPACE", "").strip()
                                        or env.get("POD_NAMESPACE", "").strip() or "default"),

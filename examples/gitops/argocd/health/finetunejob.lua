@@ -46,7 +46,7 @@ elseif phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = status.message or "Suspended"
 else
-  -- Pending, Running, Evaluating: say why it waits (e.g. Unschedulable) or how far it got.
+  -- Pending, Queued, Running, Evaluating: say why it waits (e.g. Unschedulable, a Kueue quota) or how far it got.
   hs.message = phase
   if status.progress ~= nil and status.progress.percent ~= nil then
     hs.message = hs.message .. " (" .. status.progress.percent .. "%)"
