@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local platform's Go binaries from their published modules, once per version.
 #
-#   localplatform/build.sh [part ...]     parts: kube etcd kwok minio helm vllm traefik gatewayapi
+#   localplatform/build.sh [part ...]     parts: kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds
 #                                         (default: all)
 #
 # Binaries land in $RAGTUNE_CACHE/bin/<part>-<version>/ (default ~/.cache/ragtune); Go's
@@ -18,6 +18,8 @@ HELM_VERSION=v3.22.0
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # MinIO publishes pseudo-versions only
 TRAEFIK_VERSION=v3.6.12     # opt-in gateway part; v3.7.x does not build (deps missing from the proxy)
 GATEWAYAPI_VERSION=v1.4.0   # Gateway API CRDs: the version Traefik v3.6.12's go.mod requires
+KUEUE_VERSION=v0.17.0       # opt-in queue part (`dev up --with kueue`); ~30 min cold on 2 cores
+KUEUECRDS_VERSION=v0.17.0   # Kueue's CRDs and manager ClusterRole, from the same module (keep equal)
 
 CACHE=${RAGTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ragtune}
 BIN=$CACHE/bin
@@ -149,7 +151,28 @@ build_gatewayapi() {
   ls "$dir"/config/crd/standard/ > "$work/out/SOURCES"
 }
 
-parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(kube etcd kwok minio helm vllm traefik gatewayapi)
+# Kueue: like Traefik, built from a copy of its module directory (its go.mod has replace directives).
+build_kueue() {
+  local work=$1 dir
+  dir=$(go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -n "$dir" ] && [ -d "$dir" ] || { echo "go mod download gave no module dir for kueue $KUEUE_VERSION"; return 1; }
+  mkdir -p "$work/out"; cp -r "$dir" "$work/mod"; chmod -R u+w "$work/mod"; cd "$work/mod"
+  go build -trimpath -ldflags "-s -w" -o "$work/out/kueue" ./cmd/kueue
+}
+
+# Kueue's CRDs (config/components/crd/bases, without the conversion-webhook patches: everyone here
+# reads and writes v1beta2, the storage version, as Kueue does) and its manager's (Cluster)Roles.
+build_kueuecrds() {
+  local work=$1 dir
+  dir=$(go mod download -json "sigs.k8s.io/kueue@$KUEUECRDS_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -n "$dir" ] && [ -d "$dir/config/components/crd/bases" ] || { echo "no CRDs in kueue $KUEUECRDS_VERSION"; return 1; }
+  mkdir -p "$work/out"
+  local f; for f in "$dir"/config/components/crd/bases/*.yaml; do echo "---"; cat "$f"; done > "$work/out/crds.yaml"
+  cp "$dir/config/components/rbac/role.yaml" "$work/out/manager-role.yaml"
+  cp "$dir/config/components/rbac/manager_secrets_role.yaml" "$work/out/manager-secrets-role.yaml"
+}
+
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds)
 status=0
 for p in "${parts[@]}"; do
   case $p in
@@ -160,8 +183,10 @@ for p in "${parts[@]}"; do
     minio) run_part minio "$BIN/minio-$MINIO_VERSION" build_minio minio || status=1 ;;
     traefik)    run_part traefik    "$BIN/traefik-$TRAEFIK_VERSION" build_traefik traefik || status=1 ;;
     gatewayapi) run_part gatewayapi "$BIN/gatewayapi-$GATEWAYAPI_VERSION" build_gatewayapi standard-crds.yaml || status=1 ;;
+    kueue)      run_part kueue      "$BIN/kueue-$KUEUE_VERSION" build_kueue kueue || status=1 ;;
+    kueuecrds)  run_part kueuecrds  "$BIN/kueuecrds-$KUEUECRDS_VERSION" build_kueuecrds crds.yaml manager-role.yaml manager-secrets-role.yaml || status=1 ;;
     vllm)  bash "$(dirname "${BASH_SOURCE[0]}")/build_vllm.sh" || status=1 ;;
-    *) say "unknown part '$p' (parts: kube etcd kwok minio helm vllm traefik gatewayapi)"; exit 2 ;;
+    *) say "unknown part '$p' (parts: kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds)"; exit 2 ;;
   esac
 done
 exit $status

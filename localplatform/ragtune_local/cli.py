@@ -30,6 +30,8 @@ def _up(args: argparse.Namespace) -> int:
         from .gateway import GATEWAY_NAME, GATEWAY_NAMESPACE
 
         print(f"Gateway {GATEWAY_NAMESPACE}/{GATEWAY_NAME} (Traefik): http://127.0.0.1:{info.ports['gateway']}")
+    if "kueue" in args.with_parts:
+        print("Kueue: running (create a ResourceFlavor, a ClusterQueue and a LocalQueue; see docs/architecture.md)")
     print(f"export KUBECONFIG={info.kubeconfig}")
     return 0
 
@@ -84,8 +86,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all parts to be healthy")
     up.add_argument("--gpu-nodes", type=int, default=0, help="also create this many fake kwok GPU nodes")
     up.add_argument("--gpus-per-node", type=int, default=8)
-    up.add_argument("--with", dest="with_parts", action="append", default=[], choices=["gateway"],
-                    help="opt-in part: `gateway` = Gateway API CRDs + Traefik serving Gateway ragtune-gateway/local")
+    up.add_argument("--with", dest="with_parts", action="append", default=[], choices=["gateway", "kueue"],
+                    help="opt-in part: `gateway` = Gateway API CRDs + Traefik serving Gateway ragtune-gateway/local; "
+                         "`kueue` = Kueue's CRDs + Kueue (batch/job integration) for spec.queueName")
     up.set_defaults(func=_up)
 
     demo = sub.add_parser("demo", help="run the whole flow (FineTuneJob -> AdapterDeployment) on the local platform")
@@ -101,7 +104,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
     build = sub.add_parser("build", help="build the Go binaries and the vLLM venv (localplatform/build.sh)")
-    build.add_argument("parts", nargs="*", help="kube etcd kwok minio helm vllm traefik gatewayapi (default: all)")
+    build.add_argument("parts", nargs="*",
+                       help="kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds (default: all)")
     build.set_defaults(func=_build)
 
     gpu = sub.add_parser("gpu-nodes", help="create fake GPU nodes managed by kwok")

@@ -65,6 +65,8 @@ PARTS = {
     "helm": Part("helm", ("helm",)),
     "traefik": Part("traefik", ("traefik",)),  # opt-in: `dev up --with gateway`
     "gatewayapi": Part("gatewayapi", ("standard-crds.yaml",)),
+    "kueue": Part("kueue", ("kueue",)),  # opt-in: `dev up --with kueue`
+    "kueuecrds": Part("kueuecrds", ("crds.yaml", "manager-role.yaml", "manager-secrets-role.yaml")),
 }
 
 

@@ -38,7 +38,8 @@ KWOK = Identity("kwok", "ragtune:kwok", ("system:masters",))
 RUNNER = Identity("runner", "ragtune:local-runner")
 APISERVER_KUBELET_CLIENT = Identity("apiserver-kubelet-client", "kube-apiserver-kubelet-client")
 GATEWAY = Identity("gateway", "ragtune:local-gateway")  # Traefik (opt-in part), see gateway.py's RBAC
-CLIENT_IDENTITIES = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, RUNNER, APISERVER_KUBELET_CLIENT, GATEWAY)
+KUEUE = Identity("kueue", "ragtune:local-kueue")  # Kueue (opt-in part), bound to its manager role (kueue.py)
+CLIENT_IDENTITIES = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, RUNNER, APISERVER_KUBELET_CLIENT, GATEWAY, KUEUE)
 
 
 def _key() -> ec.EllipticCurvePrivateKey:

@@ -33,8 +33,8 @@ RUNNER_NODE = "ragtune-local"
 SERVICE_CIDR = "10.96.0.0/16"
 # Start order; `down` stops in reverse. The pod runner goes first so pods get their SIGTERM.
 PART_ORDER = ("etcd", "kube-apiserver", "minio", "kube-controller-manager", "kube-scheduler", "kwok", "pod-runner",
-              "gateway")
-OPTIONAL_PARTS = {"gateway": ("traefik", "gatewayapi")}
+              "gateway", "kueue")
+OPTIONAL_PARTS = {"gateway": ("traefik", "gatewayapi"), "kueue": ("kueue", "kueuecrds")}
 """Parts `up(with_parts=...)` adds (`ragtune dev up --with gateway`) -> the build.sh parts they need."""
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -187,6 +187,8 @@ class LocalPlatform:
                 self._save(info)
                 if "gateway" in with_parts:
                     info = self._start_gateway(timeout)
+                if "kueue" in with_parts:
+                    info = self._start_kueue(timeout)
             except BaseException:
                 self._stop_all(log=lambda _m: None)
                 raise
@@ -293,10 +295,11 @@ class LocalPlatform:
                  dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                       "kubernetes.default.svc.cluster.local"), ips=("127.0.0.1", pki.SERVICE_IP))
         ca.issue("kubelet", f"system:node:{RUNNER_NODE}", server=True, dns=("localhost", RUNNER_NODE), ips=("127.0.0.1",))
+        ca.issue("kueue-webhook", "kueue-webhook", server=True, dns=("localhost",), ips=("127.0.0.1",))
         pki.write_service_account_keys(info.pki)
         kubeconfigs = {"admin": "kubeconfig", "controller-manager": "controller-manager.kubeconfig",
                        "scheduler": "scheduler.kubeconfig", "kwok": "kwok.kubeconfig", "runner": "runner.kubeconfig",
-                       "gateway": "gateway.kubeconfig"}
+                       "gateway": "gateway.kubeconfig", "kueue": "kueue.kubeconfig"}
         for ident in pki.CLIENT_IDENTITIES:
             crt, key = ca.issue(ident.stem, ident.user, ident.groups)
             if ident.stem in kubeconfigs:
@@ -352,6 +355,20 @@ class LocalPlatform:
         from . import gateway
 
         return gateway.start(self, timeout)
+
+    def start_kueue(self, timeout: float = 90.0, build: bool = True,
+                    log: Callable[[str], None] = print) -> PlatformInfo:
+        """Adds Kueue (see kueue.py) to the running platform; a no-op when it runs already."""
+        if self.running_parts().get("kueue"):
+            return self.info()
+        ensure_binaries(OPTIONAL_PARTS["kueue"], build=build, log=log)
+        self._t0, self._log = time.monotonic(), log
+        return self._start_kueue(timeout)
+
+    def _start_kueue(self, timeout: float) -> PlatformInfo:
+        from . import kueue
+
+        return kueue.start(self, timeout)
 
     def stop_part(self, part: str) -> None:
         ref = self._recorded().get(part)
