@@ -203,6 +203,8 @@ class Runner:
                 worker = PodWorker(self, pod)
                 self.workers[uid] = worker
                 worker.start()
+            else:
+                worker.pod = pod  # the API's newest view: conditions others added (e.g. DisruptionTarget)
             if deleting:
                 grace = pod["metadata"].get("deletionGracePeriodSeconds")
                 grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30) if grace is None else grace)

@@ -101,6 +101,10 @@ class Probe:
     passed: bool = False
 
 
+KUBELET_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
+"""The pod conditions the kubelet writes; every other type in a pod's status is someone else's."""
+
+
 class PodWorker(threading.Thread):
     def __init__(self, runner: "Runner", pod: dict):
         meta = pod["metadata"]
@@ -487,9 +491,13 @@ class PodWorker(threading.Thread):
             return
         ready = all(c.ready for c in self.containers) and self.phase == "Running"
         init_done = all(c.done and c.state.get("terminated", {}).get("exitCode") == 0 for c in self.init_containers)
-        scheduled = [x for x in (self.pod.get("status") or {}).get("conditions") or [] if x["type"] == "PodScheduled"]
-        conds = scheduled + [self._cond("PodReadyToStartContainers", True), self._cond("Initialized", init_done),
-                             self._cond("ContainersReady", ready), self._cond("Ready", ready)]
+        # As a kubelet does: write the conditions it owns, keep the others (PodScheduled from the
+        # scheduler, DisruptionTarget from an eviction or preemption, which a Job's podFailurePolicy
+        # reads). The status is a merge patch: a condition left out of the list would be dropped.
+        kept = [x for x in (self.pod.get("status") or {}).get("conditions") or []
+                if x["type"] not in KUBELET_CONDITIONS]
+        conds = kept + [self._cond("PodReadyToStartContainers", True), self._cond("Initialized", init_done),
+                        self._cond("ContainersReady", ready), self._cond("Ready", ready)]
         status = {"phase": self.phase, "hostIP": self.runner.host_ip, "hostIPs": [{"ip": self.runner.host_ip}],
                   "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}], "startTime": self.start_time,
                   "conditions": conds, "containerStatuses": [c.status() for c in self.containers],

@@ -227,6 +227,22 @@ def test_parse_progress_takes_the_newest_valid_line():
     assert parse_progress("nothing here") is None
 
 
+def test_a_preemption_does_not_use_up_backoff_limit_zero():
+    """The Job's podFailurePolicy ignores DisruptionTarget pods: with backoffLimit 0 a preempted
+    attempt is retried, and the status says so instead of predicting BackoffLimitExceeded."""
+    disruption = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                  "message": "preempted by a higher-priority pod"}
+    j = job({"active": 0}, backoffLimit=0)
+    assert j.ignores_disruption
+    s = build_status(ftj(), j, pods(pod_body(phase="Failed", conditions=[disruption], terminated=(1, ""))))
+    assert s["phase"] == "Pending" and cond(s, "Succeeded")["reason"] == "Retrying", s["message"]
+    assert cond(s, "Running")["reason"] == "Preempted"
+    # A Job rendered before the rule existed counts the preemption: that one has no retry left.
+    old = JobView(**{**j.__dict__, "ignores_disruption": False})
+    s = build_status(ftj(), old, pods(pod_body(phase="Failed", conditions=[disruption], terminated=(1, ""))))
+    assert s["phase"] == "Failed"
+
+
 def test_retry_after_the_failed_pod_is_gone_keeps_the_failure_and_counts_attempts():
     disruption = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
                   "message": "Eviction API: evicting"}

@@ -147,7 +147,8 @@ def test_placement_and_run_control():
 
 def test_pod_failure_policy_fails_fast_on_permanent_exit_code():
     rules = render()["spec"]["podFailurePolicy"]["rules"]
-    assert rules == [{"action": "FailJob",
+    assert rules == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                     {"action": "FailJob",
                       "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_PERMANENT]}}]
     assert render()["spec"]["podReplacementPolicy"] == "Failed"
 

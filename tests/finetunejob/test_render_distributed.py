@@ -34,7 +34,8 @@ def test_one_node_is_the_single_pod_job_unchanged():
     assert job == render_job(META, s, RUN_ID, IMAGE)
     assert "completionMode" not in job["spec"] and "subdomain" not in job["spec"]["template"]["spec"]
     assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["ragtune", "train", "--in-cluster"]
-    assert job["spec"]["podFailurePolicy"]["rules"] == [
+    assert job["spec"]["podFailurePolicy"]["rules"] == [  # preemptions ignored, exit 2 permanent, as for nodes > 1
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_PERMANENT]}}]
     assert job["spec"]["backoffLimit"] == 2
 

@@ -15,6 +15,7 @@ suspends it to preempt it), so run control never patches it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any, Optional
@@ -51,6 +52,8 @@ TERMINATION_GRACE_SECONDS = 120
 TRAINER_APP = "ragtune-trainer"
 
 RUN_CONTROL_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds")
+DISRUPTION_IGNORED = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+"""The podFailurePolicy rule that keeps preemptions and evictions out of a Job's failure count."""
 """Spec fields applied to the running Job in place instead of starting a new run."""
 
 MAX_NAME = workloads.MAX_LABEL
@@ -205,10 +208,13 @@ def render_job(
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {
             "rules": [
+                # A preempted or evicted pod is not the run's fault: it does not count against
+                # backoffLimit (the replacement resumes from the newest checkpoint).
+                copy.deepcopy(DISRUPTION_IGNORED),
                 {
                     "action": "FailJob",
                     "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]},
-                }
+                },
             ]
         },
         "template": {"metadata": {"labels": dict(labels), "annotations": dict(annotations)}, "spec": pod_spec},
@@ -357,9 +363,6 @@ def _make_indexed(job: dict, spec: FineTuneJobSpec, run_id: str) -> None:
         "parallelism": nodes,
         "backoffLimit": job_backoff_limit(spec),
     })
-    # A preempted or evicted pod is not the run's fault: it does not count against backoffLimit.
-    job_spec["podFailurePolicy"]["rules"].insert(
-        0, {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
 
 
 def run_control_patch(job_spec: dict, spec: FineTuneJobSpec) -> dict:

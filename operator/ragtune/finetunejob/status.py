@@ -35,6 +35,7 @@ from .render import (
     ANNOTATION_FINETUNEJOB,
     ANNOTATION_SPEC_HASH,
     CONTAINER,
+    DISRUPTION_IGNORED,
     LABEL_GENERATION,
     LABEL_RUN_ID,
 )
@@ -93,6 +94,9 @@ class JobView:
     """Pods of one attempt: `resources.nodes` (an Indexed Job), 1 for a single-pod run."""
     queue_name: str = ""
     """The Kueue LocalQueue that admits the Job (its `kueue.x-k8s.io/queue-name` label), if any."""
+    ignores_disruption: bool = False
+    """Its podFailurePolicy leaves preempted/evicted pods out of the failure count (Jobs rendered
+    since the rule exists; older single-pod Jobs count them)."""
 
     @classmethod
     def from_body(cls, body: dict) -> "JobView":
@@ -123,6 +127,7 @@ class JobView:
             deleting=bool(meta.get("deletionTimestamp")),
             completions=int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1,
             queue_name=labels.get(LABEL_KUEUE_QUEUE_NAME, ""),
+            ignores_disruption=DISRUPTION_IGNORED in ((spec.get("podFailurePolicy") or {}).get("rules") or []),
         )
 
     def condition(self, type_: str) -> Optional[Cond]:
@@ -511,9 +516,16 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
                       suspended=False)
 
 
+def _disrupted(pod: PodView) -> bool:
+    cond = pod.condition("DisruptionTarget")
+    return cond is not None and cond.status == "True"
+
+
 def _failures(job: JobView, pods: list[PodView]) -> int:
-    # A failed pod may not be counted in `failed` yet (uncountedTerminatedPods).
-    return max(job.failed, sum(1 for p in pods if p.phase == "Failed"))
+    """Failures that count against backoffLimit. A failed pod may not be counted in `failed` yet
+    (uncountedTerminatedPods); a preempted one never is where the Job ignores disruptions."""
+    counted = [p for p in pods if p.phase == "Failed" and not (job.ignores_disruption and _disrupted(p))]
+    return max(job.failed, len(counted))
 
 
 def _ending(job: JobView, pods: list[PodView], last: Optional[PodView]) -> Optional[Cond]:
