@@ -67,3 +67,18 @@ def test_workers_count_the_attempts_running_pods_and_the_world_size():
 def test_single_pod_runs_count_as_before():
     j = JobView.from_body(job_body(spec(), {"failed": 1}))
     assert j.completions == 1 and j.attempts_allowed == 3
+
+
+def test_an_unschedulable_worker_is_named_by_its_index_while_rank_0_waits_for_it():
+    unschedulable = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                      "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
+    pods = [indexed_pod(0, running=True, phase="Running"), indexed_pod(1, conditions=unschedulable)]
+    s = build_status(ftj(), job({"active": 2}), pods)
+    assert s["phase"] == "Pending", s["message"]
+    assert s["message"].startswith("worker index 1 of 2 (pod demo-01234567-g1-1-0x): no node can run")
+    assert "Insufficient nvidia.com/gpu" in s["message"]
+    ready = next(c for c in s["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Unschedulable")
+    # Once it is scheduled and runs, the run is Running again.
+    pods[1] = indexed_pod(1, running=True, phase="Running")
+    assert build_status(ftj(), job({"active": 2}), pods)["phase"] == "Running"

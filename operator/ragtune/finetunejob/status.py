@@ -478,6 +478,11 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
     current = _newest(primary(live)) if live else None
     attempt = _attempts(job, pods)
     of = f"attempt {attempt} of {job.attempts_allowed}"
+    stuck = _stuck_worker(job, live)
+    if stuck is not None:  # rank 0 may run, but waits in the rendezvous for this one
+        reason, message = stuck
+        return Assessment(Phase.PENDING.value, reason, message, ("False", reason, message),
+                          ("False", reason, message), suspended=False)
     if current is not None and current.running and current.phase == "Running":
         evaluating = stage == "evaluating"
         phase = Phase.EVALUATING.value if evaluating else Phase.RUNNING.value
@@ -519,6 +524,19 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
 def _disrupted(pod: PodView) -> bool:
     cond = pod.condition("DisruptionTarget")
     return cond is not None and cond.status == "True"
+
+
+def _stuck_worker(job: JobView, live: list[PodView]) -> Optional[tuple[str, str]]:
+    """A multi-node run's worker (index > 0) that cannot start - unschedulable, image or Secret
+    problem - named by its index: the run cannot train until every rank joins."""
+    if job.completions <= 1:
+        return None
+    for pod in sorted((p for p in live if p.index), key=lambda p: (p.index, p.created)):
+        problem = diagnose_pending(pod)
+        if problem is not None:
+            reason, message = problem
+            return reason, _one_line(f"worker index {pod.index} of {job.completions} (pod {pod.name}): {message}", 600)
+    return None
 
 
 def _failures(job: JobView, pods: list[PodView]) -> int:
