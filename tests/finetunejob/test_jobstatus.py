@@ -294,3 +294,24 @@ def test_a_newer_trainers_result_is_read_by_an_older_operator():
 def test_progress_lines_of_a_newer_trainer_keep_the_fields_this_operator_knows():
     tail = 'RAGTUNE_PROGRESS {"step": 3, "totalSteps": 10, "rank": 0, "worldSizeSeen": 2}'
     assert parse_progress(tail) == {"step": 3, "totalSteps": 10}
+
+
+def test_attempt_history_lists_each_ended_attempt_once_and_outlives_its_pods():
+    failed = pod_body(phase="Failed", terminated=(1, result_message(outcome="Failed", reason="S3Unreachable",
+                                                                    message="minio down", run_id=RUN_ID)))
+    preempted = pod_body(name="demo-01234567-g1-second", phase="Failed", created="2026-01-01T00:05:00Z",
+                         terminated=(1, ""), conditions=[{"type": "DisruptionTarget", "status": "True",
+                                                          "reason": "PreemptionByScheduler", "message": "preempted"}])
+    running = pod_body(name="demo-01234567-g1-third", phase="Running", running=True, created="2026-01-01T00:09:00Z")
+    s = build_status(ftj(), job({"failed": 1, "active": 1}, backoffLimit=3), pods(failed, preempted, running))
+    history = s["attemptHistory"]
+    assert [(r["attempt"], r["reason"]) for r in history] == [(1, "S3Unreachable"), (2, "Preempted")]
+    assert history[0]["pod"] == "demo-01234567-g1-abcde" and "minio down" in history[0]["message"]
+    assert history[0]["finishedAt"]
+    # The failed pods are gone (e.g. the Job was recreated by someone): the history stays, once.
+    again = build_status(ftj(s), job({"failed": 1, "active": 1}, backoffLimit=3), pods(running, failed))
+    assert again["attemptHistory"] == history
+    # A new run (spec change: another runId) starts with an empty history.
+    other = JobView(**{**job({"active": 1}).__dict__, "run_id": "01234567-g2", "generation": 2})
+    fresh = build_status(ftj(s, generation=2), other, pods(pod_body(phase="Running", running=True)))
+    assert "attemptHistory" not in fresh

@@ -529,6 +529,24 @@ class WorkersStatus(ApiModel):
     """Training processes over all pods: nodes x max(gpus, 1)."""
 
 
+class AttemptRecord(ApiModel):
+    """An attempt of the run that ended without success: failed, preempted or evicted."""
+
+    attempt: int = Field(ge=1)
+    """1-based, in the order the attempts ended."""
+    pod: str
+    """Its training pod (index 0's for a multi-node run)."""
+    reason: str
+    """Why it ended, as the `Running` condition said then (e.g. `S3Unreachable`, `Preempted`, `OutOfMemory`)."""
+    message: str = ""
+    """What happened, in one line (the termination message or the condition's message)."""
+    finished_at: Optional[str] = None
+    """When its trainer terminated."""
+
+
+MAX_ATTEMPT_HISTORY = 20
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -549,6 +567,9 @@ class FineTuneJobStatus(ApiModel):
     (retries resume from checkpoints)."""
     workers: Optional[WorkersStatus] = None
     """Multi-node runs: how many of the attempt's pods are training, of how many, and the world size."""
+    attempt_history: list[AttemptRecord] = Field(default_factory=list, max_length=MAX_ATTEMPT_HISTORY)
+    """The current run's attempts that ended without success, oldest first (the newest 20). A
+    preemption is listed although it does not count against `backoffLimit`."""
     start_time: Optional[str] = None
     """When the first training pod started."""
     completion_time: Optional[str] = None

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from ragtune.api.base import validate_tolerant
-from ragtune.api.finetunejob import FineTuneJobStatus, Phase, TrainingProgress
+from ragtune.api.finetunejob import MAX_ATTEMPT_HISTORY, FineTuneJobStatus, Phase, TrainingProgress
 from ragtune.api.gates import describe_failures
 from ragtune.api.keys import ANNOTATION_JOB_COMPLETION_INDEX, GROUP_VERSION, LABEL_KUEUE_QUEUE_NAME
 from ragtune.api.pods import EXIT_PERMANENT, OOM_REMEDIES, PROMPT_JSON, TrainerResult
@@ -652,6 +652,9 @@ def build_status(
             status["startTime"] = job.start_time
         if a.phase in TERMINAL_PHASES and _end_time(job, pods):
             status["completionTime"] = _end_time(job, pods)
+    history = attempt_history([] if new_run else old.get("attemptHistory") or [], job, pods)
+    if history:
+        status["attemptHistory"] = history
     keep_progress = progress if progress is not None else (None if new_run else old.get("progress"))
     if keep_progress and progress is None:  # written by this or another version of the operator
         keep_progress = validate_tolerant(TrainingProgress, keep_progress).to_wire()
@@ -661,6 +664,25 @@ def build_status(
     # The CRD's status schema is generated from this model: what we write must parse as it.
     FineTuneJobStatus.model_validate(status)
     return status
+
+
+def attempt_history(old: list[dict], job: Optional[JobView], pods: list[PodView]) -> list[dict]:
+    """The run's ended attempts: those recorded before (their pods may be gone since) plus every
+    failed primary pod not recorded yet, numbered in the order they ended."""
+    history = list(old)
+    if job is None:
+        return history
+    known = {r.get("pod") for r in history}
+    ended = sorted((p for p in primary(pods) if p.phase == "Failed" and p.name not in known),
+                   key=lambda p: (p.finished_at or p.created, p.name))
+    for pod in ended:
+        reason, message = describe_pod_failure(pod)
+        record = {"attempt": (history[-1]["attempt"] + 1) if history else 1, "pod": pod.name,
+                  "reason": reason, "message": _one_line(message, 300)}
+        if pod.finished_at:
+            record["finishedAt"] = pod.finished_at
+        history.append(record)
+    return history[-MAX_ATTEMPT_HISTORY:]
 
 
 def _workers(ftj: FtjView, job: JobView, pods: list[PodView]) -> dict:
