@@ -73,10 +73,10 @@ Key = tuple[str, str]
 TRAINER_LABELS = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_NAME: TRAINER_APP}
 JOB_CREATE_RETRY_SECONDS = 60.0
 COALESCE_SECONDS = 1.0
-QUEUE_POLL_SECONDS = 5.0
-"""How often Kueue's Workloads are listed while some run is queued (see `kueue.QueueWatcher`)."""
 """Job and pod events within this window fold into one status update (a pod goes through several
 states in a second; each would otherwise be a status write)."""
+QUEUE_POLL_SECONDS = 5.0
+"""How often Kueue's Workloads are listed while some run is queued (see `kueue.QueueWatcher`)."""
 
 
 def _log_extra(key: Key, uid: str = "") -> dict:
