@@ -419,13 +419,12 @@ class FineTuneJobController:
     async def _patch_status(self, ftj: FtjView, old: dict, new: dict) -> Optional[float]:
         key = (ftj.namespace, ftj.name)
         patch = status_patch(old, new)
-        if not patch:
-            metrics.FINETUNEJOB_PHASES.set(key, new.get("phase"))
-            return None
-        wait = self.status_budget.delay(key)
+        wait = self.status_budget.delay(key) if patch else 0.0
         if wait > 0:
-            return wait
+            return wait  # back at its reserved slot; the phase gauge shows what is written
         metrics.FINETUNEJOB_PHASES.set(key, new.get("phase"))
+        if not patch:
+            return None
         try:
             await self.kube.run(self.kube.patch_status, "finetunejobs", ftj.namespace, ftj.name, patch)
         except KubeError as exc:
