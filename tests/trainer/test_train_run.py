@@ -90,6 +90,10 @@ def test_local_run_writes_adapter_report_and_manifest_last(tiny_model_dir, train
     losses = [e["eval_loss"] for e in report["lossHistory"] if "eval_loss" in e]
     assert len(losses) >= 2 and losses[-1] < losses[0]  # it learned something
     assert report["metrics"]["adapter"]["samples"] == 6
+    hygiene = report["dataHygiene"]  # the 80 records as given, split 64 / 16, copies on one side
+    assert hygiene["evalOrigin"] == "split" and hygiene["overlap"] == 0
+    assert (hygiene["train"]["items"], hygiene["eval"]["items"]) == (64, 16)
+    assert "<h2>Data hygiene</h2>" in (run / "eval/report.html").read_text()
     assert sha256_bytes(manifest_bytes)
 
 
