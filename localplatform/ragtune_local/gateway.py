@@ -20,10 +20,10 @@ With loopback pod IPs (the platform could not add its route) the EndpointSlices 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from typing import TYPE_CHECKING, Optional
 
+from . import crds
 from .kubeclient import ApiError, Kube
 from .paths import PARTS
 
@@ -37,6 +37,8 @@ GATEWAY_NAME = "local"
 LISTENER = "http"
 GATEWAY_USER = "ragtune:local-gateway"
 GATEWAY_API = "/apis/gateway.networking.k8s.io/v1"
+CRD_NAMES = tuple(f"{plural}.gateway.networking.k8s.io"
+                  for plural in ("gatewayclasses", "gateways", "httproutes", "referencegrants"))
 
 # What Traefik's provider watches (its informers), least privilege otherwise: it only writes status.
 RBAC_RULES = [
@@ -105,19 +107,6 @@ def setup_objects(kube: Kube, web_port: int) -> None:
             "allowedRoutes": {"namespaces": {"from": "All"}}}]}})
 
 
-def crds_established(kube: Kube) -> Optional[str]:
-    for plural in ("gatewayclasses", "gateways", "httproutes", "referencegrants"):
-        name = f"{plural}.gateway.networking.k8s.io"
-        try:
-            crd = kube.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-        except ApiError as err:
-            return f"CRD {name}: {err}"
-        if not any(c.get("type") == "Established" and c.get("status") == "True"
-                   for c in (crd.get("status") or {}).get("conditions") or []):
-            return f"CRD {name} is not Established yet"
-    return None
-
-
 def gateway_programmed(kube: Kube) -> Optional[str]:
     """None once Traefik accepted the Gateway and programmed its listener."""
     try:
@@ -133,7 +122,6 @@ def gateway_programmed(kube: Kube) -> Optional[str]:
 
 def start(platform: "LocalPlatform", timeout: float = 60.0) -> "PlatformInfo":
     """Brings the gateway up on the running `platform`; records its ports in the platform's state."""
-    from .paths import kubectl_binary
     from .platform import PlatformError, _http_ok, free_port
     from .podnet import routable
 
@@ -145,12 +133,7 @@ def start(platform: "LocalPlatform", timeout: float = 60.0) -> "PlatformInfo":
             f"loopback ({info.pod_ip_prefix}.x.y): its route for a private range to lo could not be added "
             f"(see the pod IPs line of `ragtune dev up`; it needs `ip` and CAP_NET_ADMIN)")
     admin = info.admin_client()
-    subprocess.run([kubectl_binary(), f"--kubeconfig={info.kubeconfig}", "apply", "--server-side",
-                    "--force-conflicts", "-f", str(crds_file())], check=True, capture_output=True, timeout=timeout)
-    while reason := crds_established(admin):
-        if time.monotonic() > deadline:
-            raise TimeoutError(reason)
-        time.sleep(0.2)
+    crds.install(info.kubeconfig, admin, crds_file(), CRD_NAMES, deadline)
     web, ping = free_port(), free_port()
     info.ports.update({"gateway": web, "gateway-ping": ping})
     setup_objects(admin, web)

@@ -26,11 +26,11 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
+from . import crds
 from .kubeclient import ApiError, Kube
 from .paths import PARTS
 from .podworker import NSEXEC
@@ -42,6 +42,8 @@ KUEUE_USER = "ragtune:local-kueue"
 KUEUE_NAMESPACE = "kueue-system"
 KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
 MANAGER_ROLE = "ragtune:local-kueue-manager"
+CRD_NAMES = tuple(f"{plural}.kueue.x-k8s.io"
+                  for plural in ("resourceflavors", "clusterqueues", "localqueues", "workloads"))
 
 
 def crds_file():
@@ -116,33 +118,14 @@ def setup_objects(kube: Kube) -> None:
     _create(kube, f"{ns}/rolebindings", _binding("Role", namespace=KUEUE_NAMESPACE))
 
 
-def crds_established(kube: Kube) -> str | None:
-    for plural in ("resourceflavors", "clusterqueues", "localqueues", "workloads"):
-        name = f"{plural}.kueue.x-k8s.io"
-        try:
-            crd = kube.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-        except ApiError as err:
-            return f"CRD {name}: {err}"
-        if not any(c.get("type") == "Established" and c.get("status") == "True"
-                   for c in (crd.get("status") or {}).get("conditions") or []):
-            return f"CRD {name} is not Established yet"
-    return None
-
-
 def start(platform: "LocalPlatform", timeout: float = 90.0) -> "PlatformInfo":
     """Brings Kueue up on the running `platform`; records its ports in the platform's state."""
-    from .paths import kubectl_binary
     from .platform import _http_ok, free_port
 
     deadline = time.monotonic() + timeout
     info = platform.info()
     admin = info.admin_client()
-    subprocess.run([kubectl_binary(), f"--kubeconfig={info.kubeconfig}", "apply", "--server-side",
-                    "--force-conflicts", "-f", str(crds_file())], check=True, capture_output=True, timeout=timeout)
-    while reason := crds_established(admin):
-        if time.monotonic() > deadline:
-            raise TimeoutError(reason)
-        time.sleep(0.2)
+    crds.install(info.kubeconfig, admin, crds_file(), CRD_NAMES, deadline)
     setup_objects(admin)
     cert_dir = platform.state_dir / "kueue-certs"  # the names controller-runtime's webhook server reads
     etc = platform.state_dir / "kueue-etc"  # Kueue's /etc (see above)

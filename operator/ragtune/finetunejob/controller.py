@@ -203,6 +203,8 @@ class FineTuneJobController:
         """Status we wrote but whose watch event may not have arrived yet (uid, status)."""
         self._specs: dict[Key, tuple[str, int, FineTuneJobSpec, str]] = {}
         """Parsed spec and its hash per (uid, generation): parsed once, not on every event."""
+        self._announce: dict[Key, str] = {}
+        """JobCreated Events waiting for the next status write of their FineTuneJob."""
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -259,6 +261,7 @@ class FineTuneJobController:
         self.progress.pop(key, None)
         self._written.pop(key, None)
         self._specs.pop(key, None)
+        self._announce.pop(key, None)
         self.status_budget.forget(key)
         if self.sampler:
             self.sampler.untrack(key)
@@ -355,8 +358,9 @@ class FineTuneJobController:
             if exc.status in (400, 422):
                 return "JobRejected", _one_line(f"{message}{_spec_field_hint(exc.message)}", 1000)
             return "JobCreateFailed", message
-        kopf.info(ftj.reference(), reason="JobCreated",
-                  message=f"created Job {manifest['metadata']['name']} for run {rid}")
+        # Announced with the status write that records the Job (budgeted): in a burst, an Event
+        # per create would double the API server's writes while Jobs are still being created.
+        self._announce[key] = f"created Job {manifest['metadata']['name']} for run {rid}"
         logger.info("created Job %s for run %s", manifest["metadata"]["name"], rid, extra=_log_extra(key, ftj.uid))
         return None
 
@@ -434,6 +438,9 @@ class FineTuneJobController:
                 raise RetryableError(f"writing status: {exc}") from None
             raise
         self._written[key] = (ftj.uid, new)
+        created = self._announce.pop(key, None)
+        if created is not None:
+            kopf.info(ftj.reference(), reason="JobCreated", message=created)
         event = transition_event(old, new)
         if event is not None:
             type_, reason, message = event
