@@ -140,9 +140,11 @@ def start(platform: "LocalPlatform", timeout: float = 90.0) -> "PlatformInfo":
     info.ports.update({"kueue-health": health, "kueue-webhook": webhook})
     config = platform.state_dir / "kueue-config.yaml"
     config.write_text(json.dumps(configuration(health, webhook, str(cert_dir)), indent=2))  # JSON is YAML
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}  # not "in-cluster"
-    env["KUBECONFIG"] = str(platform.state_dir / "kueue.kubeconfig")
-    exec_spec = platform.state_dir / "kueue-exec.json"  # no secret in it: paths and flags
+    # Kueue's whole environment, written to a file: paths only, never the caller's variables (which
+    # may hold credentials), and no KUBERNETES_* (it must not think it runs in a cluster).
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(platform.state_dir),
+           "KUBECONFIG": str(platform.state_dir / "kueue.kubeconfig")}
+    exec_spec = platform.state_dir / "kueue-exec.json"
     exec_spec.write_text(json.dumps({
         "hostname": socket.gethostname(), "mounts": [{"source": str(etc), "target": "/etc", "readOnly": True}],
         "cwd": str(platform.state_dir), "env": env,
