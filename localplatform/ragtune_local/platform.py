@@ -185,10 +185,8 @@ class LocalPlatform:
             try:
                 info = self._start_all(timeout, log)
                 self._save(info)
-                if "gateway" in with_parts:
-                    info = self._start_gateway(timeout)
-                if "kueue" in with_parts:
-                    info = self._start_kueue(timeout)
+                for part in with_parts:
+                    info = self._start_optional(part, timeout)
             except BaseException:
                 self._stop_all(log=lambda _m: None)
                 raise
@@ -339,36 +337,33 @@ class LocalPlatform:
                                     f"--- last lines ---\n{_tail(log_path)}")
             time.sleep(0.2)
 
-    # ---- parts on demand (S3 outage tests, the opt-in gateway) -----------------------------------
+    # ---- parts on demand (S3 outage tests, the opt-in gateway and Kueue) ------------------------------
 
     def start_gateway(self, timeout: float = 60.0, build: bool = True,
                       log: Callable[[str], None] = print) -> PlatformInfo:
         """Adds the Gateway API implementation (Traefik, see gateway.py) to the running platform;
         a no-op when it runs already. `info().ports["gateway"]` is the Gateway's HTTP port."""
-        if self.running_parts().get("gateway"):
-            return self.info()
-        ensure_binaries(OPTIONAL_PARTS["gateway"], build=build, log=log)
-        self._t0, self._log = time.monotonic(), log
-        return self._start_gateway(timeout)
-
-    def _start_gateway(self, timeout: float) -> PlatformInfo:
-        from . import gateway
-
-        return gateway.start(self, timeout)
+        return self.start_optional("gateway", timeout, build, log)
 
     def start_kueue(self, timeout: float = 90.0, build: bool = True,
                     log: Callable[[str], None] = print) -> PlatformInfo:
         """Adds Kueue (see kueue.py) to the running platform; a no-op when it runs already."""
-        if self.running_parts().get("kueue"):
+        return self.start_optional("kueue", timeout, build, log)
+
+    def start_optional(self, part: str, timeout: float, build: bool = True,
+                       log: Callable[[str], None] = print) -> PlatformInfo:
+        """Adds the opt-in `part` (a key of OPTIONAL_PARTS) to the running platform, building its
+        binaries first when needed; a no-op when it runs already."""
+        if self.running_parts().get(part):
             return self.info()
-        ensure_binaries(OPTIONAL_PARTS["kueue"], build=build, log=log)
+        ensure_binaries(OPTIONAL_PARTS[part], build=build, log=log)
         self._t0, self._log = time.monotonic(), log
-        return self._start_kueue(timeout)
+        return self._start_optional(part, timeout)
 
-    def _start_kueue(self, timeout: float) -> PlatformInfo:
-        from . import kueue
+    def _start_optional(self, part: str, timeout: float) -> PlatformInfo:
+        from . import gateway, kueue
 
-        return kueue.start(self, timeout)
+        return {"gateway": gateway.start, "kueue": kueue.start}[part](self, timeout)
 
     def stop_part(self, part: str) -> None:
         ref = self._recorded().get(part)
