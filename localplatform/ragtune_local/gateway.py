@@ -75,31 +75,23 @@ def traefik_argv(web_port: int, ping_port: int) -> list[str]:
     ]
 
 
-def _apply(kube: Kube, path: str, obj: dict) -> None:
-    try:
-        kube.create(path, obj)
-    except ApiError as err:
-        if err.status != 409:
-            raise
-
-
 def setup_objects(kube: Kube, web_port: int) -> None:
     """RBAC for Traefik's identity, the GatewayClass and the shared Gateway (idempotent)."""
     rbac = "/apis/rbac.authorization.k8s.io/v1"
-    _apply(kube, f"{rbac}/clusterroles", {
+    kube.create_if_absent(f"{rbac}/clusterroles", {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": "ragtune:local-gateway"}, "rules": RBAC_RULES})
-    _apply(kube, f"{rbac}/clusterrolebindings", {
+    kube.create_if_absent(f"{rbac}/clusterrolebindings", {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
         "metadata": {"name": "ragtune:local-gateway"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ragtune:local-gateway"},
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": GATEWAY_USER}]})
-    _apply(kube, f"{GATEWAY_API}/gatewayclasses", {
+    kube.create_if_absent(f"{GATEWAY_API}/gatewayclasses", {
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
         "metadata": {"name": GATEWAY_CLASS}, "spec": {"controllerName": CONTROLLER_NAME}})
-    _apply(kube, "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                         "metadata": {"name": GATEWAY_NAMESPACE}})
-    _apply(kube, f"{GATEWAY_API}/namespaces/{GATEWAY_NAMESPACE}/gateways", {
+    kube.create_if_absent("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                 "metadata": {"name": GATEWAY_NAMESPACE}})
+    kube.create_if_absent(f"{GATEWAY_API}/namespaces/{GATEWAY_NAMESPACE}/gateways", {
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": GATEWAY_NAME, "namespace": GATEWAY_NAMESPACE},
         "spec": {"gatewayClassName": GATEWAY_CLASS, "listeners": [{

@@ -50,6 +50,14 @@ class Kube:
     def create(self, path: str, body: dict) -> dict:
         return self.request("POST", path, body)
 
+    def create_if_absent(self, path: str, body: dict) -> None:
+        """POST `body`; one that exists already (409) is left as it is (idempotent set-up)."""
+        try:
+            self.create(path, body)
+        except ApiError as err:
+            if err.status != 409:
+                raise
+
     def merge_patch(self, path: str, body: dict) -> dict:
         return self.request("PATCH", path, body, content_type=MERGE_PATCH)
 

@@ -31,7 +31,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import crds
-from .kubeclient import ApiError, Kube
+from .kubeclient import Kube
 from .paths import PARTS
 from .podworker import NSEXEC
 
@@ -83,14 +83,6 @@ def queue_objects(cluster_queue: str, local_queue: str, namespace: str, quota: d
     ]
 
 
-def _create(kube: Kube, path: str, obj: dict) -> None:
-    try:
-        kube.create(path, obj)
-    except ApiError as err:
-        if err.status != 409:
-            raise
-
-
 def _role(file: str, **metadata: str) -> dict:
     import yaml
 
@@ -109,13 +101,13 @@ def setup_objects(kube: Kube) -> None:
     """Kueue's namespace and its identity's permissions, as Kueue's own manifests grant them: its
     manager ClusterRole, and Secrets in its namespace only (idempotent)."""
     rbac = "/apis/rbac.authorization.k8s.io/v1"
-    _create(kube, "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                         "metadata": {"name": KUEUE_NAMESPACE}})
-    _create(kube, f"{rbac}/clusterroles", _role("manager-role.yaml"))
-    _create(kube, f"{rbac}/clusterrolebindings", _binding("ClusterRole"))
+    kube.create_if_absent("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                 "metadata": {"name": KUEUE_NAMESPACE}})
+    kube.create_if_absent(f"{rbac}/clusterroles", _role("manager-role.yaml"))
+    kube.create_if_absent(f"{rbac}/clusterrolebindings", _binding("ClusterRole"))
     ns = f"{rbac}/namespaces/{KUEUE_NAMESPACE}"
-    _create(kube, f"{ns}/roles", _role("manager-secrets-role.yaml", namespace=KUEUE_NAMESPACE))
-    _create(kube, f"{ns}/rolebindings", _binding("Role", namespace=KUEUE_NAMESPACE))
+    kube.create_if_absent(f"{ns}/roles", _role("manager-secrets-role.yaml", namespace=KUEUE_NAMESPACE))
+    kube.create_if_absent(f"{ns}/rolebindings", _binding("Role", namespace=KUEUE_NAMESPACE))
 
 
 def start(platform: "LocalPlatform", timeout: float = 90.0) -> "PlatformInfo":

@@ -281,10 +281,15 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _disrupted(pod: PodView) -> bool:
+    cond = pod.condition("DisruptionTarget")
+    return cond is not None and cond.status == "True"
+
+
 def describe_pod_failure(pod: PodView) -> tuple[str, str]:
     """(reason, message) for a pod that ended without success."""
-    disruption = pod.condition("DisruptionTarget")
-    if disruption is not None and disruption.status == "True":
+    if _disrupted(pod):
+        disruption = pod.condition("DisruptionTarget")
         reason = "Preempted" if disruption.reason == "PreemptionByScheduler" else "Evicted"
         return reason, _one_line(f"pod {pod.name}: {disruption.message or disruption.reason}")
     if pod.reason == "Evicted":
@@ -519,11 +524,6 @@ def assess(job: Optional[JobView], pods: list[PodView], problem: Optional[tuple[
     msg = f"waiting for the Job controller to create the training pod of Job {job.name}"
     return Assessment(Phase.PENDING.value, "Pending", msg, ("Unknown", "Pending", msg), ("False", "Pending", msg),
                       suspended=False)
-
-
-def _disrupted(pod: PodView) -> bool:
-    cond = pod.condition("DisruptionTarget")
-    return cond is not None and cond.status == "True"
 
 
 def _stuck_worker(job: JobView, live: list[PodView]) -> Optional[tuple[str, str]]:
