@@ -117,6 +117,14 @@ class DatasetSpec(ApiModel):
     `answerable`, `supportingContextIds`), `messages` (chat turns) or `prompt-completion`."""
     eval_split: float = Field(0.1, gt=0, le=0.5)
     """Share of `train` held out for evaluation when `eval` is empty."""
+    validation_split: float = Field(0.0, ge=0, le=0.5)
+    """Share of the training items (what is left of `train` after the held-out split; never the
+    held-out items) held out as a validation split, at most 512 items, copies of an item kept on
+    one side. The validation loss (every `training.evalIntervalSteps`) is computed on it, it drives
+    `training.earlyStopping`, and the published adapter is the checkpoint with the lowest
+    validation loss; the held-out split is then used only for the final report and gates. 0: no
+    validation split: the loss curve's eval points are the held-out split's loss, and the adapter
+    is the last step's."""
     raft: RaftConfig = Field(default_factory=RaftConfig)
     """RAFT-style construction (applies to `rag` records)."""
 
@@ -145,6 +153,11 @@ class LoraSpec(ApiModel):
     """Dropout on the LoRA input."""
     target_modules: list[str] = Field(["all-linear"], min_length=1, max_length=64)
     """Modules that get adapters; `all-linear` means every linear layer except the output head."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Biases trained with the adapter (peft's `bias`): `none`, `all` (every bias of the base) or
+    `lora_only` (the biases of the adapted layers); trained biases are saved in the adapter. Not
+    for `ia3`. Serving backends may ignore or refuse adapter biases: `none` is what TGI and vLLM
+    load as LoRA adapters."""
 
 
 class QuantizationSpec(ApiModel):
@@ -208,6 +221,20 @@ class PreferenceSpec(ApiModel):
     the reference `chosen`. 0: only the data's pairs. Costs one generation per item."""
 
 
+class EarlyStoppingSpec(ApiModel):
+    """Stop training when the validation metric stops improving (needs `dataset.validationSplit`).
+    The published adapter is the best checkpoint whether or not the run stopped early."""
+
+    metric: Literal["evalLoss"] = "evalLoss"
+    """The validation metric (lower is better): `evalLoss`, the answer-token loss on the
+    validation split."""
+    patience: int = Field(3, ge=1, le=1000)
+    """Validation points in a row without an improvement of more than `minDelta` over the best
+    so far that stop the run."""
+    min_delta: float = Field(0.0, ge=0, le=100)
+    """Smallest decrease of the metric that counts as an improvement."""
+
+
 class TrainingSpec(ApiModel):
     """Optimisation settings. Unset precision/checkpointing settings are chosen by device."""
 
@@ -240,6 +267,27 @@ class TrainingSpec(ApiModel):
     """Save and upload a full resumable checkpoint every this many steps."""
     checkpoint_interval_seconds: int = Field(600, ge=30)
     """...or when this much time has passed since the last one, whichever comes first."""
+    eval_interval_steps: Optional[int] = Field(None, ge=1)
+    """Compute the validation loss every this many steps (and at the last step). Unset: a
+    quarter of the run, or a tenth of it with `earlyStopping`."""
+    early_stopping: Optional[EarlyStoppingSpec] = None
+    """Stop when the validation loss stops improving. Needs `dataset.validationSplit` > 0.
+    Unset: the run trains to `maxSteps` (or `epochs`)."""
+    optimizer: Literal["adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adamw_8bit",
+                       "paged_adamw_8bit"] = "adamw_torch_fused"
+    """The optimiser (transformers' `optim`): `adamw_torch_fused` (torch's fused AdamW, CPU and
+    GPU), `adamw_torch`, `adafactor` (factored second moments, less memory; fixed `learningRate`
+    schedule, no relative step), `sgd`, or bitsandbytes' `adamw_8bit` / `paged_adamw_8bit`
+    (8-bit optimiser state; need a GPU, `resources.gpus` > 0)."""
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    """Decoupled weight decay on the trained weights (not on biases and norm weights)."""
+    max_grad_norm: float = Field(1.0, ge=0, le=1000)
+    """Clip the gradient's global norm to this; 0 turns clipping off."""
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list, max_length=1)
+    """Experiment tracking, off when empty. `tensorboard`: TensorBoard event files of every
+    stage (losses, learning rate, gradient norm, validation loss), uploaded under
+    `<run>/tracking/tensorboard/<stage>/` with each checkpoint and listed in `manifest.json`.
+    MLflow is not offered (its server or file store is not part of the trainer image)."""
     preference: PreferenceSpec = Field(default_factory=PreferenceSpec)
     """The optional preference (DPO) stage after SFT. Its steps are not checkpointed: a retry
     after a failure in the stage reruns it from the finished SFT adapter."""
@@ -354,6 +402,27 @@ class FineTuneJobSpec(ApiModel):
                 reason="FieldValueInvalid",
             ),
             cel(
+                "!has(self.training) || !has(self.training.earlyStopping) || "
+                "(has(self.dataset.validationSplit) && self.dataset.validationSplit > 0.0)",
+                "training.earlyStopping needs a validation split: set dataset.validationSplit above 0",
+                field_path=".training.earlyStopping",
+                reason="FieldValueInvalid",
+            ),
+            cel(
+                "!has(self.training) || !has(self.training.optimizer) || "
+                "!(self.training.optimizer in ['adamw_8bit', 'paged_adamw_8bit']) || "
+                "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus > 0",
+                "training.optimizer adamw_8bit and paged_adamw_8bit (bitsandbytes) need a GPU (resources.gpus > 0)",
+                field_path=".training.optimizer",
+                reason="FieldValueInvalid",
+            ),
+            cel(
+                "self.method != 'ia3' || !has(self.lora) || !has(self.lora.bias) || self.lora.bias == 'none'",
+                "lora.bias is for LoRA-based methods: with method ia3 leave it out",
+                field_path=".lora.bias",
+                reason="FieldValueInvalid",
+            ),
+            cel(
                 "!has(self.queueName) || !has(self.suspend) || !self.suspend",
                 "a FineTuneJob with spec.queueName is started and stopped by its Kueue queue: leave "
                 "spec.suspend out (to hold it, stop the LocalQueue with its stopPolicy, or delete the run)",
@@ -422,6 +491,25 @@ class FineTuneJobSpec(ApiModel):
     def _method_base(self) -> "FineTuneJobSpec":
         if self.method in (Method.DORA, Method.IA3) and self.quantization is not None:
             raise ValueError("methods dora and ia3 train on a 16-bit base: leave quantization out")
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_validation(self) -> "FineTuneJobSpec":
+        if self.training.early_stopping is not None and self.dataset.validation_split <= 0:
+            raise ValueError("training.earlyStopping needs a validation split: set dataset.validationSplit above 0")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_device(self) -> "FineTuneJobSpec":
+        if self.training.optimizer in ("adamw_8bit", "paged_adamw_8bit") and self.resources.gpus == 0:
+            raise ValueError(f"training.optimizer {self.training.optimizer} (bitsandbytes) needs a GPU "
+                             "(resources.gpus > 0)")
+        return self
+
+    @model_validator(mode="after")
+    def _bias_method(self) -> "FineTuneJobSpec":
+        if self.method == Method.IA3 and self.lora.bias != "none":
+            raise ValueError("lora.bias is for LoRA-based methods: with method ia3 leave it out")
         return self
 
     @model_validator(mode="after")

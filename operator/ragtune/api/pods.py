@@ -103,6 +103,15 @@ class StageSummary(ApiModel):
     """Wall-clock training time of the stage (0 when a retry took a finished SFT adapter over)."""
     items: Optional[int] = None
     """Training rows (sft) or preference pairs (preference) the stage trained on."""
+    stop_reason: Optional[Literal["maxSteps", "earlyStopping"]] = None
+    """Why the stage's training ended: `maxSteps` (its planned steps) or `earlyStopping` (the
+    validation loss stopped improving; `training.earlyStopping`)."""
+    best_step: Optional[int] = None
+    """With a validation split: the step of the best checkpoint, whose adapter the stage kept."""
+    best_eval_loss: Optional[float] = None
+    """The validation loss at `bestStep`."""
+    validation_items: Optional[int] = None
+    """Items of the validation split (`dataset.validationSplit`); unset without one."""
 
 
 class Manifest(ApiModel):
