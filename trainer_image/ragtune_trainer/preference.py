@@ -42,6 +42,7 @@ from ragtune.rag.prompt import PromptContract, render_prompt
 from ragtune.rag.records import RagRecord
 
 from . import data as D
+from . import tracking
 from .base_model import Plan
 from .run import Preempted, RunContext, RunState, TrainerFailure
 from .sft import stage_trainer_args
@@ -252,7 +253,7 @@ def run_preference(ctx: RunContext, state: RunState, plan: Plan, model, tokenize
         train_dataset=Dataset.from_list(pairs.rows),
         eval_dataset=Dataset.from_list(held_out.rows) if held_out.rows else None,
         processing_class=tokenizer,
-        callbacks=make_callbacks(ctx, state, pref.steps),
+        callbacks=make_callbacks(ctx, state, pref.steps) + tracking.callbacks(ctx, STAGE),
     )
     trainer.remove_callback(PrinterCallback)
     sync_reference(trainer.model)

@@ -1,5 +1,6 @@
 """Publishing a run: the adapter folder (what TGI loads), the evaluation report, the held-out
-split (`EVAL_SET_JSONL`, the online gate's default data), every file uploaded with its digest,
+split (`EVAL_SET_JSONL`, the online gate's default data), the TensorBoard event files when
+`training.reportTo` asks for them, every file uploaded with its digest,
 and manifest.json LAST, so a reader that finds a manifest finds everything it lists."""
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def publish_run(ctx: RunContext, model, tokenizer, outcome, log_history: list[di
         report_files = write_report(out / "eval", outcome, log_history, ctx.spec, gates, construction,
                                     stages=stage_reports, data_hygiene=data_hygiene)
     eval_set = write_eval_set(eval_records, out / EVAL_SET_JSONL) if eval_records else None
-    manifest = publish(ctx, out, adapter_files + report_files + ([eval_set] if eval_set else []), datasets,
-                       passed, stages)
+    from . import tracking  # training.reportTo: the event files, written under `out` while training
+
+    manifest = publish(ctx, out, adapter_files + report_files + ([eval_set] if eval_set else [])
+                       + tracking.files(ctx), datasets, passed, stages)
     return Published(
         manifest_sha256=sha256_bytes(manifest),
         adapter_size_bytes=sum(p.stat().st_size for p in adapter_files),

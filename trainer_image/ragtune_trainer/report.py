@@ -117,9 +117,26 @@ def build_report(
         "evalSeconds": outcome.seconds,
         "spec": _spec_summary(spec),
         "lossHistory": loss_history,
+        "training": training_summary(spec, stages),
         "stages": stages or [{"name": "sft", "lossHistory": loss_history}],
         "samples": outcome.samples,
     })
+
+
+def training_summary(spec: FineTuneJobSpec, stages: Optional[list[dict]]) -> dict[str, Any]:
+    """How SFT training ended and which checkpoint became the adapter: `evalLossOn` (`validation`:
+    the loss curve's eval points are the validation split's, which chose the adapter; `heldOut`:
+    they are the held-out split's, for information, and the adapter is the last step's),
+    `stopReason`, `steps`, and with a validation split `bestStep`, `bestEvalLoss`, `validationItems`."""
+    sft = next((s for s in stages or [] if s.get("name") == "sft"), {})
+    out: dict[str, Any] = {"evalLossOn": "validation" if sft.get("validationItems") else "heldOut",
+                           "stopReason": sft.get("stopReason") or "maxSteps", "steps": sft.get("steps")}
+    for key in ("bestStep", "bestEvalLoss", "validationItems"):
+        if sft.get(key) is not None:
+            out[key] = sft[key]
+    if spec.training.early_stopping is not None:
+        out["earlyStopping"] = spec.training.early_stopping.to_wire()
+    return out
 
 
 def write_report(
@@ -147,8 +164,10 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def loss_plot(loss_history: list[dict]) -> Optional[str]:
-    """Train and eval loss against the optimiser step, as base64 PNG; None without data."""
+def loss_plot(loss_history: list[dict], eval_label: str = "eval loss", best_step: Optional[int] = None,
+              ) -> Optional[str]:
+    """Train and eval loss against the optimiser step (the best checkpoint marked when given),
+    as base64 PNG; None without data."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
 
     def series(key: str) -> tuple[list, list]:
@@ -165,7 +184,9 @@ def loss_plot(loss_history: list[dict]) -> Optional[str]:
     if train[0]:
         ax.plot(*train, label="train loss", color="#4c72b0", linewidth=1.4)
     if evaluation[0]:
-        ax.plot(*evaluation, label="eval loss", color="#dd8452", marker="o", linewidth=1.4)
+        ax.plot(*evaluation, label=eval_label, color="#dd8452", marker="o", linewidth=1.4)
+    if best_step is not None:
+        ax.axvline(best_step, color="#55a868", linestyle="--", linewidth=1.2, label=f"best checkpoint (step {best_step})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -198,6 +219,30 @@ def preference_plot(loss_history: list[dict]) -> Optional[str]:
         twin.legend(loc="upper right")
     ax.legend(loc="upper left")
     return _png(fig)
+
+
+def _training_section(report: dict) -> str:
+    """How training ended, which checkpoint is the adapter, and the loss curve (validation or held-out)."""
+    t = report.get("training") or {}
+    validation = t.get("evalLossOn") == "validation"
+    if t.get("stopReason") == "earlyStopping":
+        es = t.get("earlyStopping") or {}
+        ended = (f"stopped early at step {_e(t.get('steps'))}: the validation loss did not improve by more than "
+                 f"{_e(es.get('minDelta', 0.0))} for {_e(es.get('patience'))} validation points")
+    else:
+        ended = f"ran its planned {_e(t.get('steps'))} steps (max steps)"
+    if validation:
+        chosen = (f"The published adapter is the best checkpoint by validation loss: <b>step {_e(t.get('bestStep'))}"
+                  f"</b> (validation loss {_fmt(t.get('bestEvalLoss'))}, {_e(t.get('validationItems'))} validation "
+                  "items carved from the training items). The held-out split was used only for the evaluation "
+                  "above.")
+    else:
+        chosen = ("No validation split (dataset.validationSplit 0): the adapter is the last step's, and the eval "
+                  "points below are the held-out split's loss (for information; nothing was selected on them).")
+    label = "validation loss" if validation else "eval loss (held-out split)"
+    return (f"<p>Training {ended}. {chosen}</p>"
+            + _img(loss_plot(report["lossHistory"], label, t.get("bestStep") if validation else None),
+                   "loss curve", "No loss history recorded."))
 
 
 def _stages_section(report: dict) -> str:
@@ -447,7 +492,7 @@ from {_e(spec['dataset'].get('eval') or spec['dataset']['train'])}; evaluation t
 <h2>Data hygiene</h2>{_hygiene_table(report.get('dataHygiene'))}
 <h2>Trained vs foreign prompt</h2>{_foreign_section(report)}
 <h2>Training loss</h2>
-{_img(loss_plot(report['lossHistory']), "loss curve", "No loss history recorded.")}
+{_training_section(report)}
 {_stages_section(report)}
 <h2>Examples (unanswerable: hardest cases first)</h2>{examples}
 </body></html>

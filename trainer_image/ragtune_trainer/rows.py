@@ -25,7 +25,11 @@ from . import hygiene as H
 from .run import RunContext, TrainerFailure
 
 EVAL_LOSS_ITEMS = 64
-"""Held-out items used for the validation loss (generation-based evaluation uses maxSamples)."""
+"""Held-out items used for the eval loss curve when there is no validation split (generation-based
+evaluation uses maxSamples)."""
+VALIDATION_MAX_ITEMS = 512
+"""At most this many training items go to the validation split (`dataset.validationSplit`): enough
+for a steady loss, few enough that a validation point costs a fraction of the training time."""
 
 
 @dataclass
@@ -33,7 +37,7 @@ class PreparedData:
     train: list[dict]
     """Training rows: input_ids, labels, length."""
     eval: list[dict]
-    """Held-out rows for the validation loss (at most EVAL_LOSS_ITEMS)."""
+    """Held-out rows for the eval loss curve (at most EVAL_LOSS_ITEMS)."""
     eval_records: list[RagRecord]
     """Held-out RAG records for generation-based evaluation (empty for other formats)."""
     datasets: list[dict[str, Optional[str]]]
@@ -46,6 +50,14 @@ class PreparedData:
     """The RAFT training items (`rag` data): the preference stage renders its pairs from them."""
     hygiene: Optional[dict] = None
     """`hygiene.check` of the records as given (after the split), wire form: the report's `dataHygiene`."""
+    validation: list[dict] = field(default_factory=list)
+    """Validation rows (`dataset.validationSplit`, carved from the training items); empty without one."""
+
+    @property
+    def loss_rows(self) -> list[dict]:
+        """The rows the Trainer's eval loop scores while training: the validation split when
+        there is one, else (as before validation splits existed) the held-out rows."""
+        return self.validation or self.eval
 
 
 class Tokenised:
@@ -138,6 +150,7 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         hygiene = H.check([items[i] for i in train_idx], [items[i] for i in eval_idx], eval_origin="split")
     if distributed.world().main:
         print(f"ragtune train: data hygiene: {hygiene.summary()}", file=sys.stderr)
+    train_ex, val_ex = validation_split(train_ex, ds.validation_split, seed, ds.train)
     eval_records: list[RagRecord] = []
     construction: dict[str, dict[str, int]] = {}
     few_shot: list[RagRecord] = []
@@ -160,6 +173,11 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
             train_ex = [rag_example(r, prompt) for r in train_recs]
         eval_ex = [rag_example(r, prompt) for r in eval_records]
         construction = {"train": dict(train_stats), "eval": dict(eval_stats)}
+        if val_ex:  # built like the training items (the recipe), without prompt variations
+            val_stats = Counter()
+            val_recs = D.build_raft([e.record for e in val_ex], raft, seed + 2, fits=fits, stats=val_stats)
+            val_ex = [rag_example(r, prompt) for r in val_recs]
+            construction["validation"] = dict(val_stats)
         few_shot = few_shot_examples(train_recs, spec.evaluation.few_shot)
     train_rows = [tokenised(ex) for ex in train_ex]
     if not train_rows:
@@ -173,4 +191,21 @@ def prepare_data(ctx: RunContext, tokenizer) -> PreparedData:
         few_shot=few_shot,
         train_records=train_recs,
         hygiene=hygiene.to_wire(),
+        validation=[tokenised(ex) for ex in val_ex],
     )
+
+
+def validation_split(train_ex: list[D.Example], fraction: float, seed: int, uri: str,
+                     ) -> tuple[list[D.Example], list[D.Example]]:
+    """(training, validation) examples: `fraction` of the training items (at most
+    VALIDATION_MAX_ITEMS), copies of an item on one side, seeded apart from the held-out split.
+    0: no validation split."""
+    if fraction <= 0:
+        return train_ex, []
+    items = [D.hygiene_item(e) for e in train_ex]
+    if len(items) < 2:
+        raise TrainerFailure("InvalidDataset", f"{uri}: dataset.validationSplit needs at least 2 training items "
+                                               f"after the held-out split, found {len(items)}")
+    share = min(fraction, VALIDATION_MAX_ITEMS / len(items))
+    train_idx, val_idx = D.split(list(range(len(items))), share, seed + 2, groups=H.groups(items))
+    return [train_ex[i] for i in train_idx], [train_ex[i] for i in val_idx]

@@ -175,10 +175,15 @@ def make_trainer_class():
 
 def stage_trainer_args(spec: FineTuneJobSpec, plan: Plan, steps: int) -> dict:
     """The Trainer settings every training stage shares (SFT, preference): precision from the
-    plan, checkpointing done on the model (`load_model`), logging at most ~100 points, seeds, no
-    external reporting or tqdm (progress goes through the callbacks), CPU when the plan says so."""
+    plan, checkpointing done on the model (`load_model`), logging at most ~100 points, seeds, the
+    optimiser (`training.optimizer`, `weightDecay`, `maxGradNorm`), no reporting integrations
+    (`training.reportTo` adds its callbacks itself, `tracking.py`) or tqdm (progress goes through
+    the callbacks), CPU when the plan says so."""
     t = spec.training
     return dict(
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
         bf16=plan.dtype == "bfloat16",
         fp16=plan.dtype == "float16",
         activation_checkpointing=False,  # enabled on the model in load_model (also covers QLoRA prep)
@@ -198,7 +203,7 @@ def build_sft_config(spec: FineTuneJobSpec, plan: Plan, out_dir: Path, total_ste
     from trl import SFTConfig
 
     t = spec.training
-    eval_every = max(1, math.ceil(total_steps / 4))
+    eval_every = eval_interval(spec, total_steps)
     return SFTConfig(
         output_dir=str(out_dir),
         per_device_train_batch_size=t.batch_size,
@@ -223,6 +228,15 @@ def build_sft_config(spec: FineTuneJobSpec, plan: Plan, out_dir: Path, total_ste
         **stage_trainer_args(spec, plan, total_steps),
         **distributed.trainer_settings(plan.strategy, plan.device),
     )
+
+
+def eval_interval(spec: FineTuneJobSpec, total_steps: int) -> int:
+    """Steps between eval-loss points: `training.evalIntervalSteps`, else a quarter of the run (a
+    tenth with early stopping, which needs more points to notice a plateau)."""
+    t = spec.training
+    if t.eval_interval_steps:
+        return t.eval_interval_steps
+    return max(1, math.ceil(total_steps / (10 if t.early_stopping else 4)))
 
 
 def planned_steps(spec: FineTuneJobSpec, n_train: int) -> int:
@@ -296,6 +310,9 @@ def build_trainer(ctx: RunContext, state: RunState, plan: Plan, model, tokenizer
     from datasets import Dataset
     from transformers import PrinterCallback
 
+    from . import tracking
+    from .control import ControlState, make_control_callback
+
     t = ctx.spec.training
     padding = random_batch_padding([r["length"] for r in train], t.batch_size, t.seed)
     sampling = sampling_strategy(plan, padding)
@@ -305,13 +322,17 @@ def build_trainer(ctx: RunContext, state: RunState, plan: Plan, model, tokenizer
           f"world size {w.size} ({plan.strategy or 'one process'}), global batch {distributed.global_batch(ctx.spec, w)} "
           f"= {t.batch_size} per device x {w.size} x {t.gradient_accumulation_steps} accumulation",
           file=sys.stderr, flush=True)
+    # With a validation split: best checkpoint and early stopping. It writes into each checkpoint
+    # folder, so it comes before RunCallback, which uploads it.
+    control = [make_control_callback(ctx.spec, state.control or ControlState(), ctx.work_dir / "best")] \
+        if ctx.spec.dataset.validation_split > 0 else []
     trainer = make_trainer_class()(
         model=model,
         args=build_sft_config(ctx.spec, plan, checkpoint_dir, total_steps, bool(eval_rows), sampling),
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        callbacks=make_callbacks(ctx, state, total_steps),
+        callbacks=control + make_callbacks(ctx, state, total_steps) + tracking.callbacks(ctx, "sft"),
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through ctx.progress, not raw dicts on stdout
     state.trainer = trainer

@@ -1,7 +1,8 @@
 """One training run, start to finish:
 
     base model + tokenizer -> training rows (validated, RAFT, tokenised once) -> LoRA model
-    -> train (resuming from the newest complete checkpoint; checkpoints to S3, SIGTERM-safe)
+    -> train (resuming from the newest complete checkpoint; checkpoints to S3, SIGTERM-safe; with a
+       validation split: the best checkpoint by validation loss, early stopping, `control.py`)
     -> preference stage (optional: DPO on chosen/rejected pairs, continuing the same adapter)
     -> evaluate base vs adapter -> gates -> adapter, report, upload, manifest.json LAST -> TrainerResult
 
@@ -27,9 +28,10 @@ from ragtune.api.gates import describe_failures, evaluate_gates, prompt_gap
 from ragtune.api.pods import StageSummary, TrainerResult
 from ragtune.storage import StorageError
 
-from . import distributed
+from . import distributed, tracking
 from .base_model import detect_plan, load_model, load_tokenizer, resolve_base_model
 from .checkpoints import latest_complete_checkpoint, restore_finished
+from .control import ControlState, resume_best
 from .publish import publish_run
 from .rows import prepare_data
 from .run import Preempted, RunContext, RunState, TrainerFailure, sigterm_guard
@@ -74,17 +76,25 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
         resume_dir = checkpoint_dir / f"checkpoint-{resume[0]}"
         ctx.storage.download_prefix(resume[1], resume_dir)
         state.start_step = resume[0]
+        tracking.resume_tracking(ctx)
+    state.control = resume_best(resume_dir, ctx.work_dir / "best") if resume_dir else ControlState()
     ctx.report("training", step=state.start_step, total_steps=total)
-    if resume_dir and state.start_step >= total:
-        # An earlier attempt finished training and failed later (e.g. S3 down while evaluating or
-        # uploading). The Trainer checks its step limit only after a step, so resuming it here
-        # would train one step past maxSteps: take the finished adapter as it is.
+    if resume_dir and (state.start_step >= total or state.control.stopped_early):
+        # An earlier attempt finished training (or stopped it early) and failed later (e.g. S3
+        # down while evaluating or uploading). The Trainer checks its step limit only after a
+        # step, so resuming it here would train one step past maxSteps: take the finished adapter.
         log_history = restore_finished(model, resume_dir)
         steps, train_seconds = state.start_step, 0.0
     else:
         model, log_history, steps, train_seconds = _train(ctx, state, plan, model, tokenizer, prepared, total,
                                                           checkpoint_dir, resume_dir)
-    stages = [StageSummary(name="sft", steps=steps, seconds=train_seconds, items=len(prepared.train))]
+    sft = StageSummary(name="sft", steps=steps, seconds=train_seconds, items=len(prepared.train),
+                       stop_reason=state.control.stop_reason)
+    if prepared.validation:
+        _keep_best(ctx, state.control, model, steps)
+        sft.best_step, sft.best_eval_loss = state.control.best_step, state.control.best_eval_loss
+        sft.validation_items = len(prepared.validation)
+    stages = [sft]
     stage_reports = [dict(stages[0].to_wire(), lossHistory=log_history)]
     if spec.training.preference.enabled:
         from .preference import STAGE, run_preference
@@ -152,7 +162,8 @@ def _train(ctx: RunContext, state: RunState, plan, model, tokenizer, prepared, t
     """Train to `total` steps (from `resume_dir` when given) -> (model, log history, steps, seconds)."""
     import torch
 
-    trainer = build_trainer(ctx, state, plan, model, tokenizer, prepared.train, prepared.eval, total, checkpoint_dir)
+    trainer = build_trainer(ctx, state, plan, model, tokenizer, prepared.train, prepared.loss_rows, total,
+                            checkpoint_dir)
     started = time.monotonic()
     state.training = True
     try:
@@ -169,3 +180,27 @@ def _train(ctx: RunContext, state: RunState, plan, model, tokenizer, prepared, t
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def _keep_best(ctx: RunContext, control: ControlState, model, steps: int) -> None:
+    """Give `model` the best checkpoint's adapter (unless the last step was the best). Rank 0
+    kept it from the checkpoint it saved; other ranks (their nodes never held the adapter file)
+    read it from the final checkpoint in storage, which carries a copy."""
+    import sys
+
+    from .checkpoints import checkpoint_uri
+    from .control import BEST_ADAPTER, restore_best
+
+    if control.best_step is None:
+        print("ragtune train: no finite validation loss: the adapter is the last step's", file=sys.stderr)
+        return
+    if control.best_step == steps:
+        return
+    best = ctx.work_dir / "best" / BEST_ADAPTER
+    if not best.is_file():
+        ctx.storage.download(checkpoint_uri(ctx.run_uri, steps) + BEST_ADAPTER, best)
+    restore_best(model, best)
+    if distributed.world().main:
+        print(f"ragtune train: the adapter is the best checkpoint, step {control.best_step} (validation loss "
+              f"{control.best_eval_loss:.4f}); training ended at step {steps} ({control.stop_reason})",
+              file=sys.stderr, flush=True)
