@@ -57,6 +57,12 @@ INVALID = [
                                      {"preference": {"enabled": True}}), "spec.training.preference.enabled"),
     ("ftj-dora-quantized", _with(_with(FTJ, "method", "dora"), "quantization", {"bits": 8}), "spec.quantization"),
     ("ftj-preference-beta-0", _with(FTJ, "training", {"preference": {"beta": 0}}), "spec.training.preference.beta"),
+    ("ftj-early-stopping-no-validation", _with(FTJ, "training", {"earlyStopping": {"patience": 2}}),
+     "spec.training.earlyStopping"),
+    ("ftj-8bit-optimizer-on-cpu", _with(_with(FTJ, "training", {"optimizer": "paged_adamw_8bit"}), "resources",
+                                        {"gpus": 0}), "spec.training.optimizer"),
+    ("ftj-ia3-bias", _with(_with(FTJ, "method", "ia3"), "lora", {"bias": "all"}), "spec.lora.bias"),
+    ("ftj-report-to-mlflow", _with(FTJ, "training", {"reportTo": ["mlflow"]}), "spec.training.reportTo"),
     ("ftj-metadata-endpoint", _with(FTJ, "s3", {"endpoint": "http://169.254.169.254/latest"}), "spec.s3.endpoint"),
     ("ftj-gcp-metadata", _with(FTJ, "s3", {"endpoint": "http://metadata.google.internal"}), "spec.s3.endpoint"),
     ("ftj-short-deadline", _with(FTJ, "activeDeadlineSeconds", 10), "spec.activeDeadlineSeconds"),
@@ -104,6 +110,15 @@ def test_examples_are_accepted(platform, crds, example):
 
 def test_a_preference_stage_is_accepted(platform, crds):
     obj = _with(FTJ, "training", {"preference": {"enabled": True, "beta": 0.2, "steps": 10, "learningRate": 1e-5}})
+    out = platform.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", "default", "-f", "-",
+                           input=yaml.safe_dump(obj), check=False)
+    assert "created (server dry run)" in out, out
+
+
+def test_training_control_is_accepted(platform, crds):
+    obj = _with(_with(_with(FTJ, "dataset.validationSplit", 0.1), "lora", {"bias": "lora_only"}), "training", {
+        "earlyStopping": {"patience": 2, "minDelta": 0.01}, "evalIntervalSteps": 10, "optimizer": "adafactor",
+        "weightDecay": 0.01, "maxGradNorm": 0.5, "reportTo": ["tensorboard"]})
     out = platform.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", "default", "-f", "-",
                            input=yaml.safe_dump(obj), check=False)
     assert "created (server dry run)" in out, out
