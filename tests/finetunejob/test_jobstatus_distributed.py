@@ -82,3 +82,35 @@ def test_an_unschedulable_worker_is_named_by_its_index_while_rank_0_waits_for_it
     # Once it is scheduled and runs, the run is Running again.
     pods[1] = indexed_pod(1, running=True, phase="Running")
     assert build_status(ftj(), job({"active": 2}), pods)["phase"] == "Running"
+
+
+RDZV = ("not all 2 nodes joined the rendezvous at demo-01234567-g1-0.demo-01234567-g1:29500 within 600 s "
+        "(training.distributed.rendezvousTimeoutSeconds): RendezvousTimeoutError")
+
+
+def test_a_rank_that_never_joins_the_rendezvous_ends_the_attempt_as_rendezvous_timeout():
+    """Index 0's `ragtune torchrun` gives up on the rendezvous and writes RendezvousTimeout: the
+    attempt history records it; while worker 1 still cannot be scheduled the run says so by index;
+    with no retry left the FineTuneJob fails naming the last attempt's RendezvousTimeout."""
+    timed_out = result_message(outcome="Failed", reason="RendezvousTimeout", message=RDZV, run_id=RUN_ID)
+    unschedulable = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                      "message": "0/1 nodes are available: 1 Insufficient cpu."}]
+    pods = [indexed_pod(0, phase="Failed", terminated=(1, timed_out)), indexed_pod(1, conditions=unschedulable)]
+    s = build_status(ftj(), job({"failed": 1, "active": 1}), pods)
+    assert [(h["attempt"], h["reason"]) for h in s["attemptHistory"]] == [(1, "RendezvousTimeout")]
+    assert s["attemptHistory"][0]["message"].startswith("not all 2 nodes joined the rendezvous")
+    assert s["phase"] == "Pending" and s["message"].startswith("worker index 1 of 2"), s["message"]
+
+    # Both ranks' pods gone, the retry not started yet: the run says why the attempt ended.
+    s = build_status(ftj(), job({"failed": 2}), [indexed_pod(0, phase="Failed", terminated=(1, timed_out))])
+    assert s["phase"] == "Pending" and "attempt 1 of 3 ended (RendezvousTimeout: not all 2 nodes" in s["message"]
+    running = next(c for c in s["conditions"] if c["type"] == "Running")
+    assert running["reason"] == "RendezvousTimeout"
+
+    # Every attempt timed out: the Job's backoffLimit is spent and the last reason is kept.
+    attempts = [indexed_pod(0, a, phase="Failed", terminated=(1, timed_out)) for a in range(3)]
+    s = build_status(ftj(), job({"failed": 6, "conditions": [job_condition("Failed", "BackoffLimitExceeded")]}),
+                     attempts)
+    assert s["phase"] == "Failed" and s["conditions"][-1]["type"] == "Failed"
+    assert "last: RendezvousTimeout: not all 2 nodes joined" in s["message"], s["message"]
+    assert [h["reason"] for h in s["attemptHistory"]] == ["RendezvousTimeout"] * 3

@@ -68,9 +68,15 @@ def test_nodes_render_a_headless_service_then_an_indexed_job():
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd and "--rdzv-backend=c10d" in cmd
     assert f"--rdzv-endpoint={name}-0.{svc['metadata']['name']}:29500" in cmd
     assert f"--rdzv-id={RUN_ID}" in cmd
+    assert "--rdzv-conf=join_timeout=600" in cmd  # torchrun's own default, stated
     # c10d orders ranks by the agents' addresses: each is its pod's stable name, index 0 sorts first.
     assert f"--local-addr={name}-$(JOB_COMPLETION_INDEX).{svc['metadata']['name']}" in cmd
     assert world_size(s) == 6
+
+
+def test_the_rendezvous_deadline_is_the_specs():
+    _, job = objects(**{"resources.nodes": 2, "training.distributed.rendezvousTimeoutSeconds": 45})
+    assert "--rdzv-conf=join_timeout=45" in job["spec"]["template"]["spec"]["containers"][0]["command"]
 
 
 def test_cpu_nodes_run_one_process_each():

@@ -175,7 +175,11 @@ def launch_torchrun(argv: list[str]) -> int:
         print(f"ragtune torchrun: workers failed with exit codes {codes}", file=sys.stderr, flush=True)
         return pods.EXIT_PERMANENT if pods.EXIT_PERMANENT in codes else pods.EXIT_RETRYABLE
     except RendezvousError as exc:
-        message = f"the ranks did not all join the rendezvous at {args.rdzv_endpoint}: {type(exc).__name__}: {exc}"
+        deadline = _join_timeout(args.rdzv_conf)
+        within = f" within {deadline} s (training.distributed.rendezvousTimeoutSeconds)" if deadline else ""
+        detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        message = (f"not all {args.nnodes} nodes joined the rendezvous at {args.rdzv_endpoint}{within}: {detail}; "
+                   "a node that cannot start (unschedulable, image pull) keeps the others waiting")
         print(f"ragtune torchrun: RendezvousTimeout: {message}", file=sys.stderr, flush=True)
         result = pods.TrainerResult(outcome="Failed", reason="RendezvousTimeout", message=message[:1000],
                                     run_id=os.environ.get(pods.ENV_RUN_ID))
@@ -187,3 +191,12 @@ def launch_torchrun(argv: list[str]) -> int:
             pass
         return pods.EXIT_RETRYABLE
     return 0
+
+
+def _join_timeout(rdzv_conf: str) -> Optional[str]:
+    """`join_timeout` of torchrun's `--rdzv-conf k=v,k=v` (None when not set: torchrun's 600 s)."""
+    for item in (rdzv_conf or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "join_timeout" and value.strip():
+            return value.strip()
+    return None

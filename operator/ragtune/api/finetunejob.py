@@ -191,6 +191,11 @@ class DistributedSpec(ApiModel):
     not fit one device; with `method: qlora` the 4-bit weights are stored in the compute dtype so
     they can be sharded (ragtune sets this). `auto`: DDP when the model's weights fit one device
     (on CPU always), FSDP otherwise. Ignored for a single process."""
+    rendezvous_timeout_seconds: int = Field(600, ge=1, le=86400)
+    """How long the nodes of a multi-node run wait for each other in torchrun's c10d rendezvous
+    (its `join_timeout`; 600 s is torchrun's own default). A node that has not joined by then (its
+    pod unschedulable, its image slow to pull) ends the attempt with reason `RendezvousTimeout`,
+    which the Job retries like any failed attempt. Ignored for one node."""
 
 
 class PreferenceSpec(ApiModel):

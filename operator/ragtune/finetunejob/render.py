@@ -253,8 +253,6 @@ def render_job(
 
 RENDEZVOUS_PORT = 29500
 """torchrun's c10d rendezvous store, served by index 0's agent."""
-RENDEZVOUS_JOIN_TIMEOUT_SECONDS = 600
-"""How long the ranks wait for each other to join before the attempt fails."""
 
 
 def processes_per_node(spec: FineTuneJobSpec) -> int:
@@ -294,7 +292,7 @@ def _rendezvous_command(spec: FineTuneJobSpec, job: str, run_id: str) -> list[st
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={job}-0.{service_name(job)}:{RENDEZVOUS_PORT}",
         f"--rdzv-id={run_id}",
-        f"--rdzv-conf=join_timeout={RENDEZVOUS_JOIN_TIMEOUT_SECONDS}",
+        f"--rdzv-conf=join_timeout={spec.training.distributed.rendezvous_timeout_seconds}",
         "--max-restarts=0",
         "--no-python",
         "ragtune", "train", "--in-cluster",
