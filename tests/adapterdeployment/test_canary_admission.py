@@ -1,5 +1,5 @@
-"""Bad traffic steps are refused by the real API server (the generated CRD's schema and CEL rules),
-with the field named, before the operator ever sees them."""
+"""Bad traffic steps (and `follow` without a FineTuneJob) are refused by the real API server (the
+generated CRD's schema and CEL rules), with the field named, before the operator ever sees them."""
 
 from __future__ import annotations
 
@@ -35,7 +35,17 @@ def with_steps(steps) -> dict:
     return body
 
 
+def with_adapters(adapters) -> dict:
+    body = copy.deepcopy(GOOD)
+    body["spec"]["adapters"] = adapters
+    return body
+
+
 @pytest.mark.parametrize("body, field, words", [
+    (with_adapters([{"name": "a", "uri": "s3://runs/a/", "sha256": "a" * 64, "follow": "LatestSucceeded"}]),
+     "spec.adapters[0].follow", "it needs fineTuneJobRef"),
+    (with_adapters([{"name": "a", "fineTuneJobRef": {"name": "ftj"}, "follow": "Latest"}]),
+     "spec.adapters[0].follow", "Unsupported value"),
     (with_steps([{"weight": 50}, {"weight": 10}]), "spec.strategy.canary.steps", "strictly increase"),
     (with_steps([{"weight": 20}, {"weight": 20}]), "spec.strategy.canary.steps", "strictly increase"),
     (with_steps([{"weight": 0}]), "spec.strategy.canary.steps[0].weight", "greater than or equal to 1"),
@@ -49,8 +59,10 @@ def test_the_api_server_refuses_bad_steps_naming_the_field(platform, crds, names
     assert field in out and words in out, out
 
 
-def test_the_api_server_accepts_good_steps(platform, crds, namespace):
-    out = platform.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=_yaml(GOOD))
+@pytest.mark.parametrize("body", [GOOD, with_adapters([{"name": "a", "fineTuneJobRef": {"name": "ftj"},
+                                                          "follow": "LatestSucceeded"}])])
+def test_the_api_server_accepts_good_steps(platform, crds, namespace, body):
+    out = platform.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=_yaml(body))
     assert "created (server dry run)" in out
 
 

@@ -9,6 +9,7 @@ controller only reads them); training itself is covered by the trainer and opera
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -111,13 +112,15 @@ def store(platform, namespace):
     """Publishes adapter runs and the eval set into a bucket of this test."""
     bucket = platform.bucket(f"serving-{namespace}")
     s3 = platform.s3_client()
-    s3.put_object(Bucket=bucket, Key="eval/records.jsonl", Body="\n".join(json.dumps(r) for r in RECORDS).encode())
+    records = "\n".join(json.dumps(r) for r in RECORDS).encode()
+    s3.put_object(Bucket=bucket, Key="eval/records.jsonl", Body=records)
 
     def publish(run: str, adapter: Path, **kw) -> dict[str, str]:
         kw.setdefault("report", REPORT)
         digest = publish_run(s3_put(s3, bucket, f"runs/{run}"), adapter, run_id=run, **kw)
         return {"uri": f"s3://{bucket}/runs/{run}/", "sha256": digest}
     publish.eval_uri = f"s3://{bucket}/eval/records.jsonl"
+    publish.eval_sha256 = hashlib.sha256(records).hexdigest()  # as a run publishes its held-out split
     return publish
 
 
@@ -242,19 +245,28 @@ def test_crash_looping_canary_is_rolled_back(platform, namespace, operator, kube
     assert kube.get("Deployment", namespace, "chat-tgi-canary") is None
 
 
+def succeeded_finetunejob(platform, kube: Kube, namespace: str, store, name: str, run: dict, f1: float = 0.6,
+                          learning_rate: float = 2e-4) -> None:
+    """A FineTuneJob whose run ended Succeeded with adapter `run`, its status written directly (no
+    FineTuneJob controller runs here: `suspend` keeps one from training). Applying it again with
+    another `learning_rate` is a retrain: a new generation, then a new run's status for it."""
+    platform.apply({"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "spec": {"baseModel": {"id": TINY_BASE_ID, "revision": TINY_BASE_REVISION},
+                             "dataset": {"train": store.eval_uri}, "output": {"uri": "s3://unused/runs"},
+                             "training": {"learningRate": learning_rate}, "suspend": True}})
+    generation = kube.get("FineTuneJob", namespace, name)["metadata"]["generation"]
+    kube.merge_patch("FineTuneJob", namespace, name, {"status": {
+        "phase": "Succeeded", "adapter": run, "observedGeneration": generation,
+        "metrics": {"base": {"samples": 4, "f1": 0.1}, "adapter": {"samples": 4, "f1": f1}, "passed": True}}},
+        sub="status")
+
+
 def test_direct_strategy_with_finetunejob_and_offline_gate(platform, namespace, operator, kube, tiny, store):
     good = store("ftj-good", tiny["good"])
 
     def finetunejob(name: str, run: dict, f1: float) -> None:
-        platform.apply({"apiVersion": "ragtune.dev/v1alpha1", "kind": "FineTuneJob",
-                        "metadata": {"name": name, "namespace": namespace},
-                        "spec": {"baseModel": {"id": TINY_BASE_ID, "revision": TINY_BASE_REVISION},
-                                 "dataset": {"train": store.eval_uri}, "output": {"uri": "s3://unused/runs"},
-                                 "suspend": True}})
-        kube.merge_patch("FineTuneJob", namespace, name, {"status": {
-            "phase": "Succeeded", "adapter": run,
-            "metrics": {"base": {"samples": 4, "f1": 0.1}, "adapter": {"samples": 4, "f1": f1}, "passed": True}}},
-            sub="status")
+        succeeded_finetunejob(platform, kube, namespace, store, name, run, f1)
 
     finetunejob("ftj-good", good, 0.6)
     finetunejob("ftj-weak", store("ftj-weak", tiny["good2"]), 0.2)
@@ -271,6 +283,44 @@ def test_direct_strategy_with_finetunejob_and_offline_gate(platform, namespace, 
     status = wait_status(kube, namespace, finished(2))
     assert status["phase"] == "RolledBack" and "f1 0.200 < 0.5 (off by 0.300)" in status["message"]
     assert kube.get("Deployment", namespace, "chat-tgi")["spec"]["template"] == template
+
+
+def test_a_retrained_finetunejob_that_an_adapter_follows_becomes_the_next_gated_candidate(
+        platform, namespace, operator, kube, tiny, store):
+    """The retrain -> redeploy loop with no human step (`follow: LatestSucceeded`): each new run of
+    the FineTuneJob is canaried and evaluated online on the held-out split that run published (no
+    `gates.online.evalSetUri`); a good one is promoted, a bad one rolled back and not tried again,
+    and the spec never changes."""
+    def run(name: str, adapter: Path) -> dict:
+        return {**store(name, adapter), "evalSetUri": store.eval_uri, "evalSetSha256": store.eval_sha256}
+
+    succeeded_finetunejob(platform, kube, namespace, store, "rag", run("v1", tiny["good"]))
+    body = ad_body(platform, namespace, tiny, [{"name": "support", "fineTuneJobRef": {"name": "rag"},
+                                                "follow": "LatestSucceeded"}], store)
+    del body["spec"]["gates"]["online"]["evalSetUri"]
+    apply(platform, body)
+    status = wait_status(kube, namespace, finished(1))
+    assert status["phase"] == "Ready" and status["serving"][0]["source"] == "FineTuneJob/rag", status
+    assert status["gates"]["online"][0]["candidate"]["samples"] == len(RECORDS)
+
+    v2 = run("v2", tiny["good2"])
+    succeeded_finetunejob(platform, kube, namespace, store, "rag", v2, learning_rate=1e-4)
+    status = wait_status(kube, namespace, lambda s: len(s.get("history") or []) == 2 and not s.get("candidate"))
+    assert status["history"][0]["outcome"] == "Promoted" and status["history"][0]["followed"] == ["support"], status
+    assert [a["sha256"] for a in status["serving"]] == [v2["sha256"]]
+    assert status["observedGeneration"] == 1 and status["phase"] == "Ready"
+    assert status["gates"]["online"][0]["passed"]
+    assert events(kube, namespace).count("FollowedRunSucceeded") == 1
+
+    noop = run("v3", tiny["noop"])  # LoRA B = 0: answers like the base model, the online gate says so
+    succeeded_finetunejob(platform, kube, namespace, store, "rag", noop, learning_rate=5e-5)
+    status = wait_status(kube, namespace, lambda s: len(s.get("history") or []) == 3 and not s.get("candidate"))
+    assert status["phase"] == "RolledBack" and status["history"][0]["reason"].startswith("NoAdapterEffect"), status
+    assert [a["sha256"] for a in status["serving"]] == [v2["sha256"]]
+    time.sleep(5)  # a rejected run stays rejected
+    status = kube.get("AdapterDeployment", namespace, "chat")["status"]
+    assert len(status["history"]) == 3 and not status.get("candidate")
+    assert kube.get("AdapterDeployment", namespace, "chat")["metadata"]["generation"] == 1
 
 
 def test_operator_restart_mid_rollout_resumes_with_one_canary(platform, namespace, operator, kube, tiny, store):
@@ -293,16 +343,51 @@ def test_operator_restart_mid_rollout_resumes_with_one_canary(platform, namespac
     assert [r["outcome"] for r in status["history"]] == ["Promoted"]
 
 
-def test_delete_removes_what_it_created_and_restores_a_referenced_deployment(platform, namespace, operator, kube,
-                                                                              tiny, store):
-    good = store("good", tiny["good"])
-    user = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "user-tgi", "namespace": namespace},
+def user_tgi(tiny, namespace: str, env: Optional[list[dict]] = None) -> dict:
+    """A user's own TGI Deployment (the stand-in image), for `spec.server.deploymentRef`."""
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "user-tgi", "namespace": namespace},
             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "user-tgi"}},
                      "template": {"metadata": {"labels": {"app": "user-tgi"}}, "spec": {"containers": [{
                          "name": "tgi", "image": "ghcr.io/huggingface/text-generation-inference:3.3.6",
-                         "env": [{"name": "MODEL_ID", "value": str(tiny["base"])}, {"name": "PORT", "value": "8080"}],
+                         "env": [{"name": "MODEL_ID", "value": str(tiny["base"])}, {"name": "PORT", "value": "8080"},
+                                 *(env or [])],
                          "readinessProbe": {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 2}}]}}}}
-    apply(platform, user)
+
+
+def test_a_referenced_deployments_canary_runs_its_own_template_then_the_set_is_promoted_onto_it(
+        platform, namespace, operator, kube, tiny, store):
+    """`deploymentRef` with the online gate: the canary is the user's Deployment's template (their
+    image, weights and env) with the candidate set, under ragtune's labels only, evaluated, then the
+    set is patched into the user's Deployment."""
+    apply(platform, user_tgi(tiny, namespace, env=[{"name": "EXAMPLE_SETTING", "value": "kept"}]))
+    good = store("good", tiny["good"])
+    apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **good}], store,
+                            server={"deploymentRef": {"name": "user-tgi"}, "startupTimeoutSeconds": 300}))
+    seen: dict = {}
+
+    def canary_seen(status: dict) -> bool:
+        canary = kube.get("Deployment", namespace, "chat-tgi-canary")
+        if canary and not seen:
+            seen.update(canary["spec"]["template"])
+        return finished(1)(status)
+    status = wait_status(kube, namespace, canary_seen, timeout=420)
+    assert status["phase"] == "Ready" and status["gates"]["online"][0]["passed"], status
+    (server,) = seen["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["EXAMPLE_SETTING"] == "kept" and env["MODEL_ID"] == str(tiny["base"])
+    assert env["LORA_ADAPTERS"] == "support=/data/adapters/support"
+    assert "app" not in seen["metadata"]["labels"]
+    patched = kube.get("Deployment", namespace, "user-tgi")["spec"]["template"]
+    assert {e["name"]: e.get("value") for e in patched["spec"]["containers"][0]["env"]}["LORA_ADAPTERS"] == \
+        "support=/data/adapters/support"
+    assert kube.get("Deployment", namespace, "chat-tgi-canary") is None
+    assert generate(kube, namespace, "user-tgi", "support") != generate(kube, namespace, "user-tgi", None)
+
+
+def test_delete_removes_what_it_created_and_restores_a_referenced_deployment(platform, namespace, operator, kube,
+                                                                              tiny, store):
+    good = store("good", tiny["good"])
+    apply(platform, user_tgi(tiny, namespace))
     original = kube.get("Deployment", namespace, "user-tgi")["spec"]["template"]
     apply(platform, ad_body(platform, namespace, tiny, [{"name": "support", **good}], store,
                             # a loaded machine (2 shared cores) can take over 120 s to start the server

@@ -148,6 +148,40 @@ def test_existing_deployment_patch_changes_only_our_fields_and_restores():
     assert restored == original
 
 
+def test_a_deployment_ref_canary_runs_the_referenced_template_with_the_candidate_set_under_our_labels_only():
+    user = {
+        "metadata": {"labels": {"app": "tgi"}, "annotations": {"example.com/owner": "team-a"}},
+        "spec": {"serviceAccountName": "tgi", "nodeSelector": {"gpu": "h100"},
+                 "containers": [{"name": "tgi", "image": "ghcr.io/huggingface/text-generation-inference:3.3.6",
+                                 "env": [{"name": "MODEL_ID", "value": "/models/base"}],
+                                 "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+    }
+    spec = make_spec(server={"deploymentRef": {"name": "tgi"}}, strategy={"canaryReplicas": 2})
+    # the referenced Deployment serves `support` (patched in by an earlier promotion)
+    existing = {"spec": {"template": render.patch_existing_template(user, spec, ADAPTERS[:1], IMAGE)}}
+    canary = render.canary_from_existing(existing, spec, ADAPTERS, OWNER, IMAGE)
+    assert canary["metadata"]["name"] == "chat-tgi-canary" and canary["spec"]["replicas"] == 2
+    assert canary["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    template = canary["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    assert "app" not in labels and canary["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert labels[render.LABEL_TRACK] == "canary"
+    pod = template["spec"]
+    assert pod["serviceAccountName"] == "tgi" and pod["nodeSelector"] == {"gpu": "h100"}
+    (tgi,) = pod["containers"]
+    assert tgi["image"] == user["spec"]["containers"][0]["image"] and tgi["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    env = env_of(tgi)
+    assert env["MODEL_ID"] == "/models/base"
+    assert env["LORA_ADAPTERS"] == "legal=/data/adapters/legal,support=/data/adapters/support"
+    assert [c["name"] for c in pod["initContainers"]] == [render.FETCH_CONTAINER]  # one, with the candidate set
+    annotations = template["metadata"]["annotations"]
+    assert annotations["example.com/owner"] == "team-a"
+    assert annotations[render.ANNOTATION_DIGEST] == render.adapter_set_digest(ADAPTERS)
+    assert render.ANNOTATION_ORIGINAL not in annotations  # nothing of the canary is restored: it is deleted
+    # the same inputs render the same canary (a tick adopts it instead of replacing it)
+    assert render.canary_from_existing(existing, spec, ADAPTERS, OWNER, IMAGE) == canary
+
+
 def test_eval_job_carries_config_and_credentials_by_reference():
     spec = make_spec()
     job = render.eval_job(spec, OWNER, 3, {"canaryUrl": "http://x"}, IMAGE)

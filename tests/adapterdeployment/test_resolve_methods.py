@@ -40,6 +40,19 @@ def test_lora_adapters_resolve(backend, method):
     assert resolve(deployment(backend), {"j": trained_with(method)}.get).adapters[0].name == "a"
 
 
+@pytest.mark.parametrize("backend", ["tgi", "vllm"])
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_adapters_with_trained_biases_are_refused_naming_the_field_and_the_remedy(backend, bias):
+    ftj = trained_with("lora")
+    ftj["spec"]["lora"] = {"bias": bias}
+    with pytest.raises(ResolveError) as err:
+        resolve(deployment(backend), {"j": ftj}.get)
+    assert err.value.reason == "AdapterBiasNotServable"
+    assert f"trained with lora.bias {bias}" in str(err.value) and "retrain with lora.bias none" in str(err.value)
+    ftj["spec"]["lora"] = {"bias": "none"}
+    assert resolve(deployment(backend), {"j": ftj}.get).adapters[0].name == "a"
+
+
 def test_the_controller_fails_the_rollout_before_anything_rolls():
     from .fakekube import FakeKube
     from .test_rollout import ad, ftj, tick
@@ -54,10 +67,11 @@ def test_the_controller_fails_the_rollout_before_anything_rolls():
 
 
 @pytest.mark.parametrize("config, named", [({"peft_type": "IA3"}, "peft_type 'IA3' is not LORA"),
-                                           ({"use_dora": True}, "DoRA adapters are not supported by TGI or vLLM")])
+                                           ({"use_dora": True}, "DoRA adapters are not supported by TGI or vLLM"),
+                                           ({"bias": "all"}, "trained biases (bias 'all') are not loaded")])
 def test_a_uri_adapter_of_another_method_is_refused_by_the_fetcher_with_the_remedy(config, named):
     from ragtune.pods.fetch import FetchError, check_adapter_config
 
     with pytest.raises(FetchError) as err:
         check_adapter_config("x", {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], **config}, {"q_proj"}, 128)
-    assert named in str(err.value) and "retrain with method lora or qlora, or merge the adapter" in str(err.value)
+    assert named in str(err.value) and "merge the adapter into the base model" in str(err.value)

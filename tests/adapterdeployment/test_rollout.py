@@ -387,3 +387,46 @@ def test_status_written_by_a_newer_operator_is_read_after_an_operator_rollback()
     Reconciler(kube, IMAGE, clock=lambda: kube.clock).tick("ns", "chat")
     after = body["status"]
     assert after["phase"] != "Failed" and after["candidate"]["step"] == "OnlineGate", after.get("message")
+
+
+def user_deployment(kube: FakeKube) -> None:
+    kube.create({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "user-tgi", "namespace": "ns"},
+                 "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "u"}},
+                          "template": {"metadata": {"labels": {"app": "u"}},
+                                       "spec": {"containers": [{"name": "tgi", "image": "tgi:user",
+                                                                "env": [{"name": "MODEL_ID", "value": "/m"}]}]}}}})
+
+
+def test_a_deployment_ref_canary_is_rendered_from_the_referenced_deployment_then_promoted_onto_it():
+    kube = FakeKube()
+    ftj(kube, "ftj1")
+    user_deployment(kube)
+    ad(kube, server={"gpus": 0, "deploymentRef": {"name": "user-tgi"}})
+    s = tick(kube)
+    assert s.candidate.step == "Canary"
+    canary = kube.get("Deployment", "ns", "chat-tgi-canary")
+    (server,) = canary["spec"]["template"]["spec"]["containers"]
+    assert server["image"] == "tgi:user" and {"name": "MODEL_ID", "value": "/m"} in server["env"]
+    assert "app" not in canary["spec"]["template"]["metadata"]["labels"]  # never behind the user's Service
+    assert kube.get("Deployment", "ns", "user-tgi")["spec"]["template"]["spec"]["containers"][0].get("env") == [
+        {"name": "MODEL_ID", "value": "/m"}]  # untouched until promotion
+    kube.ready("chat-tgi-canary")
+    s = tick(kube)
+    assert s.candidate.step == "OnlineGate"
+    kube.finish_job("chat-eval-g1", passed())
+    s = tick(kube)
+    assert s.candidate.step == "Promoting"
+    kube.ready("user-tgi")
+    s = tick(kube)
+    assert s.phase == "Ready" and kube.kinds("Deployment") == ["user-tgi"]
+    env = kube.get("Deployment", "ns", "user-tgi")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "LORA_ADAPTERS", "value": "support=/data/adapters/support"} in env
+
+
+def test_a_deployment_ref_that_is_gone_fails_the_rollout_before_any_canary():
+    kube = FakeKube()
+    ftj(kube, "ftj1")
+    ad(kube, server={"gpus": 0, "deploymentRef": {"name": "user-tgi"}})
+    s = tick(kube)
+    assert s.phase == "Failed" and s.history[0].reason.startswith("DeploymentNotFound")
+    assert kube.kinds("Deployment") == [] and kube.kinds("Service") == []

@@ -25,6 +25,16 @@ def test_examples_parse():
     assert ad.spec.adapters[0].fine_tune_job_ref.name == ftj.metadata["name"]
 
 
+def test_the_gitops_retrain_loop_example_follows_its_finetunejob():
+    loop = REPO / "examples/gitops/retrain-loop"
+    ftj = FineTuneJob.model_validate(yaml.safe_load((loop / "finetunejob.yaml").read_text()))
+    ad = AdapterDeployment.model_validate(yaml.safe_load((loop / "adapterdeployment.yaml").read_text()))
+    (adapter,) = ad.spec.adapters
+    assert adapter.fine_tune_job_ref.name == ftj.metadata["name"] and adapter.follow.value == "LatestSucceeded"
+    assert ad.metadata["namespace"] == ftj.metadata["namespace"]
+    assert ad.spec.base_model.id == ftj.spec.base_model.id
+
+
 def test_defaults_fill_in_and_wire_form_is_camel_case():
     spec = FineTuneJobSpec.model_validate(MINIMAL)
     assert spec.training.learning_rate == 2e-4 and spec.quantization is None

@@ -97,8 +97,9 @@ def sidecar_ports(port: int) -> tuple[int, int]:
     return (8000 if port != 8000 else 8001), (9090 if port != 9090 else 9091)
 
 
-def eval_job_name(ad_name: str, generation: int) -> str:
-    return workloads.child_name(ad_name, f"-eval-g{generation}")
+def eval_job_name(ad_name: str, generation: int, candidate: str = "") -> str:
+    """`<ad>-eval-g<generation>`, and `-<candidate>` for a followed run's rollout (same generation)."""
+    return workloads.child_name(ad_name, f"-eval-g{generation}" + (f"-{candidate}" if candidate else ""))
 
 
 def service_url(name: str, namespace: str, port: int) -> str:
@@ -470,6 +471,25 @@ def patch_existing_template(template: dict[str, Any], spec: AdapterDeploymentSpe
     return with_template_hash(template)
 
 
+def canary_from_existing(existing: dict[str, Any], spec: AdapterDeploymentSpec, adapters: list[ResolvedAdapter],
+                         owner: Owner, operator_image: str) -> dict[str, Any]:
+    """The canary of a `deploymentRef` server: the referenced Deployment's own pod template (the
+    user's image, base weights, resources, placement, service account and env, without the serving
+    set patched in) with the candidate set patched in as on the stable (`patch_existing_template`),
+    in ragtune's canary Deployment. Its pods carry ragtune's canary labels only: the user's labels
+    would put them behind the user's Service (user traffic on an unevaluated set) and under the
+    referenced Deployment's selector."""
+    canary = deployment(spec, adapters, owner, canary=True, operator_image=operator_image)
+    template = restore_existing_template(existing["spec"]["template"])
+    meta = template.setdefault("metadata", {})
+    meta["labels"] = dict(canary["spec"]["template"]["metadata"]["labels"])
+    meta["annotations"] = {**(meta.get("annotations") or {}), ANNOTATION_AD_NAME: owner.name}
+    template = patch_existing_template(template, spec, adapters, operator_image)
+    del template["metadata"]["annotations"][ANNOTATION_ORIGINAL]  # ours, deleted whole: nothing to restore
+    canary["spec"]["template"] = with_template_hash(template)
+    return canary
+
+
 def _owned_fields(template: dict[str, Any]) -> dict[str, Any]:
     containers = template.get("spec", {}).get("containers", [])
     server = containers[_server_container_index(containers)] if containers else {}
@@ -518,15 +538,16 @@ def restore_existing_template(template: dict[str, Any]) -> dict[str, Any]:
 
 
 def eval_job(spec: AdapterDeploymentSpec, owner: Owner, generation: int, config: dict[str, Any],
-             operator_image: str) -> dict[str, Any]:
-    """The Job that queries the canary and writes its verdict to the termination message."""
+             operator_image: str, candidate: str = "") -> dict[str, Any]:
+    """The Job that queries the canary and writes its verdict to the termination message
+    (named by `eval_job_name`)."""
     gate = spec.gates.online
     labels = {LABEL_NAME: "ragtune-online-eval", LABEL_INSTANCE: workloads.label_value(owner.name),
               LABEL_MANAGED_BY: MANAGED_BY, LABEL_AD: workloads.label_value(owner.name)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": eval_job_name(owner.name, generation), "namespace": owner.namespace,
+        "metadata": {"name": eval_job_name(owner.name, generation, candidate), "namespace": owner.namespace,
                      "labels": labels, "annotations": {ANNOTATION_AD_NAME: owner.name},
                      "ownerReferences": [owner.reference()]},
         "spec": {

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from ragtune.api.adapterdeployment import (
     AdapterDeploymentSpec,
     AdapterSource,
+    FollowPolicy,
     GatesSpec,
     ResolvedAdapter,
 )
@@ -118,7 +119,14 @@ def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: Ftj
                            f"serves {method} adapters; they load {' and '.join(m.value for m in SERVABLE_METHODS)}):"
                            f" retrain with method lora or qlora, or merge the adapter into the base model and serve "
                            f"the merged model")
-    rank = (((ftj.get("spec") or {}).get("lora") or {}).get("r")) or LoraSpec().r
+    lora = (ftj.get("spec") or {}).get("lora") or {}
+    if lora.get("bias", "none") != "none":
+        raise ResolveError("AdapterBiasNotServable",
+                           f"adapter {source.name} (FineTuneJob {ref.name}) was trained with lora.bias "
+                           f"{lora['bias']}: neither TGI nor vLLM serves trained adapter biases (vLLM refuses "
+                           f"such an adapter, TGI loads only the LoRA matrices): retrain with lora.bias none, or merge the adapter into the base "
+                           f"model and serve the merged model")
+    rank = lora.get("r") or LoraSpec().r
     limit = _max_rank(spec)
     if rank > limit:
         # Known from the FineTuneJob's spec: refused before anything rolls (a `uri` adapter's rank is
@@ -147,14 +155,24 @@ def resolve_one(spec: AdapterDeploymentSpec, source: AdapterSource, get_ftj: Ftj
             status.get("metrics"), eval_set, prompt)
 
 
-def resolve(spec: AdapterDeploymentSpec, get_ftj: FtjGetter) -> Resolution:
-    """Pin every adapter of the spec. Raises NotReady (wait) or ResolveError (give up)."""
+def resolve(spec: AdapterDeploymentSpec, get_ftj: FtjGetter,
+            followed: Optional[list[str]] = None, serving: Optional[list[ResolvedAdapter]] = None) -> Resolution:
+    """Pin every adapter of the spec. Raises NotReady (wait) or ResolveError (give up).
+
+    `followed` (a rollout a followed FineTuneJob's new run started, `followed_updates`): only those
+    adapters are resolved again; every other adapter keeps its pin from `serving`, and one that
+    serves nothing (its own rollout was rolled back) stays out of the set."""
     names = [a.name for a in spec.adapters]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ResolveError("DuplicateAdapterName", f"adapter names must be unique: {', '.join(duplicates)}")
     out = Resolution(adapters=[])
+    kept = {a.name: a for a in serving or []}
     for source in spec.adapters:
+        if followed is not None and source.name not in followed:
+            if source.name in kept:
+                out.adapters.append(kept[source.name])
+            continue
         adapter, metrics, eval_set, prompt = resolve_one(spec, source, get_ftj)
         out.adapters.append(adapter)
         if prompt is not None:
@@ -165,6 +183,46 @@ def resolve(spec: AdapterDeploymentSpec, get_ftj: FtjGetter) -> Resolution:
             out.eval_sets[adapter.name] = eval_set[0]
             if eval_set[1]:
                 out.eval_set_sha256[eval_set[0]] = eval_set[1]
+    return out
+
+
+@dataclass
+class FollowedRun:
+    """A followed FineTuneJob reports an adapter that is neither serving nor rejected before."""
+
+    adapter: str
+    """The adapter name in the spec."""
+    fine_tune_job: str
+    """The FineTuneJob it follows."""
+    sha256: str
+    """Its new adapter's manifest digest."""
+    serving_sha256: Optional[str]
+    """The digest serving under that name now (None: the adapter serves nothing yet)."""
+
+
+def followed_updates(spec: AdapterDeploymentSpec, get_ftj: FtjGetter, serving: list[ResolvedAdapter],
+                     rejected: set[str]) -> list[FollowedRun]:
+    """Adapters with `follow: LatestSucceeded` whose FineTuneJob succeeded, for its current
+    generation, with an adapter that does not serve and is not in `rejected` (`name@sha256-prefix`
+    of candidates that were rolled back or failed: tried once, never again). A FineTuneJob being
+    retrained (its status describes an older generation, or it is not Succeeded) is passed over
+    until its run ends."""
+    current = {a.name: a.sha256 for a in serving}
+    out = []
+    for source in spec.adapters:
+        if source.follow != FollowPolicy.LATEST_SUCCEEDED or source.fine_tune_job_ref is None:
+            continue
+        ftj = get_ftj(source.fine_tune_job_ref.name)
+        if ftj is None:
+            continue
+        status = ftj.get("status") or {}
+        observed = status.get("observedGeneration")
+        if status.get("phase") != "Succeeded" or observed is not None and observed != ftj["metadata"].get("generation"):
+            continue
+        sha = (status.get("adapter") or {}).get("sha256")
+        if not sha or sha == current.get(source.name) or f"{source.name}@{sha[:12]}" in rejected:
+            continue
+        out.append(FollowedRun(source.name, source.fine_tune_job_ref.name, sha, current.get(source.name)))
     return out
 
 

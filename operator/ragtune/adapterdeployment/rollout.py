@@ -57,9 +57,12 @@ from ragtune.runtime.kube import KubeError
 
 from . import render, traffic
 from .resolve import (
+    FollowedRun,
     NotReady,
+    Resolution,
     ResolveError,
     changed_adapters,
+    followed_updates,
     offline_failures,
     offline_gate,
     resolve,
@@ -446,23 +449,58 @@ class _Tick:
             self.finish("RolledBack", "Superseded", f"generation {self.generation} replaced the spec mid-rollout")
             cand = None
         if cand is None:
+            followed: list[FollowedRun] = []
             if self.status.observed_generation == self.generation and self.status.phase is not None:
-                self.watch_stable()
-                return
-            cand = Candidate(generation=self.generation, step="Resolving", started_at=now())
-            self.status.candidate = cand
-            self.status.gates = GateReport()
-            self.status.phase = Phase("Pending")
-            self.cond("Progressing", True, "RolloutStarted", f"rolling out generation {self.generation}")
-            self.event("Normal", "RolloutStarted", f"rollout of generation {self.generation} started")
+                followed = followed_updates(self.spec, self.get_ftj, self.status.serving, self.rejected())
+                if not followed:
+                    self.watch_stable()
+                    return
+            cand = self.start_rollout(followed)
         step = {"Resolving": self.resolving, "OfflineGate": self.after_offline_gate, "Canary": self.canary,
                 "OnlineGate": self.online_gate, "Traffic": self.traffic_step, "Promoting": self.promoting}.get(cand.step)
         if step:
             step(cand)
 
+    def start_rollout(self, followed: list[FollowedRun]) -> Candidate:
+        """A new candidate: the spec's new generation, or (`followed`) the serving set with the
+        new runs of followed FineTuneJobs."""
+        cand = Candidate(generation=self.generation, step="Resolving", started_at=now(),
+                         followed=[f.adapter for f in followed])
+        self.status.candidate = cand
+        self.status.gates = GateReport()
+        self.status.phase = Phase("Pending")
+        if followed:
+            what = "; ".join(f"adapter {f.adapter}: FineTuneJob {f.fine_tune_job} succeeded with {f.sha256[:12]}"
+                             + (f" (serving {f.serving_sha256[:12]})" if f.serving_sha256 else "") for f in followed)
+            self.cond("Progressing", True, "FollowedRunSucceeded", f"rolling out {what}")
+            self.event("Normal", "FollowedRunSucceeded", f"rollout started by a followed run: {what}")
+        else:
+            self.cond("Progressing", True, "RolloutStarted", f"rolling out generation {self.generation}")
+            self.event("Normal", "RolloutStarted", f"rollout of generation {self.generation} started")
+        return cand
+
+    def rejected(self) -> set[str]:
+        """`name@sha256-prefix` of every adapter in a rollout that did not end Promoted (within
+        `status.history`): a followed run that failed its gates is not tried again."""
+        return {a for r in self.status.history if r.outcome != "Promoted" for a in r.adapters}
+
+    def resolve(self, cand: Candidate) -> Resolution:
+        if cand.followed:
+            return resolve(self.spec, self.get_ftj, followed=cand.followed, serving=self.status.serving)
+        return resolve(self.spec, self.get_ftj)
+
+    @staticmethod
+    def candidate_id(cand: Candidate) -> str:
+        """One evaluation Job per rollout: a followed run's rollout shares the spec's generation,
+        so its Job's name carries its candidate set's digest too."""
+        return render.adapter_set_digest(cand.adapters)[:8] if cand.followed else ""
+
+    def eval_job_name(self, cand: Candidate) -> str:
+        return render.eval_job_name(self.name, cand.generation, self.candidate_id(cand))
+
     def resolving(self, cand: Candidate) -> None:
         try:
-            res = resolve(self.spec, self.get_ftj)
+            res = self.resolve(cand)
         except NotReady as exc:
             self.status.phase, self.status.message = Phase.PENDING, str(exc)
             self.cond("Progressing", True, "WaitingForFineTuneJob", str(exc))
@@ -546,10 +584,24 @@ class _Tick:
 
     # --- canary ---
 
+    def desired_canary(self, cand: Candidate) -> Optional[dict[str, Any]]:
+        """The canary Deployment: rendered from `spec.server`, or with `deploymentRef` from the
+        referenced Deployment's own template (None, and the rollout fails, when it is gone)."""
+        if not self.spec.server.deployment_ref:
+            return render.deployment(self.spec, cand.adapters, self.owner, canary=True,
+                                     operator_image=self.rec.operator_image)
+        existing = self.kube.get("Deployment", self.ns, self.stable_name())
+        if existing is None:
+            self.finish("Failed", "DeploymentNotFound", f"spec.server.deploymentRef: Deployment {self.stable_name()} "
+                        "not found")
+            return None
+        return render.canary_from_existing(existing, self.spec, cand.adapters, self.owner, self.rec.operator_image)
+
     def canary(self, cand: Candidate) -> None:
         self.status.phase = Phase("Gating")
-        desired = render.deployment(self.spec, cand.adapters, self.owner, canary=True,
-                                    operator_image=self.rec.operator_image)
+        desired = self.desired_canary(cand)
+        if desired is None:
+            return
         if self.dynamic:  # before the Deployment: its pods mount it
             self.write_set(cand.adapters, canary=True, generation=cand.generation)
         dep = self.kube.get("Deployment", self.ns, desired["metadata"]["name"])
@@ -595,8 +647,9 @@ class _Tick:
             return
         if self.timed_out(canary, "canary evaluation", cand):
             return
-        desired = render.deployment(self.spec, cand.adapters, self.owner, canary=True,
-                                    operator_image=self.rec.operator_image)
+        desired = self.desired_canary(cand)
+        if desired is None:
+            return
         failure = pod_failure(self.pods_of(canary, desired))
         if failure:
             self.rollback(cand, *failure)
@@ -634,14 +687,14 @@ class _Tick:
     def job_verdict(self, cand: Candidate, online: bool) -> Optional[bool]:
         """Run (create-or-adopt) the evaluation Job and read its verdict: True when it passed,
         None while it runs or after a failure (which ends the rollout)."""
-        job_name = render.eval_job_name(self.name, cand.generation)
+        job_name = self.eval_job_name(cand)
         job = self.kube.get("Job", self.ns, job_name)
         if job is None:
             config = self.eval_config(cand, online)
             if config is None:
                 return None
             self.kube.create(render.eval_job(self.spec, self.owner, cand.generation, config.to_wire(),
-                                             self.rec.operator_image))
+                                             self.rec.operator_image, self.candidate_id(cand)))
             self.status.message = "online evaluation running" if online else "offline gate on the run reports"
             return None
         result = job_result(self.kube.list("Pod", self.ns, {"job-name": job_name}))
@@ -664,7 +717,7 @@ class _Tick:
 
     def eval_config(self, cand: Candidate, online: bool = True) -> Optional[OnlineEvalConfig]:
         try:
-            res = resolve(self.spec, self.get_ftj)
+            res = self.resolve(cand)
         except (NotReady, ResolveError) as exc:
             self.rollback(cand, "ResolveFailed", str(exc))
             return None
@@ -818,10 +871,11 @@ class _Tick:
         if self.dynamic:
             self.kube.delete("ConfigMap", self.ns, render.adapter_set_name(self.name, True))
         if cand is not None:
-            self.kube.delete("Job", self.ns, render.eval_job_name(self.name, cand.generation))
+            self.kube.delete("Job", self.ns, self.eval_job_name(cand))
         if outcome is not None and cand is not None:
             record = RolloutRecord(generation=cand.generation, adapters=render.short_set(cand.adapters),
-                                   outcome=outcome, reason=None if outcome == "Promoted" else f"{reason}: {message}"[:1024],
+                                   outcome=outcome, followed=cand.followed,
+                                   reason=None if outcome == "Promoted" else f"{reason}: {message}"[:1024],
                                    started_at=cand.started_at, finished_at=now())
             self.status.history = ([record] + self.status.history)[: self.spec.history_limit]
             self.out.finished, self.out.reason = outcome, reason

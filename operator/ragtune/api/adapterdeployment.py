@@ -112,6 +112,11 @@ class LocalObjectRef(ApiModel):
     """Name of the object."""
 
 
+class FollowPolicy(str, Enum):
+    PINNED = "Pinned"
+    LATEST_SUCCEEDED = "LatestSucceeded"
+
+
 class AdapterSource(ApiModel):
     """One adapter to serve: from a FineTuneJob, or an explicit artifact URI with its digest."""
 
@@ -121,6 +126,11 @@ class AdapterSource(ApiModel):
                 "has(self.fineTuneJobRef) != has(self.uri)",
                 "exactly one of fineTuneJobRef or uri must be set",
                 reason="FieldValueInvalid",
+            ),
+            cel(
+                "!has(self.follow) || self.follow == 'Pinned' || has(self.fineTuneJobRef)",
+                "follow: LatestSucceeded follows a FineTuneJob: it needs fineTuneJobRef (a uri is pinned by its sha256)",
+                field_path=".follow",
             ),
             cel(
                 "!has(self.uri) || has(self.sha256)",
@@ -140,6 +150,20 @@ class AdapterSource(ApiModel):
     """Run prefix holding `manifest.json` and `adapter/` (as a FineTuneJob writes it)."""
     sha256: Optional[str] = Field(None, pattern=r"^[a-f0-9]{64}$")
     """sha256 of the run's `manifest.json`; pins exactly what gets served."""
+    follow: FollowPolicy = FollowPolicy.PINNED
+    """`Pinned`: the adapter the FineTuneJob reported when this generation of the spec rolled out
+    keeps serving (a new spec generation resolves it again). `LatestSucceeded` (with
+    `fineTuneJobRef`): whenever that FineTuneJob succeeds again with a new adapter (a retrained
+    run: its spec was changed), the serving set with that adapter replaced becomes a rollout
+    candidate by itself, through the same gates and strategy, with no change to this spec. A
+    candidate that was rolled back is not tried again; the next successful run is."""
+
+    @model_validator(mode="after")
+    def _follow_needs_a_job(self) -> "AdapterSource":
+        if self.follow == FollowPolicy.LATEST_SUCCEEDED and self.fine_tune_job_ref is None:
+            raise ValueError("follow: LatestSucceeded follows a FineTuneJob: it needs fineTuneJobRef "
+                             "(a uri is pinned by its sha256)")
+        return self
 
 
 # Variables the operator sets on the server container (or must not be overridden because they
@@ -208,7 +232,9 @@ class ServerSpec(ApiModel):
     """vLLM settings (backend `vllm` only; empty: the defaults)."""
     deployment_ref: Optional[LocalObjectRef] = None
     """An existing TGI Deployment to manage instead of rendering one (its pod template gets
-    the adapter init container and `LORA_ADAPTERS`)."""
+    the adapter init container and `LORA_ADAPTERS`). The canary runs that Deployment's own pod
+    template (image, base weights, resources, placement, env) with the candidate set, under
+    ragtune's labels only, so the Deployment's Service never sends it user traffic."""
     image: Optional[str] = Field(None, max_length=512, pattern=IMAGE_REF)
     """Server image (empty: the backend's pinned image, `ghcr.io/huggingface/text-generation-inference:3.3.6`
     or `vllm/vllm-openai:v0.32.0`)."""
@@ -657,6 +683,9 @@ class Candidate(ApiModel):
     """Traffic steps (`strategy.type: Canary`)."""
     started_at: Optional[str] = None
     """When the rollout began."""
+    followed: list[str] = Field(default_factory=list)
+    """Adapters (`follow: LatestSucceeded`) whose FineTuneJob's new run started this rollout; the
+    other adapters keep serving what they serve. Empty: a new generation of the spec started it."""
 
 
 class RolloutRecord(ApiModel):
@@ -668,6 +697,8 @@ class RolloutRecord(ApiModel):
     """`name@sha256-prefix` of each adapter in the set."""
     outcome: Literal["Promoted", "RolledBack", "Failed"]
     """How it ended."""
+    followed: list[str] = Field(default_factory=list)
+    """Adapters whose followed FineTuneJob's new run started it (empty: a new spec generation)."""
     reason: Optional[str] = None
     """Why (for RolledBack / Failed)."""
     started_at: Optional[str] = None

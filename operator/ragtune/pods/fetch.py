@@ -51,7 +51,8 @@ def parse_adapter_arg(value: str) -> tuple[str, str, str]:
 
 
 def check_adapter_config(name: str, config: dict, allowed_modules: set[str], max_rank: int) -> None:
-    """What TGI can load: LoRA (not DoRA / other PEFT types), rank within limits, known modules."""
+    """What TGI can load: LoRA (not DoRA / other PEFT types, no trained biases), rank within limits,
+    known modules."""
     remedy = "retrain with method lora or qlora, or merge the adapter into the base model and serve the merged model"
     if config.get("peft_type", "LORA") != "LORA":
         raise FetchError("UnsupportedAdapter", f"adapter {name}: peft_type {config.get('peft_type')!r} is not LORA "
@@ -59,6 +60,10 @@ def check_adapter_config(name: str, config: dict, allowed_modules: set[str], max
     if config.get("use_dora"):
         raise FetchError("UnsupportedAdapter", f"adapter {name}: DoRA adapters are not supported by TGI or vLLM: "
                                                f"{remedy}", name)
+    if config.get("bias", "none") != "none":
+        raise FetchError("UnsupportedAdapter", f"adapter {name}: trained biases (bias {config['bias']!r}) are not "
+                                               "loaded by TGI or vLLM: retrain with lora.bias none, or merge the "
+                                               "adapter into the base model and serve the merged model", name)
     ranks = [config.get("r", 0)] + list((config.get("rank_pattern") or {}).values())
     if not all(isinstance(r, int) and 1 <= r <= max_rank for r in ranks):
         raise FetchError("UnsupportedAdapter", f"adapter {name}: LoRA rank {max(ranks)} outside 1..{max_rank}", name)
