@@ -45,7 +45,9 @@ def test_trainer_settings():
     assert ddp["ddp_backend"] == "gloo" and ddp["ddp_find_unused_parameters"] is False
     assert ddp["ddp_timeout"] >= 3600 and "fsdp" not in ddp
     assert trainer_settings("fsdp", "cuda")["ddp_backend"] == "nccl"
-    assert "full_shard" in trainer_settings("fsdp", "cuda")["fsdp"]
+    fsdp = trainer_settings("fsdp", "cuda")
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2  # FSDP2, not the deprecated string form
+    assert fsdp["fsdp_config"]["reshard_after_forward"] is True  # full shard
 
 
 def test_a_broken_collective_is_another_ranks_failure(monkeypatch):

@@ -96,8 +96,12 @@ def trainer_settings(strategy: Optional[str], device: str) -> dict[str, Any]:
         "ddp_find_unused_parameters": False,
     }
     if strategy == "fsdp":
-        settings["fsdp"] = "full_shard auto_wrap"
-        settings["fsdp_config"] = {"use_orig_params": True, "cpu_ram_efficient_loading": False}
+        # FSDP2 (fully_shard) with full sharding: parameters re-sharded after each forward; each
+        # decoder layer its own unit (the model's `_no_split_modules`). The adapter and checkpoints are
+        # saved as full state dicts gathered on rank 0 (a LoRA adapter is small).
+        settings["fsdp"] = True
+        settings["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
+                                   "cpu_ram_efficient_loading": False}
     return settings
 
 
