@@ -151,11 +151,14 @@ def running(kube: FakeKube, deployment: str, ip: str) -> None:
     pod["status"].update(phase="Running", podIP=ip)
 
 
-def analysed_rollout(kube: FakeKube, port: int, auto_rollback: bool = True, **analysis_spec):
+def analysed_rollout(kube: FakeKube, port: int, auto_rollback: bool = True, bake: str | None = None,
+                     **analysis_spec):
     """First rollout promoted, then a second one at its first step with the route accepted."""
     strategy = copy.deepcopy(CANARY)
     strategy["canary"]["analysis"] = {"minRequests": 20, **analysis_spec}
     strategy["autoRollback"] = auto_rollback
+    if bake:
+        strategy["bake"] = bake
     ftj(kube, "ftj1")
     ad(kube, strategy=strategy, gates={"online": {"evalSetUri": "s3://data/eval.jsonl"}},
        server={"gpus": 0, "port": port})

@@ -53,6 +53,9 @@ def with_adapters(adapters) -> dict:
     (with_steps([{"weight": 10, "pause": "2min"}]), "spec.strategy.canary.steps[0].pause", "should match"),
     (with_steps([{"weight": 10, "pause": "90000s"}]), "spec.strategy.canary.steps[0].pause", "at most 24h"),
     (with_strategy(type="Evaluate"), "spec.strategy.canary", "needs type: Canary"),
+    (with_strategy(bake="10m"), "spec.strategy.bake", "set strategy.canary.analysis"),
+    (with_strategy(bake="25h", canary={**GOOD["spec"]["strategy"]["canary"], "analysis": {}}), "spec.strategy.bake",
+     "at most 24h"),
 ])
 def test_the_api_server_refuses_bad_steps_naming_the_field(platform, crds, namespace, body, field, words):
     out = platform.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=_yaml(body), check=False)

@@ -308,6 +308,63 @@ def test_a_canary_whose_server_fails_requests_is_rolled_back_by_the_analysis_wit
     assert "AnalysisFailed" in events and "TrafficShifted" in events
 
 
+def test_a_set_that_fails_its_bake_after_promotion_is_replaced_by_the_previous_set_by_digest(
+        platform, namespace, tiny, operator, kube, store, gateway):  # noqa: F811
+    """Item 4 (second half), rollback also after promotion: the candidate passes its analysed
+    traffic step and is promoted; then the new stable server goes bad (the stand-in fails every
+    generation while a marker file exists) during `strategy.bake`: the bake's analysis fails and the
+    previous set is restored onto the stable Deployment by digest, ending RolledBack/BakeFailed."""
+    import os
+    import tempfile
+
+    from ragtune.adapterdeployment import render
+    from ragtune.api.adapterdeployment import ResolvedAdapter
+
+    host = f"{namespace}.gateway.test"
+    marker_dir = tempfile.mkdtemp(prefix="ragtune-bake-")
+    os.chmod(marker_dir, 0o755)  # the server pods run as another user
+    marker = os.path.join(marker_dir, "fail")
+    good, good2 = store("good", tiny["good"]), store("good2", tiny["good2"])
+    strategy = {"type": "Canary", "bake": "5m", "canary": {
+        "gatewayRef": {"name": GATEWAY_NAME, "namespace": GATEWAY_NAMESPACE}, "hostnames": [host],
+        "steps": [{"weight": 50, "pause": "15s"}], "analysis": {"minRequests": 5, "minSuccessRate": 0.95}}}
+    body = ad_body(platform, namespace, tiny, [{"name": "a", **good}], store, strategy=strategy,
+                   gates={"online": {"enabled": False}}, server={"env": {"STANDIN_FAIL_WHILE_FILE": marker}})
+    platform.apply(body)
+    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
+                                               or {}).get("phase") == "Ready", 240)
+    first = kube.get("AdapterDeployment", namespace, "chat")["status"]["serving"]
+    load = GenerateLoad(gateway, host)
+    wait_until("the stable server through the Gateway", lambda: load.get()[0] == 200, 60)
+    load.start()
+    try:
+        body["spec"]["adapters"] = [{"name": "a", **good}, {"name": "b", **good2}]
+        platform.apply(body)
+        baking = wait_until("the promotion and its bake", lambda: (lambda s: s.get("bake") and s)(
+            kube.get("AdapterDeployment", namespace, "chat").get("status") or {}), 400)
+        assert [a["name"] for a in baking["serving"]] == ["a", "b"] and baking["history"][0]["outcome"] == "Promoted"
+        assert [a["sha256"] for a in baking["bake"]["previous"]] == [good["sha256"]]
+        assert baking["bake"]["reference"]["requests"] >= 5  # the previous stable's figures at the step
+        open(marker, "w").close()  # the new stable server goes bad
+        final = wait_until("the bake's rollback", lambda: (lambda s: s.get("phase") == "RolledBack" and s)(
+            kube.get("AdapterDeployment", namespace, "chat").get("status") or {}), 240)
+    finally:
+        if os.path.exists(marker):
+            os.unlink(marker)
+        load.stop()
+    record = final["history"][0]
+    assert record["outcome"] == "RolledBack" and record["reason"].startswith("BakeFailed: new stable successRate")
+    assert [(a["name"], a["sha256"]) for a in final["serving"]] == [(a["name"], a["sha256"]) for a in first]
+    assert final.get("bake") is None and final["history"][1]["outcome"] == "Promoted"
+    template = kube.get("Deployment", namespace, "chat-tgi")["spec"]["template"]
+    previous = [ResolvedAdapter.model_validate(a) for a in first]
+    assert template["metadata"]["annotations"][render.ANNOTATION_DIGEST] == render.adapter_set_digest(previous)
+    wait_until("the restored set answering through the Gateway",
+               lambda: load.get() == (200, "a"), 240)
+    events = platform.kubectl("-n", namespace, "get", "events", "-o", "jsonpath={.items[*].reason}").split()
+    assert "BakeStarted" in events and "BakeFailed" in events
+
+
 def traffic_weights(client, namespace: str) -> dict[str, int]:
     from ragtune.adapterdeployment import traffic
 

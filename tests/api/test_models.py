@@ -32,7 +32,7 @@ def test_the_gitops_retrain_loop_example_follows_its_finetunejob():
     (adapter,) = ad.spec.adapters
     assert adapter.fine_tune_job_ref.name == ftj.metadata["name"] and adapter.follow.value == "LatestSucceeded"
     assert ad.metadata["namespace"] == ftj.metadata["namespace"]
-    assert ad.spec.base_model.id == ftj.spec.base_model.id
+    assert ad.spec.base_model.id == ftj.spec.base_model.id and ad.spec.strategy.bake == "30m"
 
 
 def test_defaults_fill_in_and_wire_form_is_camel_case():

@@ -288,3 +288,19 @@ def test_fault_injection_fails_generation_while_the_named_adapter_is_loaded(mode
         assert m["tgi_request_failure{err=generation}"] == 1
     finally:
         s.stop()
+
+
+def test_fault_injection_fails_generation_while_the_named_file_exists(models, tmp_path):
+    base, a1, _ = models
+    marker = tmp_path / "fail"
+    s = StandIn({"MODEL_ID": str(base), "LORA_ADAPTERS": f"a1={a1}", "STANDIN_FAIL_WHILE_FILE": str(marker)})
+    s.wait()
+    try:
+        assert generate(s, "a1")[0] == 200
+        marker.touch()
+        status, body = generate(s, "a1")
+        assert status == 424 and "STANDIN_FAIL_WHILE_FILE" in body["error"]
+        marker.unlink()
+        assert generate(s, "a1")[0] == 200
+    finally:
+        s.stop()

@@ -147,32 +147,36 @@ def measure(deltas: list[dict[str, float]]) -> ServerMeasurement:
     return m
 
 
-def judge(spec: AnalysisSpec, canary: ServerMeasurement, stable: ServerMeasurement) -> tuple[str, str]:
-    """(Successful | Failed | Inconclusive, the metric that decided it with its value)."""
+def judge(spec: AnalysisSpec, canary: ServerMeasurement, stable: ServerMeasurement,
+          names: tuple[str, str] = ("canary", "stable")) -> tuple[str, str]:
+    """(Successful | Failed | Inconclusive, the metric that decided it with its value). `names`:
+    what the message calls the judged server and the one it is compared with (the bake judges the
+    new stable server against the previous one's recorded figures)."""
+    subject, other = names
     if canary.requests < spec.min_requests:
-        return "Inconclusive", (f"canary requests {canary.requests} < minRequests {spec.min_requests}: "
+        return "Inconclusive", (f"{subject} requests {canary.requests} < minRequests {spec.min_requests}: "
                                 "too few to judge")
     rate = canary.success_rate or 0.0
     if rate < spec.min_success_rate:
-        return "Failed", (f"canary successRate {rate:.4f} < minSuccessRate {spec.min_success_rate} "
+        return "Failed", (f"{subject} successRate {rate:.4f} < minSuccessRate {spec.min_success_rate} "
                           f"({canary.requests} requests)")
     p95 = canary.p95_latency_seconds
     if spec.max_p95_latency_seconds is not None and p95 is not None and p95 > spec.max_p95_latency_seconds:
-        return "Failed", f"canary p95LatencySeconds {p95:.4f} > maxP95LatencySeconds {spec.max_p95_latency_seconds}"
+        return "Failed", f"{subject} p95LatencySeconds {p95:.4f} > maxP95LatencySeconds {spec.max_p95_latency_seconds}"
     compared = stable.requests >= spec.min_requests
     if compared and p95 is not None and stable.p95_latency_seconds:
         ratio = p95 / stable.p95_latency_seconds
         if ratio > spec.max_p95_latency_ratio:
-            return "Failed", (f"canary p95LatencySeconds {p95:.4f} is {ratio:.2f}x stable's "
+            return "Failed", (f"{subject} p95LatencySeconds {p95:.4f} is {ratio:.2f}x {other}'s "
                               f"{stable.p95_latency_seconds:.4f} > maxP95LatencyRatio {spec.max_p95_latency_ratio}")
     if compared and canary.tokens_per_second is not None and stable.tokens_per_second:
         ratio = canary.tokens_per_second / stable.tokens_per_second
         if ratio < spec.min_tokens_per_second_ratio:
-            return "Failed", (f"canary tokensPerSecond {canary.tokens_per_second} is {ratio:.2f}x stable's "
+            return "Failed", (f"{subject} tokensPerSecond {canary.tokens_per_second} is {ratio:.2f}x {other}'s "
                               f"{stable.tokens_per_second} < minTokensPerSecondRatio "
                               f"{spec.min_tokens_per_second_ratio}")
-    note = "" if compared else f"; stable saw {stable.requests} requests: ratios not judged"
-    return "Successful", (f"canary successRate {rate:.4f}, p95LatencySeconds {p95}, tokensPerSecond "
+    note = "" if compared else f"; {other} saw {stable.requests} requests: ratios not judged"
+    return "Successful", (f"{subject} successRate {rate:.4f}, p95LatencySeconds {p95}, tokensPerSecond "
                           f"{canary.tokens_per_second} over {canary.requests} requests{note}")
 
 

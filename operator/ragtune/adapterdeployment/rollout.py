@@ -55,7 +55,7 @@ from ragtune.api.pods import (
 from ragtune.runtime.conditions import now, set_condition
 from ragtune.runtime.kube import KubeError
 
-from . import render, traffic
+from . import bake, render, traffic
 from .resolve import (
     FollowedRun,
     NotReady,
@@ -333,6 +333,8 @@ class _Tick:
             return FINETUNEJOB_WAIT_SECONDS if self.waiting_for_ftj else ROLLOUT_POLL_SECONDS
         if not self.status.serving:
             return None
+        if self.status.bake is not None:
+            return max(self.hint if self.hint is not None else bake.wait(self) or 0.0, ROLLOUT_POLL_SECONDS)
         # Our stable server's pods are watched: their events bring a degraded one back.
         return REFERENCED_HEALTH_SECONDS if self.spec.server.deployment_ref else None
 
@@ -453,6 +455,7 @@ class _Tick:
             if self.status.observed_generation == self.generation and self.status.phase is not None:
                 followed = followed_updates(self.spec, self.get_ftj, self.status.serving, self.rejected())
                 if not followed:
+                    bake.look(self)
                     self.watch_stable()
                     return
             cand = self.start_rollout(followed)
@@ -464,6 +467,7 @@ class _Tick:
     def start_rollout(self, followed: list[FollowedRun]) -> Candidate:
         """A new candidate: the spec's new generation, or (`followed`) the serving set with the
         new runs of followed FineTuneJobs."""
+        bake.abandon(self)
         cand = Candidate(generation=self.generation, step="Resolving", started_at=now(),
                          followed=[f.adapter for f in followed])
         self.status.candidate = cand
@@ -827,8 +831,9 @@ class _Tick:
                 self.kube.delete("ConfigMap", self.ns, render.adapter_set_name(self.name, False))
 
     def promoted(self, cand: Candidate) -> None:
-        since = {a.name: a.since for a in self.status.serving}
-        old = {a.name: a.sha256 for a in self.status.serving}
+        previous = self.status.serving
+        since = {a.name: a.since for a in previous}
+        old = {a.name: a.sha256 for a in previous}
         stamp = now()
         self.status.serving = [
             a.model_copy(update={"since": since[a.name] if old.get(a.name) == a.sha256 else stamp})
@@ -836,6 +841,7 @@ class _Tick:
         ]
         self.retire_other_backend()
         self.finish("Promoted", "Promoted", f"serving {', '.join(render.short_set(cand.adapters))}")
+        bake.start(self, cand, previous)
 
     def retire_other_backend(self) -> None:
         """After a switch of `spec.server.backend`, the new server serves: remove the previous
@@ -945,9 +951,10 @@ class _Tick:
             ready = any(_pod_ready(p) for p in pods if not p["metadata"].get("deletionTimestamp"))
         if ready:
             self.cond("Ready", True, "Serving", f"serving {self.status.serving_adapters}")
-            self.cond("Degraded", False, "Serving")
-            if self.status.phase == "Degraded" or not keep_phase and self.status.phase != "Ready":
-                self.status.phase = Phase("Ready")
+            if not bake.failed_and_kept(self):  # healthy pods do not undo a failed bake: a new spec does
+                self.cond("Degraded", False, "Serving")
+                if self.status.phase == "Degraded" or not keep_phase and self.status.phase != "Ready":
+                    self.status.phase = Phase("Ready")
         else:
             self.cond("Ready", False, "ServerNotReady", f"{self.stable_name()} has no ready replica")
             self.cond("Degraded", True, "ServerNotReady", f"{self.stable_name()} has no ready replica")

@@ -82,12 +82,13 @@ def plan(spec: AdapterDeploymentSpec) -> list[tuple[int, int]]:
     return steps
 
 
-def _stamp(ts: float) -> str:
+def stamp(ts: float) -> str:
+    """RFC 3339 (seconds) of a clock reading: the times in `status.candidate.traffic` and `status.bake`."""
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _parse(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+def parse_stamp(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
 
 
 def build_route(spec: AdapterDeploymentSpec, owner: render.Owner, canary_weight: int) -> dict[str, Any]:
@@ -174,7 +175,7 @@ def ensure_route(t: "_Tick", canary_weight: int) -> tuple[dict[str, Any], bool]:
 
 def _record(t: "_Tick", tr: TrafficStatus, step: int, weight: int, route: dict[str, Any], total: int) -> None:
     tr.weight, tr.route_generation, tr.step_started_at = weight, route["metadata"].get("generation"), None
-    tr.changes = (tr.changes + [WeightChange(step=step, weight=weight, at=_stamp(t.rec.clock()))])[-MAX_CHANGES:]
+    tr.changes = (tr.changes + [WeightChange(step=step, weight=weight, at=stamp(t.rec.clock()))])[-MAX_CHANGES:]
     where = f"step {step + 1}/{total}" if step >= 0 else "back to stable"
     t.event("Normal", "TrafficShifted", f"HTTPRoute {route['metadata']['name']}: canary {weight}%, stable "
             f"{100 - weight}% ({where})")
@@ -188,8 +189,8 @@ def _hold(t: "_Tick", tr: TrafficStatus, route: dict[str, Any], hold_seconds: fl
         return None
     now = t.rec.clock()
     if tr.step_started_at is None:
-        tr.step_started_at = _stamp(now)
-    left = max(hold_seconds, ROUTE_SETTLE_SECONDS) - (now - _parse(tr.step_started_at))
+        tr.step_started_at = stamp(now)
+    left = max(hold_seconds, ROUTE_SETTLE_SECONDS) - (now - parse_stamp(tr.step_started_at))
     return max(left, 0.0)
 
 
@@ -219,7 +220,7 @@ def step(t: "_Tick", cand: Candidate) -> bool:
         analysed = spec is not None and weight < 100
         opened = analysed and not tr.baseline
         if opened:  # the window opens when the Gateway carries the weight
-            tr.baseline = analysis.take(_pods(t), t.backend) or {"-": {}}
+            tr.baseline = analysis.take(scraped_pods(t), t.backend) or {"-": {}}
         if left > 0:
             # A failure needs no full pause: every look during it may end the step's measurement.
             verdict = _analyse(t, tr, weight, len(steps), early=True) if analysed and not opened else None
@@ -246,8 +247,8 @@ def step(t: "_Tick", cand: Candidate) -> bool:
                 t.event("Warning", "AwaitingDecision", t.status.message)
             return False
         if verdict != "Successful":  # measure this step again over another pause
-            tr.step_started_at = _stamp(t.rec.clock())
-            tr.baseline = analysis.take(_pods(t), t.backend) or {"-": {}}
+            tr.step_started_at = stamp(t.rec.clock())
+            tr.baseline = analysis.take(scraped_pods(t), t.backend) or {"-": {}}
             t.wait_hint(min(max(pause, ROUTE_SETTLE_SECONDS), PAUSE_POLL_SECONDS))
             return False
         if tr.step + 1 >= len(steps):
@@ -283,7 +284,7 @@ def _decided(t: "_Tick", tr: TrafficStatus) -> bool:
     return True
 
 
-def _pods(t: "_Tick") -> dict[str, tuple[str, int]]:
+def scraped_pods(t: "_Tick") -> dict[str, tuple[str, int]]:
     """`canary/<pod>` / `stable/<pod>` -> (pod IP, serving port) of the running pods of both."""
     out = {}
     for track, name in (("canary", t.canary_name()), ("stable", t.stable_name())):
@@ -302,13 +303,13 @@ def _analyse(t: "_Tick", tr: TrafficStatus, weight: int, total: int, early: bool
     `early` (during the pause): only a Failed verdict counts; otherwise None and nothing recorded."""
     spec = t.spec.strategy.canary.analysis
     assert spec is not None
-    now = analysis.take(_pods(t), t.backend)
+    now = analysis.take(scraped_pods(t), t.backend)
     canary, stable = analysis.compare(tr.baseline, now)
     phase, message = analysis.judge(spec, canary, stable)
     if early and phase != "Failed":
         return None
     where = f"step {tr.step + 1}/{total} at {weight}%"
-    m = AnalysisMeasurement(step=tr.step, weight=weight, at=_stamp(t.rec.clock()), phase=phase,
+    m = AnalysisMeasurement(step=tr.step, weight=weight, at=stamp(t.rec.clock()), phase=phase,
                             message=f"{where}: {message}", canary=canary, stable=stable)
     tr.measurements = (tr.measurements + [m])[-MAX_CHANGES:]
     detail = f"{m.message}; canary: {analysis.figures(canary)}; stable: {analysis.figures(stable)}"

@@ -449,6 +449,9 @@ class StrategySpec(ApiModel):
         "json_schema_extra": k8s_extensions(
             cel("!has(self.canary) || self.type == 'Canary'",
                 "strategy.canary (traffic steps) needs type: Canary", field_path=".canary"),
+            cel("!has(self.bake) || (has(self.canary) && has(self.canary.analysis))",
+                "strategy.bake analyses the new stable server with strategy.canary.analysis's thresholds: set "
+                "strategy.canary.analysis", field_path=".bake"),
         )
     }
 
@@ -469,11 +472,25 @@ class StrategySpec(ApiModel):
     the token being `status.candidate.traffic.awaitingDecision`."""
     canary_replicas: int = Field(1, ge=1, le=10)
     """Replicas of the canary Deployment."""
+    bake: Optional[Annotated[str, Field(pattern=PAUSE, max_length=6, json_schema_extra=k8s_extensions(
+        cel("duration(self) <= duration('24h')", "bake must be at most 24h"))),
+        AfterValidator(_check_pause)]] = None
+    """After a promotion that replaced a serving set: keep analysing the new stable server on its
+    pods' live metrics for this long (`30m`, `2h`; at most 24h), with `canary.analysis`'s
+    thresholds, the latency and speed ratios against the previous stable server's figures at the
+    rollout's last successful traffic measurement (`status.bake`). A failed measurement beyond
+    `failureLimit` restores the previous adapter set by digest and ends `RolledBack` (reason
+    `BakeFailed`); with `autoRollback: false` the new set keeps serving and the
+    AdapterDeployment turns `Degraded` (`BakeFailed`) for a person to decide with a new spec.
+    Needs `canary.analysis`. Empty: no bake."""
 
     @model_validator(mode="after")
     def _canary_needs_type(self) -> "StrategySpec":
         if self.canary is not None and self.type != StrategyType.CANARY:
             raise ValueError("strategy.canary (traffic steps) needs type: Canary")
+        if self.bake is not None and (self.canary is None or self.canary.analysis is None):
+            raise ValueError("strategy.bake analyses the new stable server with strategy.canary.analysis's "
+                             "thresholds: set strategy.canary.analysis")
         return self
 
     @property
@@ -620,9 +637,9 @@ class AnalysisMeasurement(ApiModel):
     """One measurement of a traffic step (`strategy.canary.analysis`)."""
 
     step: int
-    """Index into `spec.strategy.canary.steps`."""
+    """Index into `spec.strategy.canary.steps` (-1: the bake after promotion)."""
     weight: int
-    """Canary weight during the measurement (percent)."""
+    """Canary weight during the measurement (percent; 100 in the bake)."""
     at: str
     """When it was taken (RFC 3339)."""
     phase: Literal["Successful", "Failed", "Inconclusive"]
@@ -707,6 +724,29 @@ class RolloutRecord(ApiModel):
     """When it ended."""
 
 
+class BakeStatus(ApiModel):
+    """The bake after the last promotion (`strategy.bake`): the new stable server analysed on its
+    live metrics until `until`."""
+
+    generation: int
+    """`metadata.generation` of the promoted rollout."""
+    started_at: str
+    """When the promotion finished (RFC 3339)."""
+    until: str
+    """When the bake ends (RFC 3339)."""
+    previous: list[ResolvedAdapter] = Field(default_factory=list)
+    """The set that served before the promotion, by digest: restored when the bake fails."""
+    reference: Optional[ServerMeasurement] = None
+    """The previous stable server's figures at the rollout's last successful traffic measurement:
+    the latency and speed ratios are judged against them (empty: only the absolute thresholds)."""
+    baseline: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Counters of each stable pod (`stable/<pod>`) when the current measurement window opened."""
+    measurements: list[AnalysisMeasurement] = Field(default_factory=list, max_length=64)
+    """The bake's measurements (`step` -1), oldest first."""
+    failed_measurements: int = 0
+    """Failed measurements so far (compared with `analysis.failureLimit`)."""
+
+
 class AdapterDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -726,6 +766,8 @@ class AdapterDeploymentStatus(ApiModel):
     """Gate results of the latest rollout."""
     history: list[RolloutRecord] = Field(default_factory=list)
     """Finished rollouts, newest first (bounded by `spec.historyLimit`)."""
+    bake: Optional[BakeStatus] = None
+    """The bake under way after the last promotion (`strategy.bake`)."""
     endpoint: Optional[str] = None
     """In-cluster URL of the stable TGI Service."""
     deployment_name: Optional[str] = None

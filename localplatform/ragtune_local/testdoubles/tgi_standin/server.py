@@ -9,6 +9,8 @@ Routes: `POST /` (compat: array of GenerateResponse), `POST /generate`, `POST /g
 
 Fault injection (not TGI's): `STANDIN_FAIL_WITH_ADAPTER=<name>` makes every generation request fail
 (424, counted as a failure) while adapter `<name>` is loaded: a candidate set whose server fails.
+`STANDIN_FAIL_WHILE_FILE=<path>` does the same while the file `<path>` exists (looked up on every
+request): a server that goes bad after it passed its checks, e.g. after promotion.
 Requests are served one at a time under a lock: peft switches the active adapter on the shared
 model (`set_adapter`), so two concurrent requests must not interleave.
 """
@@ -51,6 +53,7 @@ class Config:
     max_concurrent_requests: int = 128
     extra: dict[str, str] = field(default_factory=dict)
     fail_with_adapter: str = ""
+    fail_while_file: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Config":
@@ -68,6 +71,7 @@ class Config:
             max_total_tokens=_int(env, "MAX_TOTAL_TOKENS", 2048),
             max_concurrent_requests=_int(env, "MAX_CONCURRENT_REQUESTS", 128),
             fail_with_adapter=env.get("STANDIN_FAIL_WITH_ADAPTER", ""),
+            fail_while_file=env.get("STANDIN_FAIL_WHILE_FILE", ""),
         )
 
 
@@ -338,6 +342,9 @@ def make_handler(engine: Engine):
                 if faulty:
                     raise ApiError(424, f"Request failed during generation: injected fault "
                                    f"(STANDIN_FAIL_WITH_ADAPTER={config.fail_with_adapter})", "generation")
+                if config.fail_while_file and os.path.exists(config.fail_while_file):
+                    raise ApiError(424, f"Request failed during generation: injected fault "
+                                   f"(STANDIN_FAIL_WHILE_FILE={config.fail_while_file})", "generation")
                 route(body)
             except ApiError as exc:
                 err = exc.error_type
