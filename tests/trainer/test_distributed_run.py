@@ -89,6 +89,12 @@ def test_two_ranks_train_what_one_process_trains_and_only_rank_0_publishes(tiny_
     assert worst <= WEIGHT_TOLERANCE, f"adapter weights differ by {worst}"
     assert len(one) == len(two) == 4
     assert max(abs(x - y) for x, y in zip(one, two)) <= LOSS_TOLERANCE, (one, two)
+    # The answer tokens trained on are every rank's (the same items as the one process's), not rank 0's.
+    assert 0 < _answer_tokens(runs / "one") == _answer_tokens(runs / "ddp")
+
+
+def _answer_tokens(run: Path) -> int:
+    return json.loads((run / "eval/report.json").read_text())["stages"][0]["answerTokens"]
 
 
 def _pid_with(tag: str, rank: str) -> int:

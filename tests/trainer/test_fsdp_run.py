@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_distributed_run import RAGTUNE, _adapter, _job, _losses, _run
+from .test_distributed_run import RAGTUNE, _adapter, _answer_tokens, _job, _losses, _run
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,7 @@ def test_fsdp_on_cpu_trains_the_one_process_adapter_and_rank_0_alone_writes_it(t
     assert moved > 10 * WEIGHT_TOLERANCE  # it trained (lora_B starts at zero)
     assert worst <= WEIGHT_TOLERANCE, f"adapter weights differ by {worst}"
     assert len(two) == 4 and max(abs(x - y) for x, y in zip(one, two)) <= LOSS_TOLERANCE, (one, two)
+    assert 0 < _answer_tokens(runs / "one") == _answer_tokens(runs / "fsdp")  # every rank's
 
     # peft loads it on the base model and it changes the logits.
     import torch

@@ -116,14 +116,20 @@ def wait_for_everyone() -> None:
     PartialState(timeout=timedelta(seconds=WAIT_FOR_RANK0_SECONDS)).wait_for_everyone()
 
 
-def any_rank(*flags: bool) -> tuple[bool, ...]:
-    """Each flag, true when it is true on any rank (one small all-reduce through accelerate)."""
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Each value summed over all ranks (one small all-reduce through accelerate; float64, so token
+    counts stay exact)."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import reduce
 
-    local = torch.tensor([1.0 if f else 0.0 for f in flags], device=PartialState().device)
-    return tuple(bool(v > 0) for v in reduce(local, reduction="sum").tolist())
+    local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=PartialState().device)
+    return tuple(reduce(local, reduction="sum").tolist())
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true when it is true on any rank."""
+    return tuple(v > 0 for v in sum_over_ranks(*(1.0 if f else 0.0 for f in flags)))
 
 
 def follower_result(run_id: str, steps: int, seconds: float):

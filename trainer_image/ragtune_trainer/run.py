@@ -76,6 +76,8 @@ class RunState:
     start_step: int = 0
     last_checkpoint: Optional[int] = None
     trainer: Any = None
+    answer_tokens: int = 0
+    """Loss-bearing (answer) tokens the SFT stage trained on in this attempt, over all ranks."""
     control: Any = None
     """`control.ControlState` of the SFT stage: best checkpoint, early stopping (restored on resume)."""
 

@@ -265,10 +265,14 @@ def make_callbacks(ctx: RunContext, state: RunState, total_steps: int):
 
         def on_step_end(self, args, st, control, **kw):
             due = time.monotonic() - self.last_save >= interval_s
+            tokens = state.trainer.loss_tokens if state.trainer else 0
             if distributed.world().distributed:
                 # The ranks decide together: a SIGTERM or a clock seen by one rank stops or saves
                 # them all at this step (a save is a barrier; ranks at different steps would hang).
-                state.preempt_requested, due = distributed.any_rank(state.preempt_requested, due)
+                # The same all-reduce counts every rank's answer tokens (rank 0 alone reports them).
+                stop, due, tokens = distributed.sum_over_ranks(state.preempt_requested, due, tokens)
+                state.preempt_requested, due, tokens = stop > 0, due > 0, int(tokens)
+            state.answer_tokens = tokens
             if state.preempt_requested:
                 control.should_save = True
                 control.should_training_stop = True
@@ -292,7 +296,7 @@ def make_callbacks(ctx: RunContext, state: RunState, total_steps: int):
             evals = [e["eval_loss"] for e in st.log_history if "eval_loss" in e]
             done = st.global_step - state.start_step
             elapsed = max(time.monotonic() - self.started, 1e-6)
-            tokens = state.trainer.loss_tokens if state.trainer else 0
+            tokens = state.answer_tokens
             eta = int(elapsed / done * (total_steps - st.global_step)) if done > 0 else None
             ctx.progress(TrainingProgress(
                 step=st.global_step, total_steps=total_steps, epoch=round(st.epoch or 0, 3),

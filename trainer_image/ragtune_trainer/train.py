@@ -95,7 +95,8 @@ def _run(ctx: RunContext, state: RunState) -> TrainerResult:
         sft.best_step, sft.best_eval_loss = state.control.best_step, state.control.best_eval_loss
         sft.validation_items = len(prepared.validation)
     stages = [sft]
-    stage_reports = [dict(stages[0].to_wire(), lossHistory=log_history)]
+    # answerTokens: what this attempt trained on, over all ranks (eval/report.json only).
+    stage_reports = [dict(stages[0].to_wire(), answerTokens=state.answer_tokens, lossHistory=log_history)]
     if spec.training.preference.enabled:
         from .preference import STAGE, run_preference
 
