@@ -2,6 +2,7 @@
 # Builds the local platform's Go binaries from their published modules, once per version.
 #
 #   localplatform/build.sh [part ...]     parts: kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds
+#                                         prometheus
 #                                         (default: all)
 #
 # Binaries land in $RAGTUNE_CACHE/bin/<part>-<version>/ (default ~/.cache/ragtune); Go's
@@ -20,6 +21,7 @@ TRAEFIK_VERSION=v3.6.12     # opt-in gateway part; v3.7.x does not build (deps m
 GATEWAYAPI_VERSION=v1.4.0   # Gateway API CRDs: the version Traefik v3.6.12's go.mod requires
 KUEUE_VERSION=v0.17.0       # opt-in queue part (`dev up --with kueue`); ~30 min cold on 2 cores
 KUEUECRDS_VERSION=v0.17.0   # Kueue's CRDs and manager ClusterRole, from the same module (keep equal)
+PROMETHEUS_VERSION=v0.316.0 # opt-in metrics part (`dev up --with prometheus`): Prometheus 3.x's Go module version
 
 CACHE=${RAGTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ragtune}
 BIN=$CACHE/bin
@@ -172,7 +174,17 @@ build_kueuecrds() {
   cp "$dir/config/components/rbac/manager_secrets_role.yaml" "$work/out/manager-secrets-role.yaml"
 }
 
-parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds)
+# Prometheus: from a copy of its module directory without its go.work (which names modules the
+# published zip leaves out); the web UI's assets are not embedded (no `builtinassets` tag): its API serves.
+build_prometheus() {
+  local work=$1 dir
+  dir=$(go mod download -json "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -n "$dir" ] && [ -d "$dir" ] || { echo "go mod download gave no module dir for prometheus $PROMETHEUS_VERSION"; return 1; }
+  mkdir -p "$work/out"; cp -r "$dir" "$work/mod"; chmod -R u+w "$work/mod"; cd "$work/mod"; rm -f go.work go.work.sum
+  GOWORK=off go build -trimpath -ldflags "-s -w" -o "$work/out/prometheus" ./cmd/prometheus
+}
+
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds prometheus)
 status=0
 for p in "${parts[@]}"; do
   case $p in
@@ -185,8 +197,9 @@ for p in "${parts[@]}"; do
     gatewayapi) run_part gatewayapi "$BIN/gatewayapi-$GATEWAYAPI_VERSION" build_gatewayapi standard-crds.yaml || status=1 ;;
     kueue)      run_part kueue      "$BIN/kueue-$KUEUE_VERSION" build_kueue kueue || status=1 ;;
     kueuecrds)  run_part kueuecrds  "$BIN/kueuecrds-$KUEUECRDS_VERSION" build_kueuecrds crds.yaml manager-role.yaml manager-secrets-role.yaml || status=1 ;;
+    prometheus) run_part prometheus "$BIN/prometheus-$PROMETHEUS_VERSION" build_prometheus prometheus || status=1 ;;
     vllm)  bash "$(dirname "${BASH_SOURCE[0]}")/build_vllm.sh" || status=1 ;;
-    *) say "unknown part '$p' (parts: kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds)"; exit 2 ;;
+    *) say "unknown part '$p' (parts: kube etcd kwok minio helm vllm traefik gatewayapi kueue kueuecrds prometheus)"; exit 2 ;;
   esac
 done
 exit $status

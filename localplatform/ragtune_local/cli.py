@@ -32,6 +32,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"Gateway {GATEWAY_NAMESPACE}/{GATEWAY_NAME} (Traefik): http://127.0.0.1:{info.ports['gateway']}")
     if "kueue" in args.with_parts:
         print("Kueue: running (create a ResourceFlavor, a ClusterQueue and a LocalQueue; see docs/architecture.md)")
+    if "prometheus" in args.with_parts:
+        print(f"Prometheus (scraping ragtune's server pods): http://127.0.0.1:{info.ports['prometheus']}")
     print(f"export KUBECONFIG={info.kubeconfig}")
     return 0
 
@@ -86,9 +88,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all parts to be healthy")
     up.add_argument("--gpu-nodes", type=int, default=0, help="also create this many fake kwok GPU nodes")
     up.add_argument("--gpus-per-node", type=int, default=8)
-    up.add_argument("--with", dest="with_parts", action="append", default=[], choices=["gateway", "kueue"],
+    up.add_argument("--with", dest="with_parts", action="append", default=[], choices=["gateway", "kueue", "prometheus"],
                     help="opt-in part: `gateway` = Gateway API CRDs + Traefik serving Gateway ragtune-gateway/local; "
-                         "`kueue` = Kueue's CRDs + Kueue (batch/job integration) for spec.queueName")
+                         "`kueue` = Kueue's CRDs + Kueue (batch/job integration) for spec.queueName; `prometheus` = "
+                         "Prometheus scraping ragtune's server pods, for strategy.canary.analysis.prometheus")
     up.set_defaults(func=_up)
 
     demo = sub.add_parser("demo", help="run the whole flow (FineTuneJob -> AdapterDeployment) on the local platform")

@@ -67,6 +67,7 @@ PARTS = {
     "gatewayapi": Part("gatewayapi", ("standard-crds.yaml",)),
     "kueue": Part("kueue", ("kueue",)),  # opt-in: `dev up --with kueue`
     "kueuecrds": Part("kueuecrds", ("crds.yaml", "manager-role.yaml", "manager-secrets-role.yaml")),
+    "prometheus": Part("prometheus", ("prometheus",)),  # opt-in: `dev up --with prometheus`
 }
 
 

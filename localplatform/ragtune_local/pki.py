@@ -39,7 +39,9 @@ RUNNER = Identity("runner", "ragtune:local-runner")
 APISERVER_KUBELET_CLIENT = Identity("apiserver-kubelet-client", "kube-apiserver-kubelet-client")
 GATEWAY = Identity("gateway", "ragtune:local-gateway")  # Traefik (opt-in part), see gateway.py's RBAC
 KUEUE = Identity("kueue", "ragtune:local-kueue")  # Kueue (opt-in part), bound to its manager role (kueue.py)
-CLIENT_IDENTITIES = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, RUNNER, APISERVER_KUBELET_CLIENT, GATEWAY, KUEUE)
+PROMETHEUS = Identity("prometheus", "ragtune:local-prometheus")  # Prometheus (opt-in part): reads pods
+CLIENT_IDENTITIES = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, RUNNER, APISERVER_KUBELET_CLIENT, GATEWAY, KUEUE,
+                     PROMETHEUS)
 
 
 def _key() -> ec.EllipticCurvePrivateKey:

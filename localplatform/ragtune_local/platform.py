@@ -33,8 +33,8 @@ RUNNER_NODE = "ragtune-local"
 SERVICE_CIDR = "10.96.0.0/16"
 # Start order; `down` stops in reverse. The pod runner goes first so pods get their SIGTERM.
 PART_ORDER = ("etcd", "kube-apiserver", "minio", "kube-controller-manager", "kube-scheduler", "kwok", "pod-runner",
-              "gateway", "kueue")
-OPTIONAL_PARTS = {"gateway": ("traefik", "gatewayapi"), "kueue": ("kueue", "kueuecrds")}
+              "gateway", "kueue", "prometheus")
+OPTIONAL_PARTS = {"gateway": ("traefik", "gatewayapi"), "kueue": ("kueue", "kueuecrds"), "prometheus": ("prometheus",)}
 """Parts `up(with_parts=...)` adds (`ragtune dev up --with gateway`) -> the build.sh parts they need."""
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -297,7 +297,8 @@ class LocalPlatform:
         pki.write_service_account_keys(info.pki)
         kubeconfigs = {"admin": "kubeconfig", "controller-manager": "controller-manager.kubeconfig",
                        "scheduler": "scheduler.kubeconfig", "kwok": "kwok.kubeconfig", "runner": "runner.kubeconfig",
-                       "gateway": "gateway.kubeconfig", "kueue": "kueue.kubeconfig"}
+                       "gateway": "gateway.kubeconfig", "kueue": "kueue.kubeconfig",
+                       "prometheus": "prometheus.kubeconfig"}
         for ident in pki.CLIENT_IDENTITIES:
             crt, key = ca.issue(ident.stem, ident.user, ident.groups)
             if ident.stem in kubeconfigs:
@@ -337,7 +338,7 @@ class LocalPlatform:
                                     f"--- last lines ---\n{_tail(log_path)}")
             time.sleep(0.2)
 
-    # ---- parts on demand (S3 outage tests, the opt-in gateway and Kueue) ------------------------------
+    # ---- parts on demand (S3 outage tests, the opt-in gateway, Kueue and Prometheus) ------------------------------
 
     def start_gateway(self, timeout: float = 60.0, build: bool = True,
                       log: Callable[[str], None] = print) -> PlatformInfo:
@@ -361,9 +362,9 @@ class LocalPlatform:
         return self._start_optional(part, timeout)
 
     def _start_optional(self, part: str, timeout: float) -> PlatformInfo:
-        from . import gateway, kueue
+        from . import gateway, kueue, prometheus
 
-        return {"gateway": gateway.start, "kueue": kueue.start}[part](self, timeout)
+        return {"gateway": gateway.start, "kueue": kueue.start, "prometheus": prometheus.start}[part](self, timeout)
 
     def stop_part(self, part: str) -> None:
         ref = self._recorded().get(part)

@@ -43,6 +43,16 @@ def gateway(platform) -> int:
 
 
 @pytest.fixture(scope="module")
+def prometheus(platform) -> str:
+    """The query address of the local platform's Prometheus (scraping ragtune's server pods)."""
+    if platform.local is None:
+        pytest.skip("the Prometheus part is a part of the local platform (RAGTUNE_TEST_KUBECONFIG is set)")
+    from ragtune_local.testing import _to_stderr
+
+    return f"http://127.0.0.1:{platform.local.start_optional('prometheus', 120, log=_to_stderr).ports['prometheus']}"
+
+
+@pytest.fixture(scope="module")
 def operator(platform, tmp_path_factory):
     platform.install_crds()
     op = Operator(platform.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
@@ -363,6 +373,47 @@ def test_a_set_that_fails_its_bake_after_promotion_is_replaced_by_the_previous_s
                lambda: load.get() == (200, "a"), 240)
     events = platform.kubectl("-n", namespace, "get", "events", "-o", "jsonpath={.items[*].reason}").split()
     assert "BakeStarted" in events and "BakeFailed" in events
+
+
+def test_the_analysis_reads_the_servers_counters_from_a_real_prometheus(
+        platform, namespace, tiny, operator, kube, store, gateway, prometheus):  # noqa: F811
+    """`canary.analysis.prometheus`: the same failing candidate as above, judged on the counters a
+    real Prometheus scraped from the pods (service discovery through the API server), queried by the
+    operator: rolled back naming the metric, stable untouched."""
+    import json as json_
+    import urllib.parse
+    import urllib.request
+
+    host = f"{namespace}.gateway.test"
+    good, good2 = store("good", tiny["good"]), store("good2", tiny["good2"])
+    strategy = {"type": "Canary", "canary": {
+        "gatewayRef": {"name": GATEWAY_NAME, "namespace": GATEWAY_NAMESPACE}, "hostnames": [host],
+        "steps": [{"weight": 50, "pause": "20s"}],
+        "analysis": {"minRequests": 10, "minSuccessRate": 0.95, "prometheus": {"address": prometheus}}}}
+    body = ad_body(platform, namespace, tiny, [{"name": "a", **good}], store, strategy=strategy,
+                   gates={"online": {"enabled": False}}, server={"env": {"STANDIN_FAIL_WITH_ADAPTER": "b"}})
+    platform.apply(body)
+    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
+                                               or {}).get("phase") == "Ready", 240)
+    load = GenerateLoad(gateway, host)
+    wait_until("the stable server through the Gateway", lambda: load.get()[0] == 200, 60)
+    load.start()
+    try:
+        body["spec"]["adapters"] = [{"name": "a", **good}, {"name": "b", **good2}]
+        platform.apply(body)
+        final = wait_until("the rollback", lambda: (lambda s: s.get("phase") == "RolledBack" and s)(
+            kube.get("AdapterDeployment", namespace, "chat").get("status") or {}), 400)
+    finally:
+        load.stop()
+    record = final["history"][0]
+    assert "canary successRate 0.0000 < minSuccessRate 0.95" in record["reason"], record["reason"]
+    assert [a["name"] for a in final["serving"]] == ["a"]
+    assert traffic_weights(kube, namespace) == {"chat-tgi": 100}
+    # What the operator read is what Prometheus holds: the servers' series, by namespace and pod.
+    url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": f'tgi_request_count{{namespace="{namespace}"}}'})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        series = json_.loads(resp.read())["data"]["result"]
+    assert {s["metric"]["pod"].startswith("chat-tgi-") for s in series} == {True}, series
 
 
 def traffic_weights(client, namespace: str) -> dict[str, int]:

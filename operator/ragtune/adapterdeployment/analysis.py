@@ -26,12 +26,14 @@ above `maxP95LatencySeconds` or above `maxP95LatencyRatio` x stable's, or tokens
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import urllib.parse
 import urllib.request
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from ragtune.api.adapterdeployment import AnalysisSpec, ServerMeasurement
+from ragtune.api.adapterdeployment import AnalysisSpec, PrometheusSource, ServerMeasurement
 from ragtune.api.pods import SERVER_METRICS_PATH
 
 SCRAPE_TIMEOUT = 3.0
@@ -80,15 +82,20 @@ def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def counters(text: str, backend: str) -> dict[str, float]:
-    """The counters one measurement needs from one pod: `requests`, `success`, `seconds`,
-    `tokens` and `le:<bound>` (cumulative duration buckets, successful requests)."""
+    """The counters one measurement needs from one pod's Prometheus text (`counters_of`)."""
+    return counters_of(parse(text), backend)
+
+
+def counters_of(samples: Iterable[tuple[str, dict[str, str], float]], backend: str) -> dict[str, float]:
+    """The counters one measurement needs from one pod's samples: `requests`, `success`,
+    `seconds`, `tokens` and `le:<bound>` (cumulative duration buckets, successful requests)."""
     out: dict[str, float] = {"requests": 0.0, "success": 0.0, "seconds": 0.0, "tokens": 0.0}
 
     def add(key: str, value: float) -> None:
         out[key] = out.get(key, 0.0) + value
 
     series = SERIES["vllm" if backend == "vllm" else "tgi"]
-    for name, labels, value in parse(text):
+    for name, labels, value in samples:
         key = series.get(name)
         if key == "le":
             add(f"le:{labels.get('le')}", value)
@@ -193,6 +200,93 @@ def take(pods: dict[str, tuple[str, int]], backend: str, scrape=read_metrics) ->
         if text is not None:
             out[key] = counters(text, backend)
     return out
+
+
+class QueryFailed(Exception):
+    """The Prometheus query gave no usable answer (the measurement cannot be taken)."""
+
+
+def series_names(backend: str) -> list[str]:
+    """The metric names `counters_of` reads for `backend`."""
+    return sorted(SERIES["vllm" if backend == "vllm" else "tgi"]) + (["http_requests_total"] if backend == "vllm" else [])
+
+
+def promql(source: PrometheusSource, namespace: str, pod_names: Iterable[str], backend: str) -> str:
+    """One instant-vector selector for every series `counters_of` reads, of the named pods.
+    Metric, namespace and pod names are restricted to characters that need no quoting in PromQL
+    (`[a-zA-Z0-9_:]`, DNS labels); a regex dot is escaped."""
+    pods = "|".join(sorted(p.replace(".", "\\\\.") for p in pod_names))
+    return (f'{{__name__=~"{"|".join(series_names(backend))}",{source.namespace_label}="{namespace}",'
+            f'{source.pod_label}=~"{pods}"}}')
+
+
+def query_prometheus(source: PrometheusSource, namespace: str, pods: dict[str, str], backend: str,
+                     get: Optional[Callable[[str, float], bytes]] = None) -> dict[str, dict[str, float]]:
+    """{`<track>/<pod>`: counters} of the pods in `pods` (key -> pod name) from one instant query
+    to `source` (`/api/v1/query`); a pod without series is left out, as a pod that does not answer
+    a scrape is. Raises QueryFailed with what went wrong. `get(url, timeout)` -> body (the
+    address-checked client by default)."""
+    if not pods:
+        return {}
+    url = f"{source.address.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode(
+        {"query": promql(source, namespace, pods.values(), backend)})
+    try:
+        body = json.loads((get or checked_get)(url, float(source.timeout_seconds)))
+    except QueryFailed:
+        raise
+    except (OSError, ValueError) as exc:
+        raise QueryFailed(f"Prometheus at {source.address}: {type(exc).__name__}: {exc}") from None
+    if body.get("status") != "success" or (body.get("data") or {}).get("resultType") != "vector":
+        raise QueryFailed(f"Prometheus at {source.address}: {body.get('errorType', 'error')}: "
+                          f"{body.get('error', 'not an instant vector')}")
+    key_of = {name: key for key, name in pods.items()}
+    samples: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+    for item in body["data"].get("result") or []:
+        labels = item.get("metric") or {}
+        key = key_of.get(labels.get(source.pod_label, ""))
+        try:
+            value = float((item.get("value") or [0, "nan"])[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if key is not None and not math.isnan(value):
+            samples.setdefault(key, []).append((labels.get("__name__", ""), labels, value))
+    return {key: counters_of(found, backend) for key, found in samples.items()}
+
+
+def checked_get(url: str, timeout: float) -> bytes:
+    """GET `url` over a connection to an address the policy allows (`ragtune.storage.connect_checked`,
+    checked when the connection is made, as for S3); a non-2xx answer is QueryFailed."""
+    import http.client
+    import ssl
+
+    from ragtune.addresses import AddressPolicy
+    from ragtune.storage import AddressForbidden, connect_checked
+
+    parts = urllib.parse.urlsplit(url)
+    policy = AddressPolicy.from_env()
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+    class Checked(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = connect_checked(host, port, timeout, policy)
+
+    class CheckedTLS(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            sock = connect_checked(host, port, timeout, policy)
+            self.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+
+    conn = (CheckedTLS if parts.scheme == "https" else Checked)(host, port, timeout=timeout)
+    try:
+        conn.request("GET", f"{parts.path}?{parts.query}", headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read(8 << 20)
+    except AddressForbidden as exc:
+        raise QueryFailed(f"Prometheus address refused: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status // 100 != 2:
+        raise QueryFailed(f"Prometheus at {parts.scheme}://{parts.netloc}: HTTP {resp.status}: {data[:300]!r}")
+    return data
 
 
 def compare(baseline: dict[str, dict[str, float]], now: dict[str, dict[str, float]]) \

@@ -91,11 +91,11 @@ def look(t: "_Tick") -> None:
         return
     clock = t.rec.clock()
     if not b.baseline:  # the window opens at the first look after the promotion
-        b.baseline = analysis.take(_stable_pods(t), t.backend) or {"-": {}}
+        b.baseline = traffic.counters_now(t, _stable_pods(t)) or {"-": {}}
         t.wait_hint(min(max(traffic.parse_stamp(b.until) - clock, 0.0), traffic.PAUSE_POLL_SECONDS))
         return
     left = traffic.parse_stamp(b.until) - clock
-    _, stable = analysis.compare(b.baseline, analysis.take(_stable_pods(t), t.backend))
+    _, stable = analysis.compare(b.baseline, traffic.counters_now(t, _stable_pods(t)))
     phase, message = analysis.judge(spec, stable, b.reference or ServerMeasurement(), NAMES)
     if left > 0 and phase != "Failed":
         t.status.message = f"baking {t.stable_name()}: {int(left + 0.999)}s left"
@@ -111,7 +111,7 @@ def look(t: "_Tick") -> None:
         if b.failed_measurements > spec.failure_limit:
             _failed(t, b, message)
             return
-        b.baseline = analysis.take(_stable_pods(t), t.backend) or {"-": {}}
+        b.baseline = traffic.counters_now(t, _stable_pods(t)) or {"-": {}}
         if left > 0:
             t.wait_hint(min(left, traffic.PAUSE_POLL_SECONDS))
             return

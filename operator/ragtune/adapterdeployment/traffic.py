@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -58,6 +59,8 @@ from . import analysis, render
 
 if TYPE_CHECKING:
     from .rollout import _Tick
+
+log = logging.getLogger("ragtune.adapterdeployment")
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 ROUTE_SETTLE_SECONDS = 3.0
@@ -220,7 +223,7 @@ def step(t: "_Tick", cand: Candidate) -> bool:
         analysed = spec is not None and weight < 100
         opened = analysed and not tr.baseline
         if opened:  # the window opens when the Gateway carries the weight
-            tr.baseline = analysis.take(scraped_pods(t), t.backend) or {"-": {}}
+            tr.baseline = counters_now(t, scraped_pods(t)) or {"-": {}}
         if left > 0:
             # A failure needs no full pause: every look during it may end the step's measurement.
             verdict = _analyse(t, tr, weight, len(steps), early=True) if analysed and not opened else None
@@ -248,7 +251,7 @@ def step(t: "_Tick", cand: Candidate) -> bool:
             return False
         if verdict != "Successful":  # measure this step again over another pause
             tr.step_started_at = stamp(t.rec.clock())
-            tr.baseline = analysis.take(scraped_pods(t), t.backend) or {"-": {}}
+            tr.baseline = counters_now(t, scraped_pods(t)) or {"-": {}}
             t.wait_hint(min(max(pause, ROUTE_SETTLE_SECONDS), PAUSE_POLL_SECONDS))
             return False
         if tr.step + 1 >= len(steps):
@@ -284,6 +287,21 @@ def _decided(t: "_Tick", tr: TrafficStatus) -> bool:
     return True
 
 
+def counters_now(t: "_Tick", pods: dict[str, tuple[str, int]]) -> dict[str, dict[str, float]]:
+    """The pods' counters now: scraped from each pod, or from `analysis.prometheus` when the spec
+    names one (a failed query counts nothing: the measurement comes out Inconclusive, and says why
+    in the log and the status message)."""
+    spec = t.spec.strategy.canary.analysis if t.spec.strategy.canary else None
+    if spec is None or spec.prometheus is None:
+        return analysis.take(pods, t.backend)
+    try:
+        return analysis.query_prometheus(spec.prometheus, t.ns, {k: k.split("/", 1)[1] for k in pods}, t.backend)
+    except analysis.QueryFailed as exc:
+        log.warning("%s/%s: %s", t.ns, t.name, exc)
+        t.status.message = f"metrics unavailable: {exc}"
+        return {}
+
+
 def scraped_pods(t: "_Tick") -> dict[str, tuple[str, int]]:
     """`canary/<pod>` / `stable/<pod>` -> (pod IP, serving port) of the running pods of both."""
     out = {}
@@ -303,7 +321,7 @@ def _analyse(t: "_Tick", tr: TrafficStatus, weight: int, total: int, early: bool
     `early` (during the pause): only a Failed verdict counts; otherwise None and nothing recorded."""
     spec = t.spec.strategy.canary.analysis
     assert spec is not None
-    now = analysis.take(scraped_pods(t), t.backend)
+    now = counters_now(t, scraped_pods(t))
     canary, stable = analysis.compare(tr.baseline, now)
     phase, message = analysis.judge(spec, canary, stable)
     if early and phase != "Failed":

@@ -15,6 +15,7 @@ from .common import (
     ArtifactUri,
     Condition,
     CpuQuantity,
+    EndpointUrl,
     EvalMetrics,
     ExtendedResourceName,
     GateResult,
@@ -392,6 +393,27 @@ def _check_steps(steps: list[CanaryStep]) -> list[CanaryStep]:
     return steps
 
 
+# A Prometheus label name (its data model: letters, digits and `_`, not starting with a digit).
+PromLabelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]
+
+
+class PrometheusSource(ApiModel):
+    """A Prometheus (or a server with its query API: Thanos, Mimir, VictoriaMetrics) that scrapes
+    the server pods, queried for their counters instead of scraping the pods from the operator."""
+
+    address: EndpointUrl
+    """Base URL of its HTTP API, e.g. `http://prometheus-operated.monitoring.svc:9090` (queries go
+    to `<address>/api/v1/query`). Checked when the operator connects, like S3 endpoints: never a
+    link-local, unspecified or cloud-metadata address, loopback only where the operator allows it.
+    No credentials (the operator reads no Secrets): an in-cluster query endpoint."""
+    pod_label: PromLabelName = "pod"
+    """The series label that names the pod (kube-prometheus and the Prometheus Operator: `pod`)."""
+    namespace_label: PromLabelName = "namespace"
+    """The series label that names the pod's namespace."""
+    timeout_seconds: int = Field(10, ge=1, le=60)
+    """One query's timeout; an unanswered or failed query makes the measurement Inconclusive."""
+
+
 class AnalysisSpec(ApiModel):
     """Analysis of every traffic step on live signals: the canary's and the stable server's own
     Prometheus metrics, scraped from their pods when the step starts and compared at its end, and
@@ -419,6 +441,10 @@ class AnalysisSpec(ApiModel):
     failure_limit: int = Field(0, ge=0, le=20)
     """Failed measurements tolerated in one rollout (a failed step within the limit is held and
     measured again); one more rolls back."""
+    prometheus: Optional[PrometheusSource] = None
+    """Read the pods' counters from this Prometheus instead of scraping the pods (the same series
+    and the same arithmetic; Prometheus' scrape interval delays what a window sees). Empty: the
+    operator scrapes each pod's `/metrics`."""
 
 
 class CanarySpec(ApiModel):
