@@ -23,7 +23,7 @@ import pytest
 from ragtune_local.gateway import GATEWAY_NAME, GATEWAY_NAMESPACE
 from ragtune_local.testdoubles.tgi_standin.server import ADAPTERS_HEADER
 
-from .test_integration import Operator, ad_body, kube, store, tiny  # noqa: F401  (fixtures)
+from .test_integration import Operator, ad_body, kube, store, succeeded_finetunejob, tiny  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.platform]
 
@@ -414,6 +414,60 @@ def test_the_analysis_reads_the_servers_counters_from_a_real_prometheus(
     with urllib.request.urlopen(url, timeout=10) as resp:
         series = json_.loads(resp.read())["data"]["result"]
     assert {s["metric"]["pod"].startswith("chat-tgi-") for s in series} == {True}, series
+
+
+def test_retrained_runs_are_followed_worse_quality_never_gets_traffic_and_a_good_one_is_promoted(
+        platform, namespace, tiny, operator, kube, store, gateway):  # noqa: F811
+    """Items 5 and 3 on live traffic: an adapter with `follow: LatestSucceeded`; its FineTuneJob is
+    retrained twice while clients keep sending through the Gateway. The first new run is worse (its
+    answers equal the base model's): the online quality gate against the canary rolls it back before
+    the first traffic step, so no user request reaches it. The second is good: it becomes the next
+    candidate by itself, takes its traffic step and is promoted. No request fails."""
+    host = f"{namespace}.gateway.test"
+
+    def run(name: str, adapter) -> dict:
+        return store(name, adapter)
+
+    succeeded_finetunejob(platform, kube, namespace, store, "rag", run("v1", tiny["good"]))
+    strategy = {"type": "Canary", "canary": {
+        "gatewayRef": {"name": GATEWAY_NAME, "namespace": GATEWAY_NAMESPACE}, "hostnames": [host],
+        "steps": [{"weight": 50, "pause": "10s"}]}}
+    body = ad_body(platform, namespace, tiny, [{"name": "support", "fineTuneJobRef": {"name": "rag"},
+                                                "follow": "LatestSucceeded"}], store, strategy=strategy)
+    platform.apply(body)
+    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
+                                               or {}).get("phase") == "Ready", 240)
+    load = Load(gateway, host)
+    wait_until("the stable server through the Gateway", lambda: load.get() == (200, "support"), 60)
+    log = StatusLog(kube, namespace)
+    load.start()
+    log.start()
+    try:
+        v2 = run("v2", tiny["noop"])
+        succeeded_finetunejob(platform, kube, namespace, store, "rag", v2, learning_rate=1e-4)
+        wait_until("the worse run's rollback", lambda: len(log.seen[-1][1].get("history") or []) == 2
+                   and not log.seen[-1][1].get("candidate"), 300)
+        v3 = run("v3", tiny["good2"])
+        succeeded_finetunejob(platform, kube, namespace, store, "rag", v3, learning_rate=5e-5)
+        wait_until("the good run's promotion", lambda: len(log.seen[-1][1].get("history") or []) == 3
+                   and not log.seen[-1][1].get("candidate"), 400)
+    finally:
+        log.stop()
+        load.stop()
+    final = log.seen[-1][1]
+    worse, good = final["history"][1], final["history"][0]
+    assert worse["outcome"] == "RolledBack" and worse["reason"].startswith("NoAdapterEffect") and \
+        worse["followed"] == ["support"], worse
+    assert good["outcome"] == "Promoted" and good["followed"] == ["support"], good
+    assert [a["sha256"] for a in final["serving"]] == [v3["sha256"]] and final["phase"] == "Ready"
+    assert kube.get("AdapterDeployment", namespace, "chat")["metadata"]["generation"] == 1  # no spec change
+    def weights_written(sha: str) -> list[list[tuple[int, int]]]:
+        return [[(c["step"], c["weight"]) for c in (s["candidate"].get("traffic") or {}).get("changes") or []]
+                for _, s in log.seen if s.get("candidate") and s["candidate"]["adapters"][0]["sha256"] == sha]
+    assert weights_written(v2["sha256"]) and not any(weights_written(v2["sha256"]))  # the worse run: no traffic
+    assert max(weights_written(v3["sha256"]), key=len) == [(0, 50), (1, 100), (-1, 0)]
+    assert load.failures == [], f"{len(load.failures)} failed requests, first: {load.failures[:5]}"
+    assert len(load.results) > 100
 
 
 def traffic_weights(client, namespace: str) -> dict[str, int]:
