@@ -141,6 +141,12 @@ class StatusLog:
         self._thread.join(timeout=10)
 
 
+def first_promotion(client, namespace: str) -> None:
+    """The first rollout (nothing to split yet: straight to the stable server) is done."""
+    wait_until("the first promotion", lambda: (client.get("AdapterDeployment", namespace, "chat").get("status")
+                                               or {}).get("phase") == "Ready", 240)
+
+
 def wait_until(what: str, check, timeout: float):
     deadline = time.monotonic() + timeout
     last = None
@@ -163,8 +169,7 @@ def test_weights_are_honoured_through_traefik_and_survive_an_operator_restart(
                    gates={"online": {"enabled": False}})
     platform.apply(body)
     # First rollout: nothing to split, straight to the stable server; then the route serves it.
-    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
-                                               or {}).get("phase") == "Ready", 240)
+    first_promotion(kube, namespace)
     load = Load(gateway, host)
     seen = []
     try:
@@ -236,6 +241,11 @@ class GenerateLoad(Load):
         super().__init__(port, host)
         self.answers: list[tuple[float, float, int, str]] = []
 
+    def reaching_stable(self) -> "GenerateLoad":
+        """Once the Gateway routes the host to the stable server (the route follows the first promotion)."""
+        wait_until("the stable server through the Gateway", lambda: self.get()[0] == 200, 60)
+        return self
+
     def _run(self) -> None:
         conn = None
         while not self._stop.is_set():
@@ -270,10 +280,8 @@ def test_a_canary_whose_server_fails_requests_is_rolled_back_by_the_analysis_wit
     body = ad_body(platform, namespace, tiny, [{"name": "a", **good}], store, strategy=strategy,
                    gates={"online": {"enabled": False}}, server={"env": {"STANDIN_FAIL_WITH_ADAPTER": "b"}})
     platform.apply(body)
-    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
-                                               or {}).get("phase") == "Ready", 240)
-    load = GenerateLoad(gateway, host)
-    wait_until("the stable server through the Gateway", lambda: load.get()[0] == 200, 60)
+    first_promotion(kube, namespace)
+    load = GenerateLoad(gateway, host).reaching_stable()
     log = StatusLog(kube, namespace)
     load.start()
     log.start()
@@ -344,11 +352,9 @@ def test_a_set_that_fails_its_bake_after_promotion_is_replaced_by_the_previous_s
     body = ad_body(platform, namespace, tiny, [{"name": "a", **good}], store, strategy=strategy,
                    gates={"online": {"enabled": False}}, server={"env": {"STANDIN_FAIL_WHILE_FILE": marker}})
     platform.apply(body)
-    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
-                                               or {}).get("phase") == "Ready", 240)
+    first_promotion(kube, namespace)
     first = kube.get("AdapterDeployment", namespace, "chat")["status"]["serving"]
-    load = GenerateLoad(gateway, host)
-    wait_until("the stable server through the Gateway", lambda: load.get()[0] == 200, 60)
+    load = GenerateLoad(gateway, host).reaching_stable()
     load.start()
     try:
         body["spec"]["adapters"] = [{"name": "a", **good}, {"name": "b", **good2}]
@@ -396,10 +402,8 @@ def test_the_analysis_reads_the_servers_counters_from_a_real_prometheus(
     body = ad_body(platform, namespace, tiny, [{"name": "a", **good}], store, strategy=strategy,
                    gates={"online": {"enabled": False}}, server={"env": {"STANDIN_FAIL_WITH_ADAPTER": "b"}})
     platform.apply(body)
-    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
-                                               or {}).get("phase") == "Ready", 240)
-    load = GenerateLoad(gateway, host)
-    wait_until("the stable server through the Gateway", lambda: load.get()[0] == 200, 60)
+    first_promotion(kube, namespace)
+    load = GenerateLoad(gateway, host).reaching_stable()
     load.start()
     try:
         body["spec"]["adapters"] = [{"name": "a", **good}, {"name": "b", **good2}]
@@ -438,8 +442,7 @@ def test_retrained_runs_are_followed_worse_quality_never_gets_traffic_and_a_good
     body = ad_body(platform, namespace, tiny, [{"name": "support", "fineTuneJobRef": {"name": "rag"},
                                                 "follow": "LatestSucceeded"}], store, strategy=strategy)
     platform.apply(body)
-    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
-                                               or {}).get("phase") == "Ready", 240)
+    first_promotion(kube, namespace)
     load = Load(gateway, host)
     wait_until("the stable server through the Gateway", lambda: load.get() == (200, "support"), 60)
     log = StatusLog(kube, namespace)
@@ -492,10 +495,8 @@ def test_auto_rollback_false_pauses_at_weight_0_until_the_declared_decision(
     body = ad_body(platform, namespace, tiny, [{"name": "a", **good}], store, strategy=strategy,
                    gates={"online": {"enabled": False}}, server={"env": {"STANDIN_FAIL_WITH_ADAPTER": "b"}})
     platform.apply(body)
-    wait_until("the first promotion", lambda: (kube.get("AdapterDeployment", namespace, "chat").get("status")
-                                               or {}).get("phase") == "Ready", 240)
-    load = GenerateLoad(gateway, host)
-    wait_until("the stable server through the Gateway", lambda: load.get()[0] == 200, 60)
+    first_promotion(kube, namespace)
+    load = GenerateLoad(gateway, host).reaching_stable()
 
     def awaiting(previous=None):
         tr = ((kube.get("AdapterDeployment", namespace, "chat").get("status") or {}).get("candidate") or {}) \
