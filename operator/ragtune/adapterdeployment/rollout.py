@@ -7,6 +7,12 @@ redo the work). All state lives in the status and in deterministically named chi
 operator restart resumes where it stopped: the canary, the evaluation Job and the stable
 Deployment are created-or-adopted by name, and the stable pod template changes in one write.
 
+A rollout starts on a new generation of the spec or, between rollouts, when a FineTuneJob that an
+adapter follows (`follow: LatestSucceeded`) succeeded with a new adapter (`resolve.followed_updates`:
+the serving set with only that adapter resolved again). After a promotion with `strategy.bake`,
+`bake.py` judges the new stable server on live metrics between rollouts and restores the previous
+set by digest when it fails.
+
 With `backend: vllm` the adapter set is not in the pod template: a step writes the set into the
 server's desired-set ConfigMap, and completes only when every ready pod of that track reports
 (its sidecar's status document, read once per pod per tick while the change is pending) that it
