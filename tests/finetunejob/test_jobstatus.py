@@ -12,6 +12,7 @@ from ragtune.finetunejob.status import (
     PodView,
     build_status,
     duration_seconds,
+    ended_attempt_events,
     status_patch,
     transition_event,
 )
@@ -214,6 +215,25 @@ def test_transition_events():
     assert transition_event(running, running) is None
     stuck = build_status(ftj(), job({"active": 1}), pods(pod_body(waiting=("ErrImagePull", "nope"))))
     assert transition_event(pending, stuck)[:2] == ("Warning", "ImagePullFailed")
+
+
+def test_an_eviction_the_replacement_pod_absorbed_still_gets_its_retrying_event():
+    """The Job controller replaces an evicted pod at once: the operator often sees the evicted pod
+    and its running replacement in the same look, never the Retrying phase between them."""
+    disruption = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                  "message": "Eviction API: evicting"}
+    first = pod_body(phase="Running", running=True)
+    running = build_status(ftj(), job({"active": 1}, backoffLimit=0), pods(first))
+    evicted = pod_body(phase="Failed", conditions=[disruption], terminated=(143, ""))
+    replacement = pod_body(name="demo-01234567-g1-fghij", phase="Running", running=True, created="2026-01-01T00:05:00Z")
+    again = build_status(ftj(running), job({"active": 1}, backoffLimit=0), pods(evicted, replacement))
+    assert again["phase"] == "Running" and transition_event(running, again) is None  # same phase, same reason
+    (event,) = ended_attempt_events(running, again)
+    assert event[:2] == ("Warning", "Retrying") and "attempt 1 ended (Evicted: pod " in event[2]
+    assert ended_attempt_events(again, again) == []  # once per ended attempt
+    # The Retrying phase itself says it: no second Event for the same attempt.
+    retrying = build_status(ftj(running), job({"active": 0}, backoffLimit=0), pods(evicted))
+    assert cond(retrying, "Succeeded")["reason"] == "Retrying" and ended_attempt_events(running, retrying) == []
 
 
 def test_parse_progress_takes_the_newest_valid_line():

@@ -62,6 +62,7 @@ from .status import (
     PodView,
     build_status,
     duration_seconds,
+    ended_attempt_events,
     primary,
     status_patch,
     transition_event,
@@ -441,6 +442,9 @@ class FineTuneJobController:
         created = self._announce.pop(key, None)
         if created is not None:
             kopf.info(ftj.reference(), reason="JobCreated", message=created)
+        for type_, reason, message in ended_attempt_events(old, new):
+            kopf.event(ftj.reference(), type=type_, reason=reason, message=message)
+            logger.warning("%s", message, extra=_log_extra(key, ftj.uid))
         event = transition_event(old, new)
         if event is not None:
             type_, reason, message = event

@@ -712,6 +712,22 @@ def transition_event(old: dict, new: dict) -> Optional[tuple[str, str, str]]:
     return ("Warning" if warning else "Normal", reason or phase or "Unknown", new.get("message") or "")
 
 
+def ended_attempt_events(old: dict, new: dict) -> list[tuple[str, str, str]]:
+    """A `Retrying` Warning for every attempt that ended since `old` (`attemptHistory` grew) while
+    the run goes on. The Job controller replaces a failed or evicted pod at once, so the status
+    rarely shows the moment between the two (the `Retrying` phase event): without these, an
+    eviction that a replacement pod absorbed would leave no Event."""
+    cond = get_condition(new.get("conditions") or [], "Succeeded") or {}
+    if new.get("phase") in TERMINAL_PHASES or cond.get("reason") == "Retrying":  # said by the phase's event
+        return []
+    if old.get("runId") != new.get("runId"):
+        return []
+    known = {r.get("pod") for r in old.get("attemptHistory") or []}
+    return [("Warning", "Retrying", _one_line(f"attempt {r['attempt']} ended ({r['reason']}: {r['message']}); "
+                                              "the Job retries, resuming from the newest checkpoint", 400))
+            for r in new.get("attemptHistory") or [] if r.get("pod") not in known]
+
+
 def duration_seconds(status: dict) -> Optional[float]:
     start, end = status.get("startTime"), status.get("completionTime")
     if not start or not end:
