@@ -18,7 +18,7 @@ KWOK_GPU = {"gpus": 1, "cpu": "100m", "memory": "256Mi",
 
 
 def test_a_burst_gets_every_job_at_once_and_the_statuses_at_the_budgets_pace(platform, namespace, crds, tmp_path):
-    platform.gpu_nodes(1, gpus=N, prefix="budget-gpu")  # pods sit on a kwok node: nothing trains
+    nodes = platform.gpu_nodes(1, gpus=N, prefix="budget-gpu")  # pods sit on a kwok node: nothing trains
     op = OperatorProcess(platform.kubeconfig, tmp_path / "operator.log", {"RAGTUNE_STATUS_WRITES_PER_SECOND": "1"})
     op.start()
     try:
@@ -43,3 +43,5 @@ def test_a_burst_gets_every_job_at_once_and_the_statuses_at_the_budgets_pace(pla
         assert len(job_seen) == N and max(job_seen.values()) < firsts[-1]
     finally:
         op.stop()
+        # The platform outlives this test: a GPU node left behind takes other tests' GPU pods.
+        platform.kubectl("delete", "node", *nodes, "--wait=false")
