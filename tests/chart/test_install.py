@@ -18,6 +18,13 @@ pytestmark = [pytest.mark.platform, pytest.mark.slow]
 CRDS = ("finetunejobs.ragtune.dev", "adapterdeployments.ragtune.dev")
 
 
+# One operator replica: the local platform's pods share one network namespace, so two replicas on its
+# one pod-runner node bind the same health port and the second crash-loops (whether the scheduler puts it
+# on a kwok node instead depends on what earlier tests left; two clean-clone runs differed). Two replicas
+# with leader election are tested as processes (tests/finetunejob/test_high_availability.py).
+ONE_REPLICA = ("--set", "replicas=1")
+
+
 def helm(platform, *args: str, check: bool = True) -> str:
     import subprocess
 
@@ -78,7 +85,7 @@ def _assert_reconciled(platform, ns: str, name: str) -> None:
 
 def test_install_reconcile_upgrade_uninstall(platform, namespace, system_namespace):
     kc = platform.kubeconfig
-    values = ["--set-json", f"watch.namespaces={json.dumps([namespace])}",
+    values = ["--set-json", f"watch.namespaces={json.dumps([namespace])}", *ONE_REPLICA,
               "--set", f"healthPort={free_port()}", "--set", f"metrics.port={free_port()}"]
 
     installed = helm(platform, "install", "ragtune", str(CHART), "-n", system_namespace, *values,
@@ -123,7 +130,7 @@ def test_install_with_a_wrong_value_fails_naming_the_key(platform, system_namesp
 
 def test_cluster_mode_install_reconciles_in_any_namespace(platform, namespace, system_namespace):
     kc = platform.kubeconfig
-    helm(platform, "install", "ragtune", str(CHART), "-n", system_namespace, "--set", "watch.mode=cluster",
+    helm(platform, "install", "ragtune", str(CHART), "-n", system_namespace, "--set", "watch.mode=cluster", *ONE_REPLICA,
          "--set", f"healthPort={free_port()}", "--set", f"metrics.port={free_port()}", "--wait", "--timeout", "180s")
     role = "ragtune"  # cluster-scoped, named after the release
     kubectl(kc, "get", "clusterrole", role)
