@@ -31,7 +31,7 @@ import math
 import re
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from ragtune.api.adapterdeployment import AnalysisSpec, PrometheusSource, ServerMeasurement
 from ragtune.api.pods import SERVER_METRICS_PATH
@@ -220,21 +220,18 @@ def promql(source: PrometheusSource, namespace: str, pod_names: Iterable[str], b
             f'{source.pod_label}=~"{pods}"}}')
 
 
-def query_prometheus(source: PrometheusSource, namespace: str, pods: dict[str, str], backend: str,
-                     get: Optional[Callable[[str, float], bytes]] = None) -> dict[str, dict[str, float]]:
+def query_prometheus(source: PrometheusSource, namespace: str, pods: dict[str, str],
+                     backend: str) -> dict[str, dict[str, float]]:
     """{`<track>/<pod>`: counters} of the pods in `pods` (key -> pod name) from one instant query
-    to `source` (`/api/v1/query`); a pod without series is left out, as a pod that does not answer
-    a scrape is. Raises QueryFailed with what went wrong. `get(url, timeout)` -> body (the
-    address-checked client by default)."""
+    to `source` (`/api/v1/query`, through `checked_get`); a pod without series is left out, as a
+    pod that does not answer a scrape is. Raises QueryFailed with what went wrong."""
     if not pods:
         return {}
     url = f"{source.address.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode(
         {"query": promql(source, namespace, pods.values(), backend)})
     try:
-        body = json.loads((get or checked_get)(url, float(source.timeout_seconds)))
-    except QueryFailed:
-        raise
-    except (OSError, ValueError) as exc:
+        body = json.loads(checked_get(url, float(source.timeout_seconds)))
+    except (OSError, ValueError) as exc:  # unreachable, or not JSON (QueryFailed passes through)
         raise QueryFailed(f"Prometheus at {source.address}: {type(exc).__name__}: {exc}") from None
     if body.get("status") != "success" or (body.get("data") or {}).get("resultType") != "vector":
         raise QueryFailed(f"Prometheus at {source.address}: {body.get('errorType', 'error')}: "
