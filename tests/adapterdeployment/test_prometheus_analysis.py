@@ -104,6 +104,7 @@ def test_a_healthy_canary_through_prometheus_passes_its_step(pods, loopback_allo
     finally:
         prom.close()
     assert s.candidate.traffic.measurements[-1].phase == "Successful" and weights(kube)["chat-tgi-canary"] == 50
+    assert prom.queries, "the figures came from Prometheus, not from scraping the pods"
 
 
 def test_a_failed_query_measures_nothing_and_says_why(pods, loopback_allowed):  # noqa: F811
